@@ -1,0 +1,1 @@
+"""VMamba: Visual State Space Model backbones."""
