@@ -1,0 +1,381 @@
+"""Selective scan forward and backward as Triton kernels.
+
+Equations (per batch b, channel d of group k = d // C, state index n, position t):
+
+    Δ_t = softplus(delta_t + bias),  a_t = exp(Δ_t A_n),  x_t = Δ_t u_t B_{k,n,t}
+    h_t = a_t h_{t-1} + x_t,  y_t = Σ_n C_{k,n,t} h_t + D u_t
+
+Each program owns a block of channels of one group of one batch element and walks L in chunks of
+BLOCK_T positions. A chunk is loaded as (BLOCK_D, BLOCK_T) tiles (B and C as (BLOCK_N, BLOCK_T)
+tiles shared by the block's channels), the recurrence inside the chunk is solved with
+``tl.associative_scan`` over the (a, x) pairs, and the (BLOCK_D, BLOCK_N) state is carried from chunk
+to chunk in registers. Every input is read once and the output written once.
+
+Backward: the adjoint state g_t = C_t gy_t + a_{t+1} g_{t+1} runs the same recurrence in reverse.
+The kernel first walks L forwards storing the state at the start of each chunk (a small workspace,
+(batch, KC, n_chunks, N) float32), then walks the chunks in reverse, recomputing the chunk's states
+from its start state and scanning the adjoint backwards (``reverse=True``). With
+a_t h_{t-1} = h_t - x_t no shifted copy of h is needed; a_{t+1} is recomputed from delta at t+1. Then
+
+    dA_n   = Σ_t g_t (h_t - x_t) Δ_t
+    dΔ_t   = Σ_n [g_t (h_t - x_t) A_n + g_t B_t u_t]
+    du_t   = Σ_n g_t B_t Δ_t + D gy_t
+    dB_t   = Σ_{d in group} g_t Δ_t u_t,   dC_t = Σ_{d in group} h_t gy_t
+    dD     = Σ gy u,   ddelta = dΔ σ(delta + bias) (softplus),   dbias = Σ ddelta
+
+dA, dD and dbias are accumulated per program and reduced over the batch by a deterministic sum.
+dB and dC are reduced over the channel blocks of a group either with atomics or, with
+``deterministic=True`` (or when a group fits one block), through a per-block workspace summed after.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+__all__ = ["selective_scan_fwd", "selective_scan_bwd", "default_config"]
+
+
+@triton.jit
+def _combine(a1, x1, a2, x2):
+    return a1 * a2, x1 * a2 + x2
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def _load_delta(dt_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Returns (raw = delta + bias, Δ) for a tile; Δ is zero outside the mask."""
+    raw = tl.load(dt_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias[:, None]
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    return raw, tl.where(mask, dt, 0.0)
+
+
+@triton.jit
+def _ss_fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr,
+    L, N, CG,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
+    sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias, sy_b, sy_d,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    k = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_c < CG
+    d = (k * CG + offs_c).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_t = tl.arange(0, BLOCK_T)
+
+    A2 = tl.load(A_ptr + d[:, None] * sA_d + offs_n[None, :] * sA_n,
+                 mask=mask_d[:, None] & mask_n[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d * sbias, mask=mask_d, other=0.0).to(tl.float32)
+    dskip = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_D:
+        dskip = tl.load(D_ptr + d * sD, mask=mask_d, other=0.0).to(tl.float32)
+
+    u_base = u_ptr + b * su_b + d[:, None] * su_d
+    dt_base = dt_ptr + b * sdt_b + d[:, None] * sdt_d
+    y_base = y_ptr + b * sy_b + d[:, None] * sy_d
+    B_base = B_ptr + b * sB_b + k * sB_k + offs_n[:, None] * sB_n
+    C_base = C_ptr + b * sC_b + k * sC_k + offs_n[:, None] * sC_n
+    first = (offs_t == 0)[None, None, :]
+    last = (offs_t == BLOCK_T - 1)[None, None, :]
+
+    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    for t0 in range(0, L, BLOCK_T):
+        t = t0 + offs_t
+        mask_t = t < L
+        m2 = mask_d[:, None] & mask_t[None, :]
+        mnt = mask_n[:, None] & mask_t[None, :]
+        u = tl.load(u_base + t[None, :] * su_l, mask=m2, other=0.0).to(tl.float32)
+        _, dt = _load_delta(dt_base + t[None, :] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_base + t[None, :] * sB_l, mask=mnt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_base + t[None, :] * sC_l, mask=mnt, other=0.0).to(tl.float32)
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        x = (dt * u)[:, None, :] * Bt[None, :, :]
+        x = tl.where(first, x + a * h[:, :, None], x)
+        _, hs = tl.associative_scan((a, x), 2, _combine)
+        y = tl.sum(hs * Ct[None, :, :], axis=1)
+        if HAS_D:
+            y += dskip[:, None] * u
+        tl.store(y_base + t[None, :], y, mask=m2)
+        h = tl.sum(tl.where(last, hs, 0.0), axis=2)
+
+
+@triton.jit
+def _ss_bwd_kernel(
+    gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, hws_ptr,
+    du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+    L, N, CG, n_chunks,
+    sg_b, sg_d, sg_l, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
+    sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias,
+    sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    k = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_c < CG
+    d = (k * CG + offs_c).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mdn = mask_d[:, None] & mask_n[None, :]
+    offs_t = tl.arange(0, BLOCK_T)
+
+    A = tl.load(A_ptr + d[:, None] * sA_d + offs_n[None, :] * sA_n, mask=mdn, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
+    bias = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d * sbias, mask=mask_d, other=0.0).to(tl.float32)
+    dskip = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_D:
+        dskip = tl.load(D_ptr + d * sD, mask=mask_d, other=0.0).to(tl.float32)
+
+    u_base = u_ptr + b * su_b + d[:, None] * su_d
+    dt_base = dt_ptr + b * sdt_b + d[:, None] * sdt_d
+    gy_base = gy_ptr + b * sg_b + d[:, None] * sg_d
+    du_base = du_ptr + b * sdu_b + d[:, None] * sdu_d
+    ddt_base = ddt_ptr + b * sdu_b + d[:, None] * sdu_d
+    B_base = B_ptr + b * sB_b + k * sB_k + offs_n[:, None] * sB_n
+    C_base = C_ptr + b * sC_b + k * sC_k + offs_n[:, None] * sC_n
+    dB_base = dB_ptr + b * sdB_b + k * sdB_k + pid_d * sdB_blk + offs_n[:, None] * sdB_n
+    dC_base = dC_ptr + b * sdB_b + k * sdB_k + pid_d * sdB_blk + offs_n[:, None] * sdB_n
+    # chunk-start states: (batch, KC, n_chunks, BLOCK_N), contiguous
+    hws_base = hws_ptr + (b * (CG * tl.num_programs(1)) + d[:, None]) * (n_chunks * BLOCK_N) + offs_n[None, :]
+    first = (offs_t == 0)[None, None, :]
+    last = (offs_t == BLOCK_T - 1)[None, None, :]
+
+    # Pass 1: forward over L, storing the state at the start of each chunk.
+    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    for c in range(0, n_chunks):
+        tl.store(hws_base + c * BLOCK_N, h, mask=mdn)
+        t = c * BLOCK_T + offs_t
+        mask_t = t < L
+        m2 = mask_d[:, None] & mask_t[None, :]
+        mnt = mask_n[:, None] & mask_t[None, :]
+        u = tl.load(u_base + t[None, :] * su_l, mask=m2, other=0.0).to(tl.float32)
+        _, dt = _load_delta(dt_base + t[None, :] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_base + t[None, :] * sB_l, mask=mnt, other=0.0).to(tl.float32)
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        x = (dt * u)[:, None, :] * Bt[None, :, :]
+        x = tl.where(first, x + a * h[:, :, None], x)
+        _, hs = tl.associative_scan((a, x), 2, _combine)
+        h = tl.sum(tl.where(last, hs, 0.0), axis=2)
+    tl.debug_barrier()
+
+    # Pass 2: chunks in reverse; adjoint state g carried in registers.
+    g = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i
+        t = c * BLOCK_T + offs_t
+        mask_t = t < L
+        m2 = mask_d[:, None] & mask_t[None, :]
+        mnt = mask_n[:, None] & mask_t[None, :]
+        mask_tn = (t + 1) < L
+        m2n = mask_d[:, None] & mask_tn[None, :]
+        u = tl.load(u_base + t[None, :] * su_l, mask=m2, other=0.0).to(tl.float32)
+        gy = tl.load(gy_base + t[None, :] * sg_l, mask=m2, other=0.0).to(tl.float32)
+        raw, dt = _load_delta(dt_base + t[None, :] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
+        _, dtn = _load_delta(dt_base + (t[None, :] + 1) * sdt_l, m2n, bias, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_base + t[None, :] * sB_l, mask=mnt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_base + t[None, :] * sC_l, mask=mnt, other=0.0).to(tl.float32)
+        h0 = tl.load(hws_base + c * BLOCK_N, mask=mdn, other=0.0)
+
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        dtu = dt * u
+        x = dtu[:, None, :] * Bt[None, :, :]
+        _, hs = tl.associative_scan((a, tl.where(first, x + a * h0[:, :, None], x)), 2, _combine)
+
+        an = tl.where(m2n[:, None, :], tl.exp2(dtn[:, None, :] * A2[:, :, None]), 0.0)
+        cg = Ct[None, :, :] * gy[:, None, :]
+        cg = tl.where(last, cg + an * g[:, :, None], cg)
+        _, gs = tl.associative_scan((an, cg), 2, _combine, reverse=True)
+        g = tl.sum(tl.where(first, gs, 0.0), axis=2)
+
+        gl = gs * (hs - x)  # g_t a_t h_{t-1}: gradient with respect to Δ_t A
+        dA_acc += tl.sum(gl * dt[:, None, :], axis=2)
+        gB = tl.sum(gs * Bt[None, :, :], axis=1)
+        ddt = tl.sum(gl * A[:, :, None], axis=1) + gB * u
+        du = gB * dt
+        if HAS_D:
+            du += dskip[:, None] * gy
+            dD_acc += tl.sum(gy * u, axis=1)
+        if SOFTPLUS:
+            ddt = ddt / (1.0 + tl.exp(-raw))
+        ddt = tl.where(m2, ddt, 0.0)
+        if HAS_BIAS:
+            dbias_acc += tl.sum(ddt, axis=1)
+        tl.store(du_base + t[None, :], du, mask=m2)
+        tl.store(ddt_base + t[None, :], ddt, mask=m2)
+
+        dBp = tl.sum(gs * dtu[:, None, :], axis=0)
+        dCp = tl.sum(hs * gy[:, None, :], axis=0)
+        if ATOMIC:
+            tl.atomic_add(dB_base + t[None, :], dBp, mask=mnt)
+            tl.atomic_add(dC_base + t[None, :], dCp, mask=mnt)
+        else:
+            tl.store(dB_base + t[None, :], dBp, mask=mnt)
+            tl.store(dC_base + t[None, :], dCp, mask=mnt)
+
+    # per-batch partials, reduced over the batch on the host side
+    NC = CG * tl.num_programs(1)
+    tl.store(dA_ptr + (b * NC + d[:, None]) * N + offs_n[None, :], dA_acc, mask=mdn)
+    if HAS_D:
+        tl.store(dD_ptr + b * NC + d, dD_acc, mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + b * NC + d, dbias_acc, mask=mask_d)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, x))))
+
+
+def default_config(channels_per_group: int, state: int, backward: bool = False) -> dict:
+    """Block sizes: BLOCK_N covers d_state; BLOCK_D * BLOCK_N * BLOCK_T bounded for registers."""
+    block_n = _next_pow2(state)
+    block_t = 64 if block_n <= 2 else 32
+    budget = (2048 if backward else 4096) // (block_n * block_t)
+    budget = max(1, budget)
+    cap = _next_pow2(channels_per_group)
+    block_d = min(budget, cap)
+    # prefer a block that tiles the group exactly (no idle lanes), if it is not much smaller
+    cand = block_d
+    while cand > 1 and channels_per_group % cand:
+        cand //= 2
+    if cand * 2 >= block_d or cand >= 16:
+        block_d = cand
+    return {"BLOCK_D": max(1, block_d), "BLOCK_N": block_n, "BLOCK_T": block_t,
+            "num_warps": 4}
+
+
+def _check(u, delta, A, B, C):
+    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
+        if t.dtype == torch.float64:
+            raise TypeError(f"the triton selective scan does not take float64 inputs ({name})")
+    batch, channels, length = u.shape
+    groups = B.shape[1]
+    if channels % groups:
+        raise ValueError("channels must split evenly into the groups of B and C")
+    return batch, channels, length, groups, channels // groups, A.shape[1]
+
+
+def _config(cg, state, backward, overrides):
+    cfg = default_config(cg, state, backward)
+    env = os.environ.get("VMAMBA_TRITON_SCAN_CONFIG")
+    if env:  # e.g. "BLOCK_D=32,BLOCK_T=64,num_warps=8" (benchmark sweeps)
+        for item in env.split(","):
+            key, value = item.split("=")
+            cfg[key.strip()] = int(value)
+    cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return cfg
+
+
+def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, config=None):
+    """Forward selective scan; returns y (batch, KC, L) float32. See the module docstring."""
+    batch, channels, length, groups, cg, state = _check(u, delta, A, B, C)
+    cfg = _config(cg, state, False, config)
+    y = torch.empty(batch, channels, length, device=u.device, dtype=torch.float32)
+    if y.numel() == 0:
+        return y
+    dummy = y
+    Dt = D if D is not None else dummy
+    bt = delta_bias if delta_bias is not None else dummy
+    grid = (triton.cdiv(cg, cfg["BLOCK_D"]), groups, batch)
+    _ss_fwd_kernel[grid](
+        u, delta, A, B, C, Dt, bt, y,
+        length, state, cg,
+        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
+        Dt.stride(0), bt.stride(0), y.stride(0), y.stride(1),
+        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
+        num_warps=cfg["num_warps"],
+    )
+    return y
+
+
+def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True,
+                       deterministic=None, config=None):
+    """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias), float32; dD / ddelta_bias None if absent.
+
+    ``deterministic`` (default: the ``VMAMBA_DETERMINISTIC`` environment variable or
+    ``torch.are_deterministic_algorithms_enabled()``) reduces dB / dC without atomics.
+    """
+    batch, channels, length, groups, cg, state = _check(u, delta, A, B, C)
+    cfg = _config(cg, state, True, config)
+    dev = u.device
+    f32 = torch.float32
+    if deterministic is None:
+        deterministic = (os.environ.get("VMAMBA_DETERMINISTIC", "0") not in ("", "0")
+                         or torch.are_deterministic_algorithms_enabled())
+    n_blk = triton.cdiv(cg, cfg["BLOCK_D"])
+    n_chunks = triton.cdiv(length, cfg["BLOCK_T"])
+    du = torch.empty(batch, channels, length, device=dev, dtype=f32)
+    ddelta = torch.empty(batch, channels, length, device=dev, dtype=f32)
+    dA_part = torch.empty(batch, channels, state, device=dev, dtype=f32)
+    dD_part = torch.empty(batch, channels, device=dev, dtype=f32) if D is not None else None
+    dbias_part = torch.empty(batch, channels, device=dev, dtype=f32) if delta_bias is not None else None
+    atomic = n_blk > 1 and not deterministic
+    if atomic:
+        dB = torch.zeros(batch, groups, state, length, device=dev, dtype=f32)
+        dC = torch.zeros(batch, groups, state, length, device=dev, dtype=f32)
+        dB_ws, dC_ws, blk_stride = dB, dC, 0
+    else:
+        dB_ws = torch.empty(batch, groups, n_blk, state, length, device=dev, dtype=f32)
+        dC_ws = torch.empty(batch, groups, n_blk, state, length, device=dev, dtype=f32)
+        blk_stride = dB_ws.stride(2)
+    if length == 0 or batch == 0 or channels == 0:
+        zeros = torch.zeros
+        return (du, ddelta, zeros(A.shape, device=dev), zeros(B.shape, device=dev), zeros(C.shape, device=dev),
+                None if D is None else zeros(D.shape, device=dev),
+                None if delta_bias is None else zeros(delta_bias.shape, device=dev))
+    hws = torch.empty(batch, channels, n_chunks, cfg["BLOCK_N"], device=dev, dtype=f32)
+    dummy = du
+    Dt = D if D is not None else dummy
+    bt = delta_bias if delta_bias is not None else dummy
+    grid = (n_blk, groups, batch)
+    _ss_bwd_kernel[grid](
+        grad_out, u, delta, A, B, C, Dt, bt, hws,
+        du, ddelta, dA_part, dB_ws, dC_ws,
+        dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
+        length, state, cg, n_chunks,
+        *grad_out.stride(), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
+        Dt.stride(0), bt.stride(0),
+        du.stride(0), du.stride(1), dB_ws.stride(0), dB_ws.stride(1), blk_stride, dB_ws.stride(-2),
+        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
+        num_warps=cfg["num_warps"],
+    )
+    if atomic:
+        dB, dC = dB_ws, dC_ws
+    elif n_blk == 1:
+        dB, dC = dB_ws[:, :, 0], dC_ws[:, :, 0]
+    else:
+        dB, dC = dB_ws.sum(2), dC_ws.sum(2)
+    dA = dA_part.sum(0)
+    dD = dD_part.sum(0) if dD_part is not None else None
+    dbias = dbias_part.sum(0) if dbias_part is not None else None
+    return du, ddelta, dA, dB, dC, dD, dbias
