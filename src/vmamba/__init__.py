@@ -1,1 +1,19 @@
-"""VMamba: Visual State Space Model backbones."""
+"""VMamba: Visual State Space Model backbones that install with pip and run anywhere."""
+
+from .models import (
+    VSSM,
+    CheckpointError,
+    VSSMBackbone,
+    VSSMConfig,
+    create_model,
+    get_config,
+    list_models,
+    load_checkpoint,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VSSM", "CheckpointError", "VSSMBackbone", "VSSMConfig", "__version__", "create_model", "get_config",
+    "list_models", "load_checkpoint",
+]

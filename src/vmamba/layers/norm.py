@@ -1,0 +1,112 @@
+"""Norms, per-pixel linear layers and small layout helpers shared by the VMamba layers."""
+
+from __future__ import annotations
+
+import enum
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class NormKind(str, enum.Enum):
+    """Normalisation layer; it also fixes the tensor layout between layers."""
+
+    LAYERNORM = "ln"  # channel-last (B, H, W, C)
+    LAYERNORM2D = "ln2d"  # channel-first (B, C, H, W)
+    BATCHNORM = "bn"  # channel-first (B, C, H, W)
+
+    @property
+    def channel_first(self) -> bool:
+        return self is not NormKind.LAYERNORM
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel dimension of a (B, C, H, W) map; same parameters as nn.LayerNorm."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def make_norm(kind: NormKind, channels: int) -> nn.Module:
+    """The norm layer of ``kind`` for ``channels`` features (eps 1e-5, affine)."""
+    if kind is NormKind.LAYERNORM:
+        return nn.LayerNorm(channels)
+    if kind is NormKind.LAYERNORM2D:
+        return LayerNorm2d(channels)
+    return nn.BatchNorm2d(channels)
+
+
+class Linear2d(nn.Linear):
+    """A per-pixel linear layer on (B, C, H, W) maps, run as a 1x1 convolution.
+
+    The weight stays 2-D (out, in) like nn.Linear; a 4-D (out, in, 1, 1) checkpoint weight is accepted.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight"
+        weight = state_dict.get(key)
+        if weight is not None and weight.dim() == 4 and weight.shape[2:] == (1, 1):
+            state_dict[key] = weight[:, :, 0, 0]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def make_linear(in_features: int, out_features: int, bias: bool, channel_first: bool) -> nn.Linear:
+    """nn.Linear for channel-last maps, Linear2d for channel-first ones (same state-dict entries)."""
+    return (Linear2d if channel_first else nn.Linear)(in_features, out_features, bias=bias)
+
+
+class Permute(nn.Module):
+    """x.permute(*dims) as a module (keeps the published state-dict indices of Sequentials)."""
+
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(*self.dims)
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}"
+
+
+def to_channel_last(channel_first: bool) -> nn.Module:
+    """Permute NCHW→NHWC when the model works channel-last; identity otherwise."""
+    return nn.Identity() if channel_first else Permute(0, 2, 3, 1)
+
+
+def to_channel_first(channel_first: bool) -> nn.Module:
+    """Permute NHWC→NCHW when the model works channel-last; identity otherwise."""
+    return nn.Identity() if channel_first else Permute(0, 3, 1, 2)
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "identity": nn.Identity,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    """An activation module by name (silu, gelu, relu, sigmoid, identity)."""
+    try:
+        return ACTIVATIONS[name.lower()]()
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+def spatial_size(x: Tensor, channel_first: bool) -> tuple[int, int]:
+    """(H, W) of a map in either layout."""
+    return (x.shape[2], x.shape[3]) if channel_first else (x.shape[1], x.shape[2])
+
+
+__all__ = [
+    "ACTIVATIONS", "LayerNorm2d", "Linear2d", "NormKind", "Permute", "make_activation", "make_linear",
+    "make_norm", "spatial_size", "to_channel_first", "to_channel_last",
+]
