@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-WRAPPER_KEYS = ("model_ema", "model", "state_dict", "module")
 # Published prefix renames: (pattern on the whole key, replacement).
 _RENAMES = (
     (re.compile(r"^patch_embed\.proj\."), "patch_embed.0."),
@@ -67,15 +66,15 @@ def unwrap_state_dict(obj: object, use_ema: bool = False) -> dict[str, Tensor]:
     """The state dict inside a training checkpoint (``model``, ``model_ema``, ``state_dict`` wrappers)."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a dict of tensors")
-    order = ("model_ema", "model", "state_dict", "module") if use_ema else ("model", "state_dict", "module")
-    for key in order:
-        inner = obj.get(key)
-        if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
-            return dict(inner)
-        if isinstance(inner, Mapping) and inner:
-            return unwrap_state_dict(inner, use_ema)
     if use_ema:
-        raise CheckpointError("checkpoint has no EMA weights ('model_ema')")
+        ema = obj.get("model_ema")
+        if not isinstance(ema, Mapping) or not ema:
+            raise CheckpointError("checkpoint has no EMA weights ('model_ema')")
+        return unwrap_state_dict(ema)
+    for key in ("model", "state_dict", "module"):
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner:
+            return unwrap_state_dict(inner)
     tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
         raise CheckpointError(f"checkpoint has no tensors; top-level keys: {sorted(map(str, obj))[:8]}")
