@@ -85,7 +85,8 @@ def test_torch_matches_reference_dtypes(dtype, shape):
         assert rel_err(g, r) < tol, name
 
 
-@pytest.mark.parametrize("with_d,with_bias,softplus", [(False, False, True), (True, False, False), (False, True, False)])
+@pytest.mark.parametrize("with_d,with_bias,softplus",
+                         [(False, False, True), (True, False, False), (False, True, False)])
 def test_optional_inputs(with_d, with_bias, softplus):
     inputs = random_inputs(2, 2, 3, 20, 4, dtype=torch.float64, with_d=with_d, with_bias=with_bias)
     if not softplus:
