@@ -16,39 +16,45 @@ import torch.nn.functional as F
 
 from .selective_scan_ref import compute_dtype, expand_groups, prepare_delta
 
-CHUNK = 32
+CHUNK = 8
 # Largest number of (batch x channel x state x position) elements materialised at once per block.
 BLOCK_ELEMENTS = 1 << 23
 
 
-def _doubling_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scan along the last dim; returns (cumulative product of a, states with zero initial state)."""
-    length = a.shape[-1]
+def _doubling_scan_(a: torch.Tensor, b: torch.Tensor) -> None:
+    """In-place scan along dim 0: a becomes the running product of decays, b the states (zero start).
+
+    Dim 0 is the short position-within-chunk axis, so every step works on large contiguous blocks.
+    """
+    length = a.shape[0]
     step = 1
     while step < length:
-        b = torch.cat((b[..., :step], torch.addcmul(b[..., step:], a[..., step:], b[..., :-step])), dim=-1)
-        a = torch.cat((a[..., :step], a[..., step:] * a[..., :-step]), dim=-1)
+        b[step:] += a[step:] * b[:-step]  # the right side is evaluated before b is written
+        a[step:] = a[step:] * a[:-step]
         step *= 2
-    return a, b
 
 
 def linear_scan(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """States of h_t = a_t * h_{t-1} + b_t (h_{-1} = 0) along the last dimension."""
+    """States of h_t = a_t * h_{t-1} + b_t (h_{-1} = 0) along the last dimension.
+
+    Positions are grouped into chunks; each chunk is scanned in log2(chunk) doubling steps, the chunk
+    end-states are scanned recursively, and the carries are folded back in with one multiply-add.
+    """
     length = a.shape[-1]
-    if length <= chunk:
-        return _doubling_scan(a, b)[1]
+    lead = a.shape[:-1]
     pad = (-length) % chunk
     if pad:
         a = F.pad(a, (0, pad), value=1.0)
         b = F.pad(b, (0, pad))
     n_chunks = a.shape[-1] // chunk
-    a = a.reshape(*a.shape[:-1], n_chunks, chunk)
-    b = b.reshape(*b.shape[:-1], n_chunks, chunk)
-    decay, local = _doubling_scan(a, b)
-    ends = linear_scan(decay[..., -1], local[..., -1], chunk)
-    carry_in = F.pad(ends[..., :-1], (1, 0))
-    h = torch.addcmul(local, decay, carry_in[..., None])
-    return h.reshape(*h.shape[:-2], n_chunks * chunk)[..., :length]
+    # (chunk, rows, n_chunks) copies that the in-place doubling steps may overwrite.
+    decay = a.reshape(-1, n_chunks, chunk).permute(2, 0, 1).clone(memory_format=torch.contiguous_format)
+    local = b.reshape(-1, n_chunks, chunk).permute(2, 0, 1).clone(memory_format=torch.contiguous_format)
+    _doubling_scan_(decay, local)
+    if n_chunks > 1:
+        ends = linear_scan(decay[-1], local[-1], chunk)
+        local = torch.addcmul(local, decay, F.pad(ends[:, :-1], (1, 0)))
+    return local.permute(1, 2, 0).reshape(*lead, n_chunks * chunk)[..., :length]
 
 
 def _channels_per_block(batch: int, channels: int, state: int, length: int) -> int:
