@@ -9,6 +9,7 @@ from ._common import format_table, parse_overrides, parse_sizes, split_list, wri
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_flops(subparsers)
+    _register_attn(subparsers)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -61,4 +62,68 @@ def run_flops(args: argparse.Namespace) -> int:
     print(format_table(rows))
     if args.json:
         write_json(args.json, [r.to_dict() for r in reports])
+    return 0
+
+
+# -- attn ----------------------------------------------------------------------------------------------
+def _register_attn(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("attn", help="the selective scan's implicit attention map of one pixel, overlaid on the image",
+                       description="The scan is linear in its input for fixed delta, B, C: y = M u with "
+                                   "M[i,j] = C_i (prod_{k=j+1..i} exp(delta_k A)) delta_j B_j. For one block and "
+                                   "query pixel this sums the routes mapped back to 2D, reduces over channels, "
+                                   "and overlays the map on the image. D (the skip term) is left out unless "
+                                   "--include-d.")
+    p.add_argument("model", help="a VMamba model name")
+    p.add_argument("--checkpoint", help="weights to load (safetensors or .pth)")
+    p.add_argument("--image", help="input image (default: random noise)")
+    p.add_argument("--img-size", default="224", help="input size, e.g. 224 or 256x192")
+    p.add_argument("--stage", type=int, default=2)
+    p.add_argument("--block", type=int, default=-1, help="block index in the stage (negative counts from the end)")
+    p.add_argument("--query", help="query pixel H,W in the stage's grid (default: the centre)")
+    p.add_argument("--include-d", action="store_true", help="add the skip term D on the diagonal")
+    p.add_argument("--reduce", choices=("absmean", "mean", "sum", "abssum"), default="absmean",
+                   help="how the per-channel maps are combined")
+    p.add_argument("--full", action="store_true", help="also compute the full LxL matrix (small maps only)")
+    p.add_argument("--max-pixels", type=int, default=4096, help="largest map for --full")
+    p.add_argument("--out", help="PNG path (needs matplotlib)")
+    p.add_argument("--json", metavar="PATH", help="write the map and summary as JSON")
+    p.add_argument("--seed", type=int, default=0)
+    _add_model_options(p)
+    p.set_defaults(func=run_attn)
+
+
+def _parse_pair(text: str | None, what: str) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        a, b = (int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise ValueError(f"{what} must be two integers H,W, got {text!r}") from None
+    return a, b
+
+
+def run_attn(args: argparse.Namespace) -> int:
+    import torch
+
+    from ._common import build_model, is_vmamba_model, load_image
+    from .attn import attention_map, plot_attention
+
+    if not is_vmamba_model(args.model):
+        raise ValueError(f"attn needs a VMamba model (see `vmamba models`), got {args.model!r}")
+    size = parse_sizes(args.img_size)[0]
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, checkpoint=args.checkpoint, **parse_overrides(args.opt))
+    image = load_image(args.image, size) if args.image else torch.randn(3, *size)
+    result = attention_map(model, image, args.stage, args.block, _parse_pair(args.query, "--query"),
+                           args.include_d, args.reduce, args.full, args.max_pixels)
+    summary = result.summary()
+    print(format_table([summary]))
+    if args.out:
+        plot_attention(result, args.out)
+        print(f"wrote {args.out}")
+    if args.json:
+        data = dict(summary, map=result.map.tolist(), route_maps=result.route_maps.tolist())
+        if result.full is not None:
+            data["full"] = result.full.tolist()
+        write_json(args.json, data)
     return 0
