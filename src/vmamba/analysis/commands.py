@@ -10,6 +10,7 @@ from ._common import format_table, parse_overrides, parse_sizes, split_list, wri
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_flops(subparsers)
     _register_attn(subparsers)
+    _register_erf(subparsers)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -126,4 +127,62 @@ def run_attn(args: argparse.Namespace) -> int:
         if result.full is not None:
             data["full"] = result.full.tolist()
         write_json(args.json, data)
+    return 0
+
+
+# -- erf -----------------------------------------------------------------------------------------------
+def _register_erf(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("erf", help="effective receptive field maps (ours and timm models) with area ratios",
+                       description="Gradient of the central last-stage output w.r.t. the input, |.| summed over "
+                                   "colour channels and N images (a folder, or random inputs), log-scaled "
+                                   "log10(1+x)/max for the PNG; prints the image fraction of the smallest centred "
+                                   "square (and of the fewest pixels) holding 20/50/99%% of the mass.")
+    p.add_argument("models", nargs="+", help="VMamba and/or timm model names (e.g. resnet50 convnext_tiny "
+                                             "swin_tiny_patch4_window7_224 deit_small_patch16_224)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="[NAME=]PATH",
+                   help="weights for a model (NAME=PATH when several models are given); random init otherwise")
+    p.add_argument("--images", metavar="FOLDER", help="image folder (default: random N(0,1) inputs)")
+    p.add_argument("--num-images", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--img-size", default="224", help="input size, e.g. 224 or 512")
+    p.add_argument("--target", choices=("relu", "sum"), default="relu",
+                   help="central output summed over channels after ReLU (RepLKNet) or as is")
+    p.add_argument("--grad", choices=("abs", "relu"), default="abs", help="how the input gradient is made positive")
+    p.add_argument("--scale", choices=("log1p", "log"), default="log1p",
+                   help="display scaling: log10(1+x)/max (RepLKNet) or log10(x/max) over 4 decades")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="PNG grid path (needs matplotlib)")
+    p.add_argument("--json", metavar="PATH", help="write the area ratios as JSON")
+    p.add_argument("--save-maps", metavar="PATH", help="torch.save the raw and scaled maps to PATH")
+    _add_model_options(p)
+    p.set_defaults(func=run_erf)
+
+
+def run_erf(args: argparse.Namespace) -> int:
+    import torch
+
+    from ._common import build_model, is_vmamba_model, parse_checkpoints
+    from .erf import compute_erf, plot_erf
+
+    names = split_list(args.models)
+    checkpoints = parse_checkpoints(args.checkpoint, names)
+    overrides = parse_overrides(args.opt)
+    size = parse_sizes(args.img_size)[0]
+    results = []
+    for name in names:
+        torch.manual_seed(args.seed)
+        extra = overrides if is_vmamba_model(name) else {}
+        model = build_model(name, checkpoint=checkpoints.get(name), img_size=size, **extra)
+        results.append(compute_erf(model, size, args.num_images, args.batch_size, args.images, args.seed,
+                                   args.target, args.grad, args.scale))
+    rows = [r.summary() for r in results]
+    print(format_table(rows, ["model", "images", "size", "square20", "square50", "square99", "pixels20",
+                              "pixels50", "pixels99"]))
+    if args.out:
+        plot_erf(results, args.out)
+        print(f"wrote {args.out}")
+    if args.json:
+        write_json(args.json, rows)
+    if args.save_maps:
+        torch.save({r.model: {"raw": r.raw, "scaled": r.scaled} for r in results}, args.save_maps)
     return 0
