@@ -6,10 +6,11 @@ Equations (per batch b, channel d of group k = d // C, state index n, position t
     h_t = a_t h_{t-1} + x_t,  y_t = Σ_n C_{k,n,t} h_t + D u_t
 
 Each program owns a block of channels of one group of one batch element and walks L in chunks of
-BLOCK_T positions. A chunk is loaded as (BLOCK_D, BLOCK_T) tiles (B and C as (BLOCK_N, BLOCK_T)
-tiles shared by the block's channels), the recurrence inside the chunk is solved with
-``tl.associative_scan`` over the (a, x) pairs, and the (BLOCK_D, BLOCK_N) state is carried from chunk
-to chunk in registers. Every input is read once and the output written once.
+BLOCK_T positions. A chunk is loaded as (BLOCK_T, BLOCK_D) tiles (B and C as (BLOCK_T, BLOCK_N)
+tiles shared by the block's channels); register tiles are (T, D, N) with time slowest, so each thread
+owns one (channel, state) pair and its BLOCK_T steps, and ``tl.associative_scan`` over the (a, x)
+pairs along time compiles to a sequential loop in registers. The (BLOCK_D, BLOCK_N) state is carried
+from chunk to chunk in registers. Every input is read once and the output written once.
 
 Backward: the adjoint state g_t = C_t gy_t + a_{t+1} g_{t+1} runs the same recurrence in reverse.
 The kernel first walks L forwards storing the state at the start of each chunk (a small workspace,
@@ -54,14 +55,19 @@ def _softplus(x):
 
 @triton.jit
 def _load_delta(dt_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Returns (raw = delta + bias, Δ) for a tile; Δ is zero outside the mask."""
+    """Returns (raw = delta + bias, Δ) for a (T, D) tile; Δ is zero outside the mask."""
     raw = tl.load(dt_ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        raw = raw + bias[:, None]
+        raw = raw + bias[None, :]
     dt = raw
     if SOFTPLUS:
         dt = _softplus(raw)
     return raw, tl.where(mask, dt, 0.0)
+
+
+# All register tiles are laid out (T, D, N): time is the slowest axis, so with BLOCK_D * BLOCK_N at
+# least the number of threads, every thread holds all BLOCK_T steps of its (d, n) pairs and the
+# associative scan along axis 0 runs as a plain sequential loop in registers (no shuffles).
 
 
 @triton.jit
@@ -92,33 +98,33 @@ def _ss_fwd_kernel(
     if HAS_D:
         dskip = tl.load(D_ptr + d * sD, mask=mask_d, other=0.0).to(tl.float32)
 
-    u_base = u_ptr + b * su_b + d[:, None] * su_d
-    dt_base = dt_ptr + b * sdt_b + d[:, None] * sdt_d
-    y_base = y_ptr + b * sy_b + d[:, None] * sy_d
-    B_base = B_ptr + b * sB_b + k * sB_k + offs_n[:, None] * sB_n
-    C_base = C_ptr + b * sC_b + k * sC_k + offs_n[:, None] * sC_n
-    first = (offs_t == 0)[None, None, :]
-    last = (offs_t == BLOCK_T - 1)[None, None, :]
+    u_base = u_ptr + b * su_b + d[None, :] * su_d
+    dt_base = dt_ptr + b * sdt_b + d[None, :] * sdt_d
+    y_base = y_ptr + b * sy_b + d[None, :] * sy_d
+    B_base = B_ptr + b * sB_b + k * sB_k + offs_n[None, :] * sB_n
+    C_base = C_ptr + b * sC_b + k * sC_k + offs_n[None, :] * sC_n
+    first = (offs_t == 0)[:, None, None]
+    last = (offs_t == BLOCK_T - 1)[:, None, None]
 
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     for t0 in range(0, L, BLOCK_T):
         t = t0 + offs_t
         mask_t = t < L
-        m2 = mask_d[:, None] & mask_t[None, :]
-        mnt = mask_n[:, None] & mask_t[None, :]
-        u = tl.load(u_base + t[None, :] * su_l, mask=m2, other=0.0).to(tl.float32)
-        _, dt = _load_delta(dt_base + t[None, :] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_base + t[None, :] * sB_l, mask=mnt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_base + t[None, :] * sC_l, mask=mnt, other=0.0).to(tl.float32)
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-        x = (dt * u)[:, None, :] * Bt[None, :, :]
-        x = tl.where(first, x + a * h[:, :, None], x)
-        _, hs = tl.associative_scan((a, x), 2, _combine)
-        y = tl.sum(hs * Ct[None, :, :], axis=1)
+        m2 = mask_t[:, None] & mask_d[None, :]
+        mtn = mask_t[:, None] & mask_n[None, :]
+        u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
+        _, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
+        Ct = tl.load(C_base + t[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
+        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+        x = (dt * u)[:, :, None] * Bt[:, None, :]
+        x = tl.where(first, x + a * h[None, :, :], x)
+        _, hs = tl.associative_scan((a, x), 0, _combine)
+        y = tl.sum(hs * Ct[:, None, :], axis=2)
         if HAS_D:
-            y += dskip[:, None] * u
-        tl.store(y_base + t[None, :], y, mask=m2)
-        h = tl.sum(tl.where(last, hs, 0.0), axis=2)
+            y += dskip[None, :] * u
+        tl.store(y_base + t[:, None], y, mask=m2)
+        h = tl.sum(tl.where(last, hs, 0.0), axis=0)
 
 
 @triton.jit
@@ -152,19 +158,19 @@ def _ss_bwd_kernel(
     if HAS_D:
         dskip = tl.load(D_ptr + d * sD, mask=mask_d, other=0.0).to(tl.float32)
 
-    u_base = u_ptr + b * su_b + d[:, None] * su_d
-    dt_base = dt_ptr + b * sdt_b + d[:, None] * sdt_d
-    gy_base = gy_ptr + b * sg_b + d[:, None] * sg_d
-    du_base = du_ptr + b * sdu_b + d[:, None] * sdu_d
-    ddt_base = ddt_ptr + b * sdu_b + d[:, None] * sdu_d
-    B_base = B_ptr + b * sB_b + k * sB_k + offs_n[:, None] * sB_n
-    C_base = C_ptr + b * sC_b + k * sC_k + offs_n[:, None] * sC_n
-    dB_base = dB_ptr + b * sdB_b + k * sdB_k + pid_d * sdB_blk + offs_n[:, None] * sdB_n
-    dC_base = dC_ptr + b * sdB_b + k * sdB_k + pid_d * sdB_blk + offs_n[:, None] * sdB_n
+    u_base = u_ptr + b * su_b + d[None, :] * su_d
+    dt_base = dt_ptr + b * sdt_b + d[None, :] * sdt_d
+    gy_base = gy_ptr + b * sg_b + d[None, :] * sg_d
+    du_base = du_ptr + b * sdu_b + d[None, :] * sdu_d
+    ddt_base = ddt_ptr + b * sdu_b + d[None, :] * sdu_d
+    B_base = B_ptr + b * sB_b + k * sB_k + offs_n[None, :] * sB_n
+    C_base = C_ptr + b * sC_b + k * sC_k + offs_n[None, :] * sC_n
+    dB_base = dB_ptr + b * sdB_b + k * sdB_k + pid_d * sdB_blk + offs_n[None, :] * sdB_n
+    dC_base = dC_ptr + b * sdB_b + k * sdB_k + pid_d * sdB_blk + offs_n[None, :] * sdB_n
     # chunk-start states: (batch, KC, n_chunks, BLOCK_N), contiguous
     hws_base = hws_ptr + (b * (CG * tl.num_programs(1)) + d[:, None]) * (n_chunks * BLOCK_N) + offs_n[None, :]
-    first = (offs_t == 0)[None, None, :]
-    last = (offs_t == BLOCK_T - 1)[None, None, :]
+    first = (offs_t == 0)[:, None, None]
+    last = (offs_t == BLOCK_T - 1)[:, None, None]
 
     # Pass 1: forward over L, storing the state at the start of each chunk.
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
@@ -172,16 +178,16 @@ def _ss_bwd_kernel(
         tl.store(hws_base + c * BLOCK_N, h, mask=mdn)
         t = c * BLOCK_T + offs_t
         mask_t = t < L
-        m2 = mask_d[:, None] & mask_t[None, :]
-        mnt = mask_n[:, None] & mask_t[None, :]
-        u = tl.load(u_base + t[None, :] * su_l, mask=m2, other=0.0).to(tl.float32)
-        _, dt = _load_delta(dt_base + t[None, :] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_base + t[None, :] * sB_l, mask=mnt, other=0.0).to(tl.float32)
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-        x = (dt * u)[:, None, :] * Bt[None, :, :]
-        x = tl.where(first, x + a * h[:, :, None], x)
-        _, hs = tl.associative_scan((a, x), 2, _combine)
-        h = tl.sum(tl.where(last, hs, 0.0), axis=2)
+        m2 = mask_t[:, None] & mask_d[None, :]
+        mtn = mask_t[:, None] & mask_n[None, :]
+        u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
+        _, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
+        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+        x = (dt * u)[:, :, None] * Bt[:, None, :]
+        x = tl.where(first, x + a * h[None, :, :], x)
+        _, hs = tl.associative_scan((a, x), 0, _combine)
+        h = tl.sum(tl.where(last, hs, 0.0), axis=0)
     tl.debug_barrier()
 
     # Pass 2: chunks in reverse; adjoint state g carried in registers.
@@ -193,53 +199,52 @@ def _ss_bwd_kernel(
         c = n_chunks - 1 - i
         t = c * BLOCK_T + offs_t
         mask_t = t < L
-        m2 = mask_d[:, None] & mask_t[None, :]
-        mnt = mask_n[:, None] & mask_t[None, :]
-        mask_tn = (t + 1) < L
-        m2n = mask_d[:, None] & mask_tn[None, :]
-        u = tl.load(u_base + t[None, :] * su_l, mask=m2, other=0.0).to(tl.float32)
-        gy = tl.load(gy_base + t[None, :] * sg_l, mask=m2, other=0.0).to(tl.float32)
-        raw, dt = _load_delta(dt_base + t[None, :] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
-        _, dtn = _load_delta(dt_base + (t[None, :] + 1) * sdt_l, m2n, bias, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_base + t[None, :] * sB_l, mask=mnt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_base + t[None, :] * sC_l, mask=mnt, other=0.0).to(tl.float32)
+        m2 = mask_t[:, None] & mask_d[None, :]
+        mtn = mask_t[:, None] & mask_n[None, :]
+        m2n = ((t + 1) < L)[:, None] & mask_d[None, :]
+        u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
+        gy = tl.load(gy_base + t[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
+        raw, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
+        _, dtn = _load_delta(dt_base + (t[:, None] + 1) * sdt_l, m2n, bias, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
+        Ct = tl.load(C_base + t[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
         h0 = tl.load(hws_base + c * BLOCK_N, mask=mdn, other=0.0)
 
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         dtu = dt * u
-        x = dtu[:, None, :] * Bt[None, :, :]
-        _, hs = tl.associative_scan((a, tl.where(first, x + a * h0[:, :, None], x)), 2, _combine)
+        x = dtu[:, :, None] * Bt[:, None, :]
+        _, hs = tl.associative_scan((a, tl.where(first, x + a * h0[None, :, :], x)), 0, _combine)
 
-        an = tl.where(m2n[:, None, :], tl.exp2(dtn[:, None, :] * A2[:, :, None]), 0.0)
-        cg = Ct[None, :, :] * gy[:, None, :]
-        cg = tl.where(last, cg + an * g[:, :, None], cg)
-        _, gs = tl.associative_scan((an, cg), 2, _combine, reverse=True)
-        g = tl.sum(tl.where(first, gs, 0.0), axis=2)
+        an = tl.where(m2n[:, :, None], tl.exp2(dtn[:, :, None] * A2[None, :, :]), 0.0)
+        cg = Ct[:, None, :] * gy[:, :, None]
+        cg = tl.where(last, cg + an * g[None, :, :], cg)
+        _, gs = tl.associative_scan((an, cg), 0, _combine, reverse=True)
+        g = tl.sum(tl.where(first, gs, 0.0), axis=0)
 
         gl = gs * (hs - x)  # g_t a_t h_{t-1}: gradient with respect to Δ_t A
-        dA_acc += tl.sum(gl * dt[:, None, :], axis=2)
-        gB = tl.sum(gs * Bt[None, :, :], axis=1)
-        ddt = tl.sum(gl * A[:, :, None], axis=1) + gB * u
+        dA_acc += tl.sum(gl * dt[:, :, None], axis=0)
+        gB = tl.sum(gs * Bt[:, None, :], axis=2)
+        ddt = tl.sum(gl * A[None, :, :], axis=2) + gB * u
         du = gB * dt
         if HAS_D:
-            du += dskip[:, None] * gy
-            dD_acc += tl.sum(gy * u, axis=1)
+            du += dskip[None, :] * gy
+            dD_acc += tl.sum(gy * u, axis=0)
         if SOFTPLUS:
             ddt = ddt / (1.0 + tl.exp(-raw))
         ddt = tl.where(m2, ddt, 0.0)
         if HAS_BIAS:
-            dbias_acc += tl.sum(ddt, axis=1)
-        tl.store(du_base + t[None, :], du, mask=m2)
-        tl.store(ddt_base + t[None, :], ddt, mask=m2)
+            dbias_acc += tl.sum(ddt, axis=0)
+        tl.store(du_base + t[:, None], du, mask=m2)
+        tl.store(ddt_base + t[:, None], ddt, mask=m2)
 
-        dBp = tl.sum(gs * dtu[:, None, :], axis=0)
-        dCp = tl.sum(hs * gy[:, None, :], axis=0)
+        dBp = tl.sum(gs * dtu[:, :, None], axis=1)
+        dCp = tl.sum(hs * gy[:, :, None], axis=1)
         if ATOMIC:
-            tl.atomic_add(dB_base + t[None, :], dBp, mask=mnt)
-            tl.atomic_add(dC_base + t[None, :], dCp, mask=mnt)
+            tl.atomic_add(dB_base + t[:, None], dBp, mask=mtn)
+            tl.atomic_add(dC_base + t[:, None], dCp, mask=mtn)
         else:
-            tl.store(dB_base + t[None, :], dBp, mask=mnt)
-            tl.store(dC_base + t[None, :], dCp, mask=mnt)
+            tl.store(dB_base + t[:, None], dBp, mask=mtn)
+            tl.store(dC_base + t[:, None], dCp, mask=mtn)
 
     # per-batch partials, reduced over the batch on the host side
     NC = CG * tl.num_programs(1)
@@ -255,21 +260,22 @@ def _next_pow2(x: int) -> int:
 
 
 def default_config(channels_per_group: int, state: int, backward: bool = False) -> dict:
-    """Block sizes: BLOCK_N covers d_state; BLOCK_D * BLOCK_N * BLOCK_T bounded for registers."""
+    """Block sizes: one thread per (channel, state) pair, BLOCK_T steps per thread in registers.
+
+    BLOCK_D * BLOCK_N is the thread count (32 * num_warps, at most 128); BLOCK_D divides the group's
+    channels where a power of two does, so no lane idles.
+    """
     block_n = _next_pow2(state)
-    block_t = 64 if block_n <= 2 else 32
-    budget = (2048 if backward else 4096) // (block_n * block_t)
-    budget = max(1, budget)
-    cap = _next_pow2(channels_per_group)
-    block_d = min(budget, cap)
-    # prefer a block that tiles the group exactly (no idle lanes), if it is not much smaller
+    max_d = max(1, 128 // block_n)
+    block_d = min(max_d, _next_pow2(channels_per_group))
     cand = block_d
     while cand > 1 and channels_per_group % cand:
         cand //= 2
-    if cand * 2 >= block_d or cand >= 16:
+    if cand * block_n >= 32:
         block_d = cand
-    return {"BLOCK_D": max(1, block_d), "BLOCK_N": block_n, "BLOCK_T": block_t,
-            "num_warps": 4}
+    num_warps = max(1, min(4, block_d * block_n // 32))
+    block_t = 8 if backward or block_n >= 32 else 16
+    return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps}
 
 
 def _check(u, delta, A, B, C):
