@@ -1,0 +1,145 @@
+"""Triton selective scan against the float64 reference: forward and every gradient.
+
+Runs on the CPU under the Triton interpreter (TRITON_INTERPRET=1, set before Triton is imported) at
+small shapes; on a CUDA machine with VMAMBA_TEST_CUDA=1 it runs the compiled kernels instead.
+"""
+
+import os
+
+import pytest
+
+_USE_CUDA = os.environ.get("VMAMBA_TEST_CUDA", "0") == "1"
+if not _USE_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from vmamba.ops.selective_scan_ref import selective_scan_reference  # noqa: E402
+from vmamba.ops.triton.selective_scan import (  # noqa: E402
+    default_config,
+    selective_scan_bwd,
+    selective_scan_fwd,
+)
+
+DEVICE = "cuda" if _USE_CUDA else "cpu"
+if _USE_CUDA and not torch.cuda.is_available():
+    pytest.skip("VMAMBA_TEST_CUDA=1 but no CUDA device", allow_module_level=True)
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _inputs(batch, groups, per_group, state, length, dtype, seed, noncontig=False, with_d=True, with_bias=True):
+    g = torch.Generator().manual_seed(seed)
+    kc = groups * per_group
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    u = r(batch, kc, length)
+    delta = 0.5 * r(batch, kc, length) - 1.0
+    A = -torch.exp(0.5 * r(kc, state))
+    B = r(batch, groups, state, length)
+    C = r(batch, groups, state, length)
+    D = r(kc) if with_d else None
+    bias = 0.5 * r(kc) if with_bias else None
+    if noncontig:
+        # same values, other memory layouts: transposed storage and a strided slice
+        u = u.transpose(1, 2).contiguous().transpose(1, 2)
+        delta = torch.stack((delta, delta), dim=-1)[..., 0]
+        B = B.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+        A = A.t().contiguous().t()
+    cast = [x.to(dtype) for x in (u, delta, B, C)]
+    u, delta, B, C = (x.to(DEVICE) for x in cast)
+    A = A.to(DEVICE)
+    D = D.to(DEVICE) if D is not None else None
+    bias = bias.to(DEVICE) if bias is not None else None
+    return u, delta, A, B, C, D, bias
+
+
+def _check(batch, groups, per_group, state, length, dtype, seed=0, noncontig=False, with_d=True,
+           with_bias=True, softplus=True, deterministic=False, config=None):
+    ins = _inputs(batch, groups, per_group, state, length, dtype, seed, noncontig, with_d, with_bias)
+    leaves = [None if x is None else x.detach().double().cpu().requires_grad_() for x in ins]
+    y_ref = selective_scan_reference(*leaves, softplus)
+    gy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    y_ref.backward(gy)
+
+    y = selective_scan_fwd(*ins, softplus, config=config)
+    assert y.dtype == torch.float32 and y.shape == ins[0].shape
+    assert _rel(y.cpu(), y_ref) < TOL[dtype], "forward"
+    grads = selective_scan_bwd(gy.float().to(DEVICE), *ins, softplus, deterministic=deterministic, config=config)
+    names = ["du", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias"]
+    for name, grad, leaf in zip(names, grads, leaves):
+        if leaf is None:
+            assert grad is None, name
+            continue
+        assert grad.shape == leaf.shape, name
+        assert torch.isfinite(grad).all(), name
+        assert _rel(grad.cpu(), leaf.grad) < TOL[dtype], f"{name}: {_rel(grad.cpu(), leaf.grad):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("state", [1, 4, 16])
+def test_dtypes_and_states(dtype, state):
+    _check(batch=2, groups=2, per_group=3, state=state, length=23, dtype=dtype, seed=state)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_groups_odd_length_multi_chunk(groups):
+    # L spans several chunks (BLOCK_T 16 forward / 8 backward) and ends mid-chunk
+    _check(batch=1, groups=groups, per_group=2, state=4, length=37, dtype=torch.float32, seed=10 + groups)
+
+
+def test_noncontiguous_inputs():
+    _check(batch=2, groups=2, per_group=2, state=4, length=19, dtype=torch.float32, seed=3, noncontig=True)
+
+
+def test_no_d_no_bias_no_softplus():
+    _check(batch=1, groups=2, per_group=2, state=2, length=13, dtype=torch.float32, seed=4,
+           with_d=False, with_bias=False, softplus=False)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_several_channel_blocks_per_group(deterministic):
+    # BLOCK_D smaller than the group: dB / dC reduced over blocks (atomics or workspace)
+    _check(batch=2, groups=2, per_group=5, state=4, length=11, dtype=torch.float32, seed=5,
+           deterministic=deterministic, config={"BLOCK_D": 2, "num_warps": 1})
+
+
+def test_deterministic_is_reproducible():
+    ins = _inputs(2, 2, 4, 4, 17, torch.float32, seed=6)
+    gy = torch.randn(2, 8, 17).to(DEVICE)
+    cfg = {"BLOCK_D": 2, "num_warps": 1}
+    g1 = selective_scan_bwd(gy, *ins, True, deterministic=True, config=cfg)
+    g2 = selective_scan_bwd(gy, *ins, True, deterministic=True, config=cfg)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_default_config_shapes():
+    for cg in (1, 3, 96, 192, 384, 1536):
+        for state in (1, 2, 4, 8, 16, 32, 64):
+            for backward in (False, True):
+                cfg = default_config(cg, state, backward)
+                assert cfg["BLOCK_N"] >= state and cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1) == 0
+                assert cfg["BLOCK_D"] >= 1 and cfg["num_warps"] in (1, 2, 4)
+                assert cfg["BLOCK_D"] * cfg["BLOCK_N"] <= 128
+
+
+def test_state_64_and_empty():
+    _check(batch=1, groups=1, per_group=2, state=64, length=5, dtype=torch.float32, seed=8)
+    ins = _inputs(1, 1, 2, 4, 0, torch.float32, seed=9)
+    assert selective_scan_fwd(*ins, True).shape == (1, 2, 0)
+
+
+def test_float64_rejected():
+    ins = _inputs(1, 1, 2, 2, 4, torch.float32, seed=0)
+    with pytest.raises(TypeError):
+        selective_scan_fwd(ins[0].double(), *ins[1:], True)
