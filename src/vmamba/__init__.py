@@ -17,3 +17,4 @@ __all__ = [
     "VSSM", "CheckpointError", "VSSMBackbone", "VSSMConfig", "__version__", "create_model", "get_config",
     "list_models", "load_checkpoint",
 ]
+from . import timm_registry  # noqa: E402,F401  (registers every model with timm)

@@ -1,0 +1,1 @@
+"""Command-line tools: converting published checkpoints safely, exporting models (ONNX, torch.export)."""
