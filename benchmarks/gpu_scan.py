@@ -26,6 +26,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
+import vmamba.ops.triton.cross_scan as triton_cross
 from vmamba.ops.cross_scan import cross_merge, cross_scan
 from vmamba.ops.selective_scan import selective_scan
 from vmamba.ops.selective_scan_ref import selective_scan_reference
@@ -41,11 +42,15 @@ MODELS = {
     "vanilla": ([192, 384, 768, 1536], 16),
 }
 LENGTHS = [56 * 56, 28 * 28, 14 * 14, 7 * 7]
-SWEEP = {
-    ("fwd", 1): [(32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (128, 64, 8), (16, 128, 4)],
-    ("fwd", 16): [(4, 32, 4), (8, 32, 4), (8, 64, 8), (16, 32, 8), (4, 64, 4), (2, 64, 4)],
-    ("bwd", 1): [(16, 64, 4), (32, 64, 4), (32, 64, 8), (64, 64, 8), (16, 128, 4), (32, 128, 8)],
-    ("bwd", 16): [(2, 32, 4), (4, 32, 4), (4, 32, 8), (8, 32, 8), (2, 64, 4), (4, 64, 8)],
+SWEEP = {  # (BLOCK_D, BLOCK_T, num_warps)
+    ("fwd", 1): [(32, 16, 1), (64, 16, 2), (128, 16, 4), (128, 8, 4), (32, 32, 1), (64, 8, 2)],
+    ("fwd", 16): [(8, 16, 4), (8, 8, 4), (8, 32, 4), (4, 16, 2), (2, 16, 1), (16, 16, 8)],
+    ("bwd", 1): [(32, 8, 1), (64, 8, 2), (128, 8, 4), (32, 16, 1), (64, 4, 2), (128, 4, 4)],
+    ("bwd", 16): [(8, 8, 4), (8, 4, 4), (8, 16, 4), (4, 8, 2), (2, 8, 1), (16, 8, 8)],
+}
+CROSS_SWEEP = {
+    False: [(4, 32, 32, 4), (16, 8, 32, 4), (8, 16, 32, 4), (2, 32, 64, 8), (1, 64, 64, 8)],
+    True: [(32, 16, 16, 8), (64, 4, 8, 4), (16, 32, 32, 8), (32, 8, 32, 8), (64, 8, 8, 4)],
 }
 
 
@@ -218,13 +223,21 @@ def bench_cross(results, copy_gbs):
                 m_ref = cross_merge(y_ref.float(), hw, hw, "cross2d", channel_last)
                 m = cross_merge_triton(y, hw, hw, "cross2d", channel_last)
                 err_m = rel(m, m_ref)
-                t_s = bench(lambda: cross_scan_triton(x, "cross2d", channel_last))
+                t_s, t_m, best = float("inf"), float("inf"), {}
+                for blocks in CROSS_SWEEP[channel_last]:
+                    triton_cross.BLOCKS[channel_last] = blocks
+                    ts = bench(lambda: cross_scan_triton(x, "cross2d", channel_last))
+                    tm = bench(lambda: cross_merge_triton(y, hw, hw, "cross2d", channel_last))
+                    print(f"  cross blocks {blocks}: scan {ts:.3f} merge {tm:.3f} ms", flush=True)
+                    if ts < t_s:
+                        t_s, best["scan"] = ts, blocks
+                    if tm < t_m:
+                        t_m, best["merge"] = tm, blocks
                 t_s_ref = bench(lambda: cross_scan(x, "cross2d", channel_last).contiguous())
-                t_m = bench(lambda: cross_merge_triton(y, hw, hw, "cross2d", channel_last))
                 t_m_ref = bench(lambda: cross_merge(y, hw, hw, "cross2d", channel_last).contiguous())
                 nbytes = x.numel() * x.element_size() * 5  # read map once, write 4 routes (or reverse)
                 row = {"dtype": str(dtype).replace("torch.", ""), "C": channels, "HW": hw,
-                       "channel_last": channel_last, "scan_equal": ok_s, "merge_rel_err": err_m,
+                       "channel_last": channel_last, "best_blocks": best, "scan_equal": ok_s, "merge_rel_err": err_m,
                        "scan_ms": t_s, "scan_torch_ms": t_s_ref, "merge_ms": t_m, "merge_torch_ms": t_m_ref,
                        "scan_frac_copy": nbytes / t_s / 1e6 / copy_gbs,
                        "merge_frac_copy": nbytes / t_m / 1e6 / copy_gbs}

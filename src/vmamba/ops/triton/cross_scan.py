@@ -79,11 +79,13 @@ def _mode(mode) -> tuple[int, int]:
     return _MODES[name]
 
 
-def _blocks(channels: int, channel_last: bool) -> tuple[int, int, int]:
-    block_c = min(triton.next_power_of_2(max(channels, 1)), 64 if channel_last else 16)
-    if channel_last:
-        return block_c, 4, 8
-    return block_c, 8, 32
+# (BLOCK_C, BLOCK_H, BLOCK_W, num_warps) per layout (channel_last False / True); tunable.
+BLOCKS = {False: (4, 32, 32, 4), True: (32, 16, 16, 8)}
+
+
+def _blocks(channels: int, channel_last: bool) -> tuple[int, int, int, int]:
+    bc, bh, bw, nw = BLOCKS[channel_last]
+    return min(bc, triton.next_power_of_2(max(channels, 1))), bh, bw, nw
 
 
 def _launch(x: Tensor, y: Tensor, mode_id: int, merge: bool, channel_last: bool) -> None:
@@ -91,11 +93,11 @@ def _launch(x: Tensor, y: Tensor, mode_id: int, merge: bool, channel_last: bool)
     batch, channels, height, width = x.shape
     if x.numel() == 0:
         return
-    bc, bh, bw = _blocks(channels, channel_last)
+    bc, bh, bw, nw = _blocks(channels, channel_last)
     grid = (triton.cdiv(height, bh) * triton.cdiv(width, bw), triton.cdiv(channels, bc), batch)
     _cross_kernel[grid](
         x, y, channels, height, width, *x.stride(), *y.stride(),
-        MODE=mode_id, MERGE=merge, BLOCK_C=bc, BLOCK_H=bh, BLOCK_W=bw, num_warps=4,
+        MODE=mode_id, MERGE=merge, BLOCK_C=bc, BLOCK_H=bh, BLOCK_W=bw, num_warps=nw,
     )
 
 
