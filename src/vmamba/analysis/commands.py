@@ -11,6 +11,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_flops(subparsers)
     _register_attn(subparsers)
     _register_erf(subparsers)
+    _register_bench(subparsers)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -186,3 +187,79 @@ def run_erf(args: argparse.Namespace) -> int:
     if args.save_maps:
         torch.save({r.model: {"raw": r.raw, "scaled": r.scaled} for r in results}, args.save_maps)
     return 0
+
+
+# -- bench ---------------------------------------------------------------------------------------------
+def _add_bench_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--img-size", nargs="+", default=["224"],
+                   help="one or more input sizes (a resolution sweep), e.g. 224 384 512 768 1024")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="allow TF32 (CUDA)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+
+
+def _register_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="inference / training-step throughput and peak memory, ours and timm side by side",
+                       description="Throughput (images/s) and peak memory of inference and training steps, for "
+                                   "VMamba models and any timm models, over one or more input sizes.")
+    p.add_argument("models", nargs="+", help="VMamba and/or timm model names")
+    p.add_argument("--mode", choices=("infer", "train", "both"), default="both")
+    _add_bench_options(p)
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP column")
+    p.add_argument("--json", metavar="PATH", help="write rows and environment as JSON")
+    p.add_argument("--plot", metavar="PNG", help="images/s vs resolution plot (needs matplotlib)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="[NAME=]PATH")
+    _add_model_options(p)
+    p.set_defaults(func=run_bench)
+
+
+def _bench_settings(args: argparse.Namespace, modes: tuple[str, ...], with_flops: bool = True):
+    import torch
+
+    from .bench import BenchSettings
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return BenchSettings(batch_size=args.batch_size, dtype=args.dtype, tf32=args.tf32,
+                         channels_last=args.channels_last, compile=args.compile,
+                         compile_backend=args.compile_backend, warmup=args.warmup, iters=args.iters,
+                         device=args.device, modes=modes, with_flops=with_flops)
+
+
+BENCH_COLUMNS = ["model", "size", "mode", "batch", "img_per_s", "ms_per_iter", "peak_mem_mb", "peak_rss_mb",
+                 "params_M", "GFLOPs", "status"]
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import sys
+
+    from ._common import parse_checkpoints
+    from .bench import bench_models, environment, plot_throughput
+
+    names = split_list(args.models)
+    modes = ("infer", "train") if args.mode == "both" else (args.mode,)
+    settings = _bench_settings(args, modes, not args.no_flops)
+    sizes = parse_sizes(args.img_size)
+    checkpoints = parse_checkpoints(args.checkpoint, names)
+    env = environment(settings)
+    print(f"# bench on {env['device']} ({env.get('gpu', env.get('cpu'))}), torch {env['torch']}, "
+          f"dtype {settings.dtype}, tf32 {settings.tf32}, channels_last {settings.channels_last}, "
+          f"compile {settings.compile}, batch {settings.batch_size}, warmup {settings.warmup}, iters {settings.iters}",
+          file=sys.stderr)
+    rows = bench_models(names, sizes, settings, parse_overrides(args.opt), checkpoints,
+                        log=lambda msg: print(msg, file=sys.stderr))
+    columns = [c for c in BENCH_COLUMNS if any(c in r for r in rows)]
+    print(format_table(rows, columns))
+    if args.json:
+        write_json(args.json, {"environment": env, "rows": rows})
+    if args.plot:
+        plot_throughput(rows, args.plot, f"({env['device']}, batch {settings.batch_size}, {settings.dtype})")
+        print(f"wrote {args.plot}")
+    return 0 if all(r.get("status") == "ok" for r in rows) else 1
