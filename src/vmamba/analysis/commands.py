@@ -12,6 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_attn(subparsers)
     _register_erf(subparsers)
     _register_bench(subparsers)
+    _register_ablate(subparsers)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -190,8 +191,8 @@ def run_erf(args: argparse.Namespace) -> int:
 
 
 # -- bench ---------------------------------------------------------------------------------------------
-def _add_bench_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=32)
+def _add_bench_options(p: argparse.ArgumentParser, batch: int = 32, warmup: int = 5, iters: int = 20) -> None:
+    p.add_argument("--batch-size", type=int, default=batch)
     p.add_argument("--img-size", nargs="+", default=["224"],
                    help="one or more input sizes (a resolution sweep), e.g. 224 384 512 768 1024")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
@@ -199,8 +200,8 @@ def _add_bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--compile-backend", default="inductor")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--iters", type=int, default=iters)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
 
@@ -263,3 +264,48 @@ def run_bench(args: argparse.Namespace) -> int:
         plot_throughput(rows, args.plot, f"({env['device']}, batch {settings.batch_size}, {settings.dtype})")
         print(f"wrote {args.plot}")
     return 0 if all(r.get("status") == "ok" for r in rows) else 1
+
+
+# -- ablate --------------------------------------------------------------------------------------------
+def _register_ablate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ablate", help="compare scan modes (cross2d/bidi/unidi/cascade2d): params, FLOPs, speed, ERF",
+                       description="Build one VMamba architecture with each scan mode and compare parameters, "
+                                   "FLOPs, throughput and the effective receptive field.")
+    p.add_argument("model", help="a VMamba model name")
+    p.add_argument("--modes", nargs="+", default=["cross2d", "bidi", "unidi", "cascade2d"])
+    p.add_argument("--mode", choices=("infer", "train", "both", "none"), default="infer",
+                   help="what to time (none: no timing)")
+    _add_bench_options(p, batch=8, warmup=2, iters=5)
+    p.add_argument("--erf-images", type=int, default=4, help="images for the ERF (0: skip)")
+    p.add_argument("--erf-batch", type=int, default=2)
+    p.add_argument("--images", metavar="FOLDER", help="image folder for the ERF (default: random inputs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="ERF grid PNG, one panel per scan mode (needs matplotlib)")
+    p.add_argument("--json", metavar="PATH")
+    _add_model_options(p)
+    p.set_defaults(func=run_ablate)
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    import sys
+
+    from .ablate import ablate_scan_modes
+    from .erf import plot_erf
+
+    sizes = parse_sizes(args.img_size)
+    if len(sizes) != 1:
+        raise ValueError("ablate takes one --img-size")
+    modes = split_list(args.modes)
+    settings = None
+    if args.mode != "none":
+        settings = _bench_settings(args, ("infer", "train") if args.mode == "both" else (args.mode,), False)
+    rows, erfs = ablate_scan_modes(args.model, modes, sizes[0], settings, args.erf_images, args.erf_batch,
+                                   args.images, args.seed, parse_overrides(args.opt),
+                                   log=lambda msg: print(msg, file=sys.stderr))
+    print(format_table(rows))
+    if args.out and erfs:
+        plot_erf(erfs, args.out)
+        print(f"wrote {args.out}")
+    if args.json:
+        write_json(args.json, rows)
+    return 0
