@@ -145,6 +145,14 @@ def test_attn_command(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["query"] == [1, 2] and data["grid"] == [4, 4] and data["block"] == 0
     assert len(data["full"]) == 16 and len(data["map"]) == 4
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    Image.new("RGB", (80, 64), (200, 30, 90)).save(tmp_path / "img.png")
+    png = tmp_path / "attn.png"
+    assert main(["attn", "vmamba_tiny_s1l8", "--img-size", "64", "--stage", "1", "--image", str(tmp_path / "img.png"),
+                 "--opt", "dims=8", "--opt", "depths=(1,1,1,1)", "--include-d", "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000
     assert main(["attn", "resnet18"]) == 2
     assert main(["attn", "vmamba_tiny_s1l8", "--opt", "dims=8", "--opt", "depths=(1,1,1,1)", "--img-size", "64",
                  "--query", "9,9"]) == 2

@@ -61,7 +61,7 @@ def run_flops(args: argparse.Namespace) -> int:
             print()
     rows = [{"model": r.model, "input": "x".join(map(str, r.input_shape)), "params": r.params,
              "params_M": r.params / 1e6, "flops": r.flops, "GFLOPs": r.gflops,
-             "scan": "counted" if r.scan_counted else "excluded"} for r in reports]
+             "scan": r.scan_status} for r in reports]
     print(format_table(rows))
     if args.json:
         write_json(args.json, [r.to_dict() for r in reports])

@@ -176,6 +176,12 @@ class _FvcoreEinsum(TorchFunctionMode):
         return out
 
 
+def _has_ss2d(model: nn.Module) -> bool:
+    from ..layers.ss2d import SS2D
+
+    return any(isinstance(m, SS2D) for m in model.modules())
+
+
 def _has_core(model: nn.Module, core: str) -> bool:
     from ..layers.ss2d import SS2D, SSMCore
 
@@ -191,9 +197,14 @@ class FlopReport:
     params: int
     flops: int
     convention: str
-    scan_counted: bool
+    scan_counted: bool  # the selective scan's FLOPs are in the total
     by_operator: dict[str, int]
     by_module: dict[str, int]  # hierarchical module path (model class first) → FLOPs
+    has_scan: bool = True  # the model contains SS2D blocks
+
+    @property
+    def scan_status(self) -> str:
+        return ("counted" if self.scan_counted else "excluded") if self.has_scan else "-"
 
     @property
     def gflops(self) -> float:
@@ -295,7 +306,8 @@ def count_flops(model: nn.Module, input_size: int | tuple[int, int] = 224, batch
     name = getattr(model, "model_name", type(model).__name__)
     return FlopReport(model=name, input_shape=tuple(x.shape), params=sum(p.numel() for p in model.parameters()),
                       flops=int(sum(by_op.values())), convention=convention, scan_counted=include_scan,
-                      by_operator=dict(sorted(by_op.items(), key=lambda kv: -kv[1])), by_module=by_module)
+                      by_operator=dict(sorted(by_op.items(), key=lambda kv: -kv[1])), by_module=by_module,
+                      has_scan=_has_ss2d(model))
 
 
 def count_model_flops(name: str, input_size: int | tuple[int, int] = 224, batch: int = 1,
