@@ -156,3 +156,15 @@ def test_attn_command(tmp_path, capsys):
     assert main(["attn", "resnet18"]) == 2
     assert main(["attn", "vmamba_tiny_s1l8", "--opt", "dims=8", "--opt", "depths=(1,1,1,1)", "--img-size", "64",
                  "--query", "9,9"]) == 2
+
+
+def test_channel_chunking_gives_the_same_maps(monkeypatch):
+    import vmamba.analysis.attn as attn
+
+    module = _module("cross2d", "v0", d_state=2)
+    x = torch.randn(1, module.d_inner, 3, 3, dtype=torch.float64)
+    row = query_attention(module, x, (1, 1), include_d=True)
+    full = full_attention(module, x, reduce="mean")
+    monkeypatch.setattr(attn, "MEMORY_BUDGET", 1)
+    torch.testing.assert_close(query_attention(module, x, (1, 1), include_d=True), row)
+    torch.testing.assert_close(full_attention(module, x, reduce="mean"), full)

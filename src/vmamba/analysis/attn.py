@@ -35,6 +35,12 @@ from ..ops import ScanMode, cross_scan
 from ..ops.selective_scan_ref import expand_groups, prepare_delta
 
 REDUCTIONS = ("absmean", "mean", "sum", "abssum")
+MEMORY_BUDGET = 256 * 2**20  # bytes of float64 work space per chunk of channels
+
+
+def _channel_chunk(batch: int, rows: int, length: int, state: int) -> int:
+    """Channels per chunk so that the (b, chunk, rows, L, N) float64 decay tensor fits the budget."""
+    return max(1, MEMORY_BUDGET // (8 * batch * rows * length * state))
 
 
 def ssm_matrix(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
@@ -138,24 +144,29 @@ def query_attention(module: SS2D, x: Tensor, query: tuple[int, int], include_d: 
     orders = route_orders(module.config.scan_mode, height, width).to(x.device)  # (K, L)
     batch, channels = x.shape[0], x.shape[1]
     pixel = qh * width + qw
-    out = torch.zeros(batch, inputs.routes, channels, height * width, dtype=torch.float64, device=x.device)
+    length = height * width
+    out = torch.zeros(batch, inputs.routes, channels, length, dtype=torch.float64, device=x.device)
+    chunk = _channel_chunk(batch, 1, length, inputs.A.shape[1])
     for k in range(inputs.routes):
-        position = int((orders[k] == pixel).nonzero()[0, 0])
-        sl = slice(k * channels, (k + 1) * channels)
-        row = ssm_matrix(inputs.delta[:, sl], inputs.A[sl], inputs.B[:, k:k + 1], inputs.C[:, k:k + 1],
-                         inputs.D[sl] if include_d else None, inputs.delta_bias[sl], True,
-                         rows=torch.tensor([position], device=x.device))[:, :, 0]  # (b, di, L) by position
-        out[:, k].index_copy_(2, orders[k], row)
+        position = torch.tensor([int((orders[k] == pixel).nonzero()[0, 0])], device=x.device)
+        for start in range(0, channels, chunk):
+            stop = min(start + chunk, channels)
+            sl = slice(k * channels + start, k * channels + stop)
+            row = ssm_matrix(inputs.delta[:, sl], inputs.A[sl], inputs.B[:, k:k + 1], inputs.C[:, k:k + 1],
+                             inputs.D[sl] if include_d else None, inputs.delta_bias[sl], True,
+                             rows=position)[:, :, 0]  # (b, chunk, L) by sequence position
+            out[:, k, start:stop].index_copy_(2, orders[k], row)
     out = out.view(batch, inputs.routes, channels, height, width)
     return out if per_route else out.sum(1)
 
 
 def full_attention(module: SS2D, x: Tensor, include_d: bool = False, reduce: str | None = "absmean",
-                   max_pixels: int = 4096, chunk: int = 32) -> Tensor:
+                   max_pixels: int = 4096, chunk: int | None = None) -> Tensor:
     """The whole (L, L) pixel-to-pixel matrix A[p, q] in row-major pixel order.
 
     Per channel (b, di, L, L) when ``reduce`` is None, else reduced over channels to (b, L, L).
-    Channels are processed ``chunk`` at a time; refuses maps larger than ``max_pixels`` pixels.
+    Channels are processed ``chunk`` at a time (default: as many as fit a 256 MiB work space);
+    refuses maps larger than ``max_pixels`` pixels.
     """
     inputs = scan_inputs(module, x)
     length = inputs.height * inputs.width
@@ -165,6 +176,7 @@ def full_attention(module: SS2D, x: Tensor, include_d: bool = False, reduce: str
     orders = route_orders(module.config.scan_mode, inputs.height, inputs.width).to(x.device)
     positions = orders.argsort(dim=1)  # (K, L): pos_k(p)
     batch, channels = x.shape[0], x.shape[1]
+    chunk = chunk or _channel_chunk(batch, length, length, inputs.A.shape[1])
     parts = []
     for start in range(0, channels, chunk):
         stop = min(start + chunk, channels)
