@@ -72,14 +72,28 @@ def _build_meta(name: str, num_classes: int, out_indices: tuple[int, ...], overr
         return VSSM(get_config(name, **{**(overrides or {}), "num_classes": num_classes}))
 
 
+def _stored_depths(stored: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """Blocks per stage, read from the ``layers.<i>.blocks.<j>.`` keys."""
+    counts: dict[int, int] = {}
+    for key in stored:
+        parts = key.split(".")
+        if len(parts) > 3 and parts[0] == "layers" and parts[2] == "blocks" and parts[1].isdigit() \
+                and parts[3].isdigit():
+            counts[int(parts[1])] = max(counts.get(int(parts[1]), 0), int(parts[3]) + 1)
+    return tuple(counts.get(i, 0) for i in range(max(counts) + 1)) if counts else ()
+
+
 def match_models(state_dict: dict[str, Tensor], candidates: list[str] | None = None,
                  overrides: dict | None = None) -> list[str]:
     """Registered models whose state dict has exactly these keys with compatible shapes."""
     stored = {k: tuple(v.shape) for k, v in state_dict.items()}
     num_classes = stored[HEAD][0] if HEAD in stored else 0
     out_indices = _out_indices(stored)
+    depths = _stored_depths(stored)
     matches = []
     for name in candidates or list_models():
+        if get_config(name, **(overrides or {})).depths != depths:
+            continue  # cheap filter before building the model (on the meta device)
         own = _signature(_build_meta(name, num_classes, out_indices, overrides))
         if own.keys() == stored.keys() and all(_fits(stored[k], own[k]) for k in own):
             matches.append(name)
