@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from vmamba.analysis.ablate import ablate_scan_modes
 from vmamba.analysis.bench import BenchSettings
@@ -44,3 +45,17 @@ def test_ablate_command(tmp_path, capsys):
     assert [r["scan_mode"] for r in rows] == ["cross2d", "unidi"] and "infer_img_per_s" not in rows[0]
     assert png.stat().st_size > 1000
     assert "scan_mode" in capsys.readouterr().out
+
+
+def test_shared_weights_make_variants_differ_only_in_routes():
+    from vmamba import create_model
+    from vmamba.analysis.ablate import copy_shared_weights
+
+    a = create_model("vmamba_tiny_s1l8", scan_mode="cross2d", **TINY)
+    b = create_model("vmamba_tiny_s1l8", scan_mode="bidi", **TINY)
+    copied = copy_shared_weights(b, a.state_dict())
+    assert copied == len(b.state_dict())
+    op_a, op_b = a.layers[0].blocks[0].op, b.layers[0].blocks[0].op
+    assert torch.equal(op_b.x_proj_weight, op_a.x_proj_weight[:2])
+    assert torch.equal(op_b.A_logs, op_a.A_logs[: op_b.A_logs.shape[0]])
+    assert torch.equal(b.classifier.head.weight, a.classifier.head.weight)

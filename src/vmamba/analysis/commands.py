@@ -282,6 +282,11 @@ def _register_ablate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="ERF grid PNG, one panel per scan mode (needs matplotlib)")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="MODE=PATH",
+                   help="trained weights for one scan mode (repeatable)")
+    p.add_argument("--independent-init", action="store_true",
+                   help="do not share random weights between the variants (by default every variant gets the "
+                        "first one's weights, per-route tensors truncated to its routes)")
     _add_model_options(p)
     p.set_defaults(func=run_ablate)
 
@@ -299,9 +304,13 @@ def run_ablate(args: argparse.Namespace) -> int:
     settings = None
     if args.mode != "none":
         settings = _bench_settings(args, ("infer", "train") if args.mode == "both" else (args.mode,), False)
+    from ._common import parse_checkpoints
+
+    checkpoints = parse_checkpoints(args.checkpoint, modes) if args.checkpoint else {}
     rows, erfs = ablate_scan_modes(args.model, modes, sizes[0], settings, args.erf_images, args.erf_batch,
                                    args.images, args.seed, parse_overrides(args.opt),
-                                   log=lambda msg: print(msg, file=sys.stderr))
+                                   log=lambda msg: print(msg, file=sys.stderr),
+                                   share_weights=not args.independent_init, checkpoints=checkpoints)
     print(format_table(rows))
     if args.out and erfs:
         plot_erf(erfs, args.out)
