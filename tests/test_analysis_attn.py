@@ -126,6 +126,10 @@ def test_attention_map_on_model_and_cascade_refused(tmp_path):
 
     plot_attention(res, str(tmp_path / "a.png"))
     assert (tmp_path / "a.png").stat().st_size > 1000
+    channel_last = create_model("vmamba_tiny_s1l8", dims=8, depths=(1, 1, 1, 1), channel_first=False, num_classes=0)
+    channel_last.load_state_dict(model.state_dict())
+    res_cl = attention_map(channel_last, image, stage=1, block=0)
+    torch.testing.assert_close(res_cl.map, res.map, rtol=1e-4, atol=1e-7)
     cascade = create_model("vmamba_tiny_s1l8", dims=8, depths=(1, 1, 1, 1), scan_mode="cascade2d")
     with pytest.raises(ValueError, match="cascade2d"):
         attention_map(cascade, image, 0, 0)

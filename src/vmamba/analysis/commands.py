@@ -91,8 +91,20 @@ def _register_attn(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="PNG path (needs matplotlib)")
     p.add_argument("--json", metavar="PATH", help="write the map and summary as JSON")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     _add_model_options(p)
     p.set_defaults(func=run_attn)
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    return device
 
 
 def _parse_pair(text: str | None, what: str) -> tuple[int, int] | None:
@@ -115,7 +127,7 @@ def run_attn(args: argparse.Namespace) -> int:
         raise ValueError(f"attn needs a VMamba model (see `vmamba models`), got {args.model!r}")
     size = parse_sizes(args.img_size)[0]
     torch.manual_seed(args.seed)
-    model = build_model(args.model, checkpoint=args.checkpoint, **parse_overrides(args.opt))
+    model = build_model(args.model, checkpoint=args.checkpoint, **parse_overrides(args.opt)).to(_device(args.device))
     image = load_image(args.image, size) if args.image else torch.randn(3, *size)
     result = attention_map(model, image, args.stage, args.block, _parse_pair(args.query, "--query"),
                            args.include_d, args.reduce, args.full, args.max_pixels)
@@ -156,6 +168,7 @@ def _register_erf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="PNG grid path (needs matplotlib)")
     p.add_argument("--json", metavar="PATH", help="write the area ratios as JSON")
     p.add_argument("--save-maps", metavar="PATH", help="torch.save the raw and scaled maps to PATH")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     _add_model_options(p)
     p.set_defaults(func=run_erf)
 
@@ -174,7 +187,7 @@ def run_erf(args: argparse.Namespace) -> int:
     for name in names:
         torch.manual_seed(args.seed)
         extra = overrides if is_vmamba_model(name) else {}
-        model = build_model(name, checkpoint=checkpoints.get(name), img_size=size, **extra)
+        model = build_model(name, checkpoint=checkpoints.get(name), img_size=size, **extra).to(_device(args.device))
         results.append(compute_erf(model, size, args.num_images, args.batch_size, args.images, args.seed,
                                    args.target, args.grad, args.scale))
     rows = [r.summary() for r in results]
