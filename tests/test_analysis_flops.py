@@ -61,8 +61,9 @@ def test_scan_formula_and_conventions():
 def test_meta_count_equals_cpu_count_and_scales_with_batch():
     overrides = dict(dims=16, depths=(1, 1, 1, 1), d_state=2, num_classes=10)
     meta = count_model_flops("vmamba_tiny_s1l8", 64, **overrides)
-    cpu = count_model_flops("vmamba_tiny_s1l8", 64, meta=False, **overrides)
-    assert meta.flops == cpu.flops and meta.params == cpu.params
+    cpu = count_model_flops("vmamba_tiny_s1l8", 64, where="cpu", **overrides)
+    fake = count_model_flops("vmamba_tiny_s1l8", 64, where="fake", **overrides)
+    assert meta.flops == cpu.flops == fake.flops and meta.params == cpu.params == fake.params
     assert count_model_flops("vmamba_tiny_s1l8", 64, batch=3, **overrides).flops == 3 * meta.flops
 
 

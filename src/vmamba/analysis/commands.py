@@ -36,7 +36,8 @@ def _register_flops(sub: argparse._SubParsersAction) -> None:
                    help="count the selective scan; auto follows the official counter (Mamba2 scan excluded)")
     p.add_argument("--backward", action="store_true", help="count forward + backward")
     p.add_argument("--depth", type=int, default=2, help="module depth of the breakdown (0: none)")
-    p.add_argument("--cpu", action="store_true", help="count on real CPU tensors instead of the meta device")
+    p.add_argument("--where", choices=("meta", "fake", "cpu"), default="meta",
+                   help="count on meta tensors (fastest), FakeTensorMode tensors, or real CPU tensors")
     p.add_argument("--json", metavar="PATH", help="write the reports as JSON")
     _add_model_options(p)
     p.set_defaults(func=run_flops)
@@ -51,7 +52,7 @@ def run_flops(args: argparse.Namespace) -> int:
     reports = []
     for name in split_list(args.models):
         for size in parse_sizes(args.img_size):
-            reports.append(count_model_flops(name, size, args.batch, args.convention, args.scan, meta=not args.cpu,
+            reports.append(count_model_flops(name, size, args.batch, args.convention, args.scan, where=args.where,
                                              backward=args.backward, **overrides))
     for report in reports:
         if args.depth > 0:

@@ -310,22 +310,32 @@ def count_flops(model: nn.Module, input_size: int | tuple[int, int] = 224, batch
                       has_scan=_has_ss2d(model))
 
 
-def count_model_flops(name: str, input_size: int | tuple[int, int] = 224, batch: int = 1,
-                      convention: str = "fvcore", scan: str = "auto", meta: bool = True, backward: bool = False,
-                      **overrides: Any) -> FlopReport:
-    """Build ``name`` (ours or timm) — on the meta device unless ``meta=False`` — and count its FLOPs.
+WHERE = ("meta", "fake", "cpu")
 
-    If a model cannot be built or run on the meta device it is counted on the CPU instead.
+
+def count_model_flops(name: str, input_size: int | tuple[int, int] = 224, batch: int = 1,
+                      convention: str = "fvcore", scan: str = "auto", where: str = "meta", backward: bool = False,
+                      **overrides: Any) -> FlopReport:
+    """Build ``name`` (ours or timm) and count its FLOPs.
+
+    ``where``: "meta" (default, fastest: meta tensors), "fake" (FakeTensorMode) or "cpu" (real
+    tensors). A model that cannot be built or run on meta / fake tensors is counted on the CPU.
     """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from ._common import build_model
 
+    if where not in WHERE:
+        raise ValueError(f"unknown counting mode {where!r}; choose one of {', '.join(WHERE)}")
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     overrides.setdefault("img_size", size)
-    if meta:
+    if where != "cpu":
         try:
-            with torch.device("meta"):
+            context = torch.device("meta") if where == "meta" else FakeTensorMode()
+            with context:
                 model = build_model(name, **overrides)
-            return count_flops(model, input_size, batch, convention, scan, "meta", backward)
+                device = "meta" if where == "meta" else "cpu"  # fake tensors report the cpu device
+                return count_flops(model, input_size, batch, convention, scan, device, backward)
         except (NotImplementedError, RuntimeError):
             pass  # some third-party models do data-dependent work at build time: count on the CPU
     model = build_model(name, **overrides)
