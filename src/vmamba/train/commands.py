@@ -62,6 +62,7 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 # -- train ---------------------------------------------------------------------------------------------
 def train_command(args: argparse.Namespace) -> int:
     from ..cli import CommandError
+    from ..data import DataError
     from .engine import TrainingDiverged, cleanup_distributed, train
 
     yaml_values = load_yaml(args.config) if args.config else {}
@@ -78,8 +79,8 @@ def train_command(args: argparse.Namespace) -> int:
         last = out / "last.pt" if out and (out / "last.pt").is_file() else None
         keep = f"; the last good checkpoint is {last}" if last else "; no checkpoint was written yet"
         raise CommandError(f"{exc}{keep}. Lower the learning rate or enable --clip-grad") from None
-    except _DataLoaderError as exc:  # pragma: no cover - depends on worker error wrapping
-        raise CommandError(_last_line(exc)) from None
+    except DataError as exc:  # from a DataLoader worker the message holds the worker's traceback
+        raise CommandError(_worker_message(exc)) from None
     finally:
         cleanup_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
@@ -90,13 +91,13 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-class _DataLoaderError(Exception):
-    pass
-
-
-def _last_line(exc: BaseException) -> str:
+def _worker_message(exc: BaseException) -> str:
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    last = lines[-1]
+    marker = "DataError: "
+    return last.split(marker, 1)[1] if marker in last else last
 
 
 # -- shared loading for eval / predict -----------------------------------------------------------------

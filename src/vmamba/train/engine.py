@@ -292,7 +292,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = steps_per_epoch * cfg.warmup_epochs
+    warmup_steps = steps_per_epoch * min(cfg.warmup_epochs, cfg.epochs)
 
     # model, optimiser, schedule, EMA ---------------------------------------------------------------
     seed_everything(cfg.seed)  # same initial weights on every rank
@@ -338,12 +338,15 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
         else:
             model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        # the schedule is a function of the step: rebuilt from the (possibly changed) config, not loaded
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and "model_ema" in ckpt:
             ema.module.load_state_dict(ckpt["model_ema"])
         start_epoch, global_step = int(ckpt["epoch"]), int(ckpt["step"])
+        for group in optimizer.param_groups:
+            group["initial_lr"] = peak_lr
+        scheduler.step_update(global_step)
         best_top1 = float(ckpt.get("best_top1", -1.0))
         states = ckpt.get("rng") or []
         rng_to_restore = states[ds.rank] if len(states) == ds.world else None
@@ -475,7 +478,10 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
         val = evaluate(model, val_loader, ds.device, amp_dtype, cfg.channels_last, ds.distributed)
         ema_val = evaluate(ema.module, val_loader, ds.device, amp_dtype, cfg.channels_last, ds.distributed) \
             if ema is not None else None
-        train_loss = (loss_sum / max(1, loss_count)).item()
+        loss_stats = torch.stack([loss_sum.float(), torch.tensor(float(loss_count), device=ds.device)])
+        if ds.distributed:
+            dist.all_reduce(loss_stats)
+        train_loss = (loss_stats[0] / loss_stats[1].clamp(min=1)).item()
         is_best = val["top1"] > best_top1
         best_top1 = max(best_top1, val["top1"])
         ckpt = make_checkpoint(epoch + 1, val, ema_val)

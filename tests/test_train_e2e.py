@@ -1,0 +1,99 @@
+"""End to end: `vmamba train` on the built-in digits with a short schedule, then eval and predict."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vmamba.cli import main
+
+# A tiny VMamba (16 px input, dims 16, one block per stage) and one CPU thread: ~30 s on a shared core.
+TINY = ["--threads", "1", "--img-size", "16", "--model-arg", "dims=16", "--model-arg", "depths=[1,1,1,1]",
+        "--batch-size", "32", "--base-batch", "32"]
+STATED_TOP1 = 90.0  # the 4-epoch tiny run reaches ~95.8 % on this machine
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    threads = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("digits") / "run"
+    try:
+        rc = main(["train", "--output", str(out), "--epochs", "4", *TINY])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    return out
+
+
+def test_train_reaches_stated_accuracy(trained):
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["val_top1"] >= STATED_TOP1
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    csv_lines = (trained / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("epoch,step,train_loss") and len(csv_lines) == 5
+    for name in ("last.pt", "best.pt", "model.safetensors", "model_ema.safetensors", "config.yaml"):
+        assert (trained / name).is_file(), name
+    assert not list(trained.glob(".*.tmp"))
+    # the training checkpoint (optimizer, scheduler, RNG states, metadata) loads with weights_only=True
+    ckpt = torch.load(trained / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 4 and ckpt["model_name"] == "vmamba_tiny_s1l8"
+    assert ckpt["class_names"] == [str(i) for i in range(10)]
+    assert set(ckpt["rng"][0]) >= {"python", "numpy", "torch"}
+    assert ckpt["optimizer"]["state"] and "model_ema" in ckpt
+    final = load_file(str(trained / "model.safetensors"))
+    assert all(torch.equal(final[k], v) for k, v in ckpt["model"].items())
+
+
+def test_eval_checkpoint(trained, capsys):
+    assert main(["eval", "--checkpoint", str(trained / "last.pt"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    last = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])
+    assert result["images"] == 359
+    assert result["top1"] == pytest.approx(last["val_top1"], abs=1e-3)
+    assert result["ema_top1"] == pytest.approx(last["ema_top1"], abs=1e-3)
+    # the exported safetensors carries the model name and architecture in its metadata
+    assert main(["eval", "--checkpoint", str(trained / "model.safetensors"), "--data", "digits"]) == 0
+    assert f"top-1 {last['val_top1']:.2f}%" in capsys.readouterr().out
+
+
+def test_predict_images(trained, tmp_path, capsys):
+    from vmamba.data import DigitsDataset
+
+    val = DigitsDataset("val")
+    paths = []
+    for i in range(6):
+        path = tmp_path / f"digit{i}_label{val.targets[i]}.png"
+        val.image(i).save(path)
+        paths.append(str(path))
+    assert main(["predict", *paths, "--checkpoint", str(trained / "model.safetensors"), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(rows) == 6
+    correct = 0
+    for i, row in enumerate(rows):
+        assert len(row["top"]) == 5
+        probs = [t["prob"] for t in row["top"]]
+        assert probs == sorted(probs, reverse=True) and 0.0 < sum(probs) <= 1.0 + 1e-5
+        correct += row["top"][0]["label"] == str(val.targets[i])
+    assert correct >= 5
+    assert main(["predict", paths[0], "--checkpoint", str(trained / "last.pt"), "--topk", "3"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0] == paths[0] and len(text) == 4 and "%" in text[1]
+
+
+def test_eval_checkpoint_of_another_model(trained, capsys):
+    rc = main(["eval", "--checkpoint", str(trained / "model.safetensors"), "--model", "vmamba_tiny_s2l5",
+               "--data", "digits"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "keys" in err and "layers." in err
+
+
+def test_resume_refuses_another_model(trained, capsys):
+    rc = main(["train", "--output", str(trained), "--resume", "auto", "--model", "vmamba_tiny_s2l5", *TINY])
+    assert rc == 2
+    assert "vmamba_tiny_s1l8" in capsys.readouterr().err
