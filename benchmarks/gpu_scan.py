@@ -42,16 +42,13 @@ MODELS = {
     "vanilla": ([192, 384, 768, 1536], 16),
 }
 LENGTHS = [56 * 56, 28 * 28, 14 * 14, 7 * 7]
-SWEEP = {  # (BLOCK_D, BLOCK_T, num_warps)
-    ("fwd", 1): [(32, 16, 1), (64, 16, 2), (128, 16, 4), (128, 8, 4), (32, 32, 1), (64, 8, 2)],
-    ("fwd", 16): [(8, 16, 4), (8, 8, 4), (8, 32, 4), (4, 16, 2), (2, 16, 1), (16, 16, 8)],
-    ("bwd", 1): [(32, 8, 1), (64, 8, 2), (128, 8, 4), (32, 16, 1), (64, 4, 2), (128, 4, 4)],
-    ("bwd", 16): [(8, 8, 4), (8, 4, 4), (8, 16, 4), (4, 8, 2), (2, 8, 1), (16, 8, 8)],
+SWEEP = {  # (BLOCK_D, BLOCK_T, num_warps, PREFETCH)
+    ("fwd", 1): [(32, 16, 1, 0), (32, 16, 1, 1), (32, 8, 1, 1), (32, 32, 1, 0), (64, 16, 2, 1), (128, 8, 4, 1)],
+    ("fwd", 16): [(8, 32, 4, 0), (8, 16, 4, 1), (8, 32, 4, 1), (16, 16, 8, 0), (16, 16, 8, 1)],
+    ("bwd", 1): [(32, 8, 1, 0), (128, 8, 4, 0), (64, 8, 2, 0)],
+    ("bwd", 16): [(8, 16, 4, 0), (8, 8, 4, 0), (16, 8, 8, 0)],
 }
-CROSS_SWEEP = {
-    False: [(4, 32, 32, 4), (16, 8, 32, 4), (8, 16, 32, 4), (2, 32, 64, 8), (1, 64, 64, 8)],
-    True: [(32, 16, 16, 8), (64, 4, 8, 4), (16, 32, 32, 8), (32, 8, 32, 8), (64, 8, 8, 4)],
-}
+CROSS_SWEEP = [None, (4, 32, 32, 4), (16, 16, 16, 4), (16, 32, 32, 8), (32, 16, 16, 8)]  # None: default
 
 
 def rel(a, b):
@@ -142,8 +139,9 @@ def check_correctness(results):
 
 def sweep(kind, n, ins, gy):
     best = None
-    for bd, bt, nw in SWEEP[(kind, n)]:
-        cfg = {"BLOCK_D": bd, "BLOCK_T": bt, "num_warps": nw}
+    ref = selective_scan_fwd(*ins, True) if kind == "fwd" else selective_scan_bwd(gy, *ins, True)
+    for bd, bt, nw, pf in SWEEP[(kind, n)]:
+        cfg = {"BLOCK_D": bd, "BLOCK_T": bt, "num_warps": nw, "PREFETCH": pf}
         try:
             if kind == "fwd":
                 ms = bench(lambda: selective_scan_fwd(*ins, True, config=cfg))
@@ -152,7 +150,13 @@ def sweep(kind, n, ins, gy):
         except Exception as exc:  # noqa: BLE001 - report and continue
             print(f"  config {cfg} failed: {type(exc).__name__}: {exc}"[:300], flush=True)
             continue
-        print(f"  sweep {kind} N={n} {cfg}: {ms:.3f} ms", flush=True)
+        out = selective_scan_fwd(*ins, True, config=cfg) if kind == "fwd" else selective_scan_bwd(gy, *ins, True,
+                                                                                                    config=cfg)
+        err = rel(out, ref) if kind == "fwd" else max(rel(a, b) for a, b in zip(out, ref) if a is not None)
+        print(f"  sweep {kind} N={n} {cfg}: {ms:.3f} ms (rel diff to default config {err:.1e})", flush=True)
+        if not err < 1e-4:
+            print("  ^ MISMATCH: config excluded", flush=True)
+            continue
         if best is None or ms < best[0]:
             best = (ms, cfg)
     return best[1]
@@ -224,8 +228,10 @@ def bench_cross(results, copy_gbs):
                 m = cross_merge_triton(y, hw, hw, "cross2d", channel_last)
                 err_m = rel(m, m_ref)
                 t_s, t_m, best = float("inf"), float("inf"), {}
-                for blocks in CROSS_SWEEP[channel_last]:
-                    triton_cross.BLOCKS[channel_last] = blocks
+                for blocks in CROSS_SWEEP:
+                    triton_cross.BLOCKS.clear()
+                    if blocks is not None:
+                        triton_cross.BLOCKS.update({(channel_last, False): blocks, (channel_last, True): blocks})
                     ts = bench(lambda: cross_scan_triton(x, "cross2d", channel_last))
                     tm = bench(lambda: cross_merge_triton(y, hw, hw, "cross2d", channel_last))
                     print(f"  cross blocks {blocks}: scan {ts:.3f} merge {tm:.3f} ms", flush=True)
@@ -233,6 +239,7 @@ def bench_cross(results, copy_gbs):
                         t_s, best["scan"] = ts, blocks
                     if tm < t_m:
                         t_m, best["merge"] = tm, blocks
+                triton_cross.BLOCKS.clear()
                 t_s_ref = bench(lambda: cross_scan(x, "cross2d", channel_last).contiguous())
                 t_m_ref = bench(lambda: cross_merge(y, hw, hw, "cross2d", channel_last).contiguous())
                 nbytes = x.numel() * x.element_size() * 5  # read map once, write 4 routes (or reverse)

@@ -107,8 +107,11 @@ def test_no_d_no_bias_no_softplus():
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_several_channel_blocks_per_group(deterministic):
-    # BLOCK_D smaller than the group: dB / dC reduced over blocks (atomics or workspace)
+def test_several_channel_blocks_per_group(deterministic, monkeypatch):
+    # BLOCK_D smaller than the group: dB / dC reduced over blocks (atomics when the workspace limit is 0)
+    import vmamba.ops.triton.selective_scan as mod
+
+    monkeypatch.setattr(mod, "WORKSPACE_LIMIT_BYTES", 0)
     _check(batch=2, groups=2, per_group=5, state=4, length=11, dtype=torch.float32, seed=5,
            deterministic=deterministic, config={"BLOCK_D": 2, "num_warps": 1})
 
@@ -143,3 +146,9 @@ def test_float64_rejected():
     ins = _inputs(1, 1, 2, 2, 4, torch.float32, seed=0)
     with pytest.raises(TypeError):
         selective_scan_fwd(ins[0].double(), *ins[1:], True)
+
+
+def test_prefetch_forward_variant():
+    # software-pipelined forward (next chunk loaded during the current chunk's scan)
+    _check(batch=1, groups=2, per_group=2, state=2, length=29, dtype=torch.bfloat16, seed=12,
+           config={"PREFETCH": 1, "BLOCK_T": 8})

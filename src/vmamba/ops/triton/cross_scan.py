@@ -79,12 +79,21 @@ def _mode(mode) -> tuple[int, int]:
     return _MODES[name]
 
 
-# (BLOCK_C, BLOCK_H, BLOCK_W, num_warps) per layout (channel_last False / True); tunable.
-BLOCKS = {False: (4, 32, 32, 4), True: (32, 16, 16, 8)}
+# Overrides for benchmarking: {(channel_last, merge): (BLOCK_C, BLOCK_H, BLOCK_W, num_warps)}.
+BLOCKS: dict = {}
 
 
-def _blocks(channels: int, channel_last: bool) -> tuple[int, int, int, int]:
-    bc, bh, bw, nw = BLOCKS[channel_last]
+def _blocks(channels: int, height: int, width: int, channel_last: bool, merge: bool) -> tuple[int, int, int, int]:
+    """Tile sizes (picked from H200 sweeps): 32x32 pixel tiles (smaller maps: the map's size)."""
+    if (channel_last, merge) in BLOCKS:
+        bc, bh, bw, nw = BLOCKS[(channel_last, merge)]
+    else:
+        cap = 16 if channel_last and merge else 32
+        bh = min(cap, triton.next_power_of_2(height))
+        bw = min(cap, triton.next_power_of_2(width))
+        elems = 16384 if channel_last else 4096
+        bc = max(1, min(64, elems // (bh * bw)))
+        nw = 8 if channel_last else 4
     return min(bc, triton.next_power_of_2(max(channels, 1))), bh, bw, nw
 
 
@@ -93,7 +102,7 @@ def _launch(x: Tensor, y: Tensor, mode_id: int, merge: bool, channel_last: bool)
     batch, channels, height, width = x.shape
     if x.numel() == 0:
         return
-    bc, bh, bw, nw = _blocks(channels, channel_last)
+    bc, bh, bw, nw = _blocks(channels, height, width, channel_last, merge)
     grid = (triton.cdiv(height, bh) * triton.cdiv(width, bw), triton.cdiv(channels, bc), batch)
     _cross_kernel[grid](
         x, y, channels, height, width, *x.stride(), *y.stride(),

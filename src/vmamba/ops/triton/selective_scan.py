@@ -25,8 +25,8 @@ a_t h_{t-1} = h_t - x_t no shifted copy of h is needed; a_{t+1} is recomputed fr
     dD     = Σ gy u,   ddelta = dΔ σ(delta + bias) (softplus),   dbias = Σ ddelta
 
 dA, dD and dbias are accumulated per program and reduced over the batch by a deterministic sum.
-dB and dC are reduced over the channel blocks of a group either with atomics or, with
-``deterministic=True`` (or when a group fits one block), through a per-block workspace summed after.
+dB and dC are reduced over the channel blocks of a group through a per-block workspace summed after
+(deterministic), or with atomics when that workspace would be too large and determinism is not asked.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+# Largest dB/dC per-block workspace (bytes) before the backward falls back to atomics (non-deterministic
+# mode only); VMAMBA_SCAN_WORKSPACE_GIB overrides.
+WORKSPACE_LIMIT_BYTES = int(float(os.environ.get("VMAMBA_SCAN_WORKSPACE_GIB", "8")) * 2**30)
 
 __all__ = ["selective_scan_fwd", "selective_scan_bwd", "default_config"]
 
@@ -65,6 +68,19 @@ def _load_delta(dt_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.conste
     return raw, tl.where(mask, dt, 0.0)
 
 
+@triton.jit
+def _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n, su_l, sdt_l, sB_l, sC_l):
+    """(T, D) tiles of u and raw delta, (T, N) tiles of B and C at positions t (float32, 0 outside)."""
+    mask_t = t < L
+    m2 = mask_t[:, None] & mask_d[None, :]
+    mtn = mask_t[:, None] & mask_n[None, :]
+    u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
+    raw = tl.load(dt_base + t[:, None] * sdt_l, mask=m2, other=0.0).to(tl.float32)
+    Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
+    Ct = tl.load(C_base + t[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
+    return u, raw, Bt, Ct
+
+
 # All register tiles are laid out (T, D, N): time is the slowest axis, so with BLOCK_D * BLOCK_N at
 # least the number of threads, every thread holds all BLOCK_T steps of its (d, n) pairs and the
 # associative scan along axis 0 runs as a plain sequential loop in registers (no shuffles).
@@ -77,7 +93,7 @@ def _ss_fwd_kernel(
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
     sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias, sy_b, sy_d,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     k = tl.program_id(1)
@@ -107,15 +123,27 @@ def _ss_fwd_kernel(
     last = (offs_t == BLOCK_T - 1)[:, None, None]
 
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    if PREFETCH:
+        u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, offs_t, L, mask_d, mask_n,
+                                               su_l, sdt_l, sB_l, sC_l)
     for t0 in range(0, L, BLOCK_T):
         t = t0 + offs_t
         mask_t = t < L
         m2 = mask_t[:, None] & mask_d[None, :]
-        mtn = mask_t[:, None] & mask_n[None, :]
-        u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
-        _, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_base + t[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
+        if PREFETCH:
+            # software pipelining: the next chunk's loads are in flight during this chunk's scan
+            u, raw, Bt, Ct = u_nx, raw_nx, B_nx, C_nx
+            u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, t + BLOCK_T, L, mask_d,
+                                                   mask_n, su_l, sdt_l, sB_l, sC_l)
+        else:
+            u, raw, Bt, Ct = _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n,
+                                         su_l, sdt_l, sB_l, sC_l)
+        if HAS_BIAS:
+            raw = raw + bias[None, :]
+        dt = raw
+        if SOFTPLUS:
+            dt = _softplus(raw)
+        dt = tl.where(m2, dt, 0.0)
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         x = (dt * u)[:, :, None] * Bt[:, None, :]
         x = tl.where(first, x + a * h[None, :, :], x)
@@ -262,20 +290,25 @@ def _next_pow2(x: int) -> int:
 def default_config(channels_per_group: int, state: int, backward: bool = False) -> dict:
     """Block sizes: one thread per (channel, state) pair, BLOCK_T steps per thread in registers.
 
-    BLOCK_D * BLOCK_N is the thread count (32 * num_warps, at most 128); BLOCK_D divides the group's
-    channels where a power of two does, so no lane idles.
+    Tuned on an H200 (benchmarks/gpu_scan.py sweeps): one warp of 32 channels for d_state 1-2,
+    128 threads (BLOCK_D * BLOCK_N) for larger states. BLOCK_D divides the group's channels where a
+    power of two does, so no lane idles.
     """
     block_n = _next_pow2(state)
-    max_d = max(1, 128 // block_n)
+    threads = 32 if block_n <= 2 else 128
+    max_d = max(1, threads // block_n)
     block_d = min(max_d, _next_pow2(channels_per_group))
     cand = block_d
     while cand > 1 and channels_per_group % cand:
         cand //= 2
-    if cand * block_n >= 32:
+    if cand * block_n >= 32 or cand * 2 >= block_d:
         block_d = cand
     num_warps = max(1, min(4, block_d * block_n // 32))
-    block_t = 8 if backward or block_n >= 32 else 16
-    return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps}
+    if backward:
+        block_t = 16 if 4 <= block_n <= 16 else 8
+    else:
+        block_t = 16 if block_n <= 2 else (32 if block_n <= 16 else 8)
+    return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0}
 
 
 def _check(u, delta, A, B, C):
@@ -318,7 +351,7 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         Dt.stride(0), bt.stride(0), y.stride(0), y.stride(1),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
-        num_warps=cfg["num_warps"],
+        PREFETCH=bool(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"],
     )
     return y
 
@@ -327,8 +360,10 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
                        deterministic=None, config=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias), float32; dD / ddelta_bias None if absent.
 
-    ``deterministic`` (default: the ``VMAMBA_DETERMINISTIC`` environment variable or
-    ``torch.are_deterministic_algorithms_enabled()``) reduces dB / dC without atomics.
+    dB / dC partials of the channel blocks of a group go to a workspace summed afterwards (deterministic);
+    only when that workspace would exceed ``WORKSPACE_LIMIT_BYTES`` and ``deterministic`` is false
+    (default: the ``VMAMBA_DETERMINISTIC`` environment variable or
+    ``torch.are_deterministic_algorithms_enabled()``) are they reduced with atomics instead.
     """
     batch, channels, length, groups, cg, state = _check(u, delta, A, B, C)
     cfg = _config(cg, state, True, config)
@@ -344,7 +379,10 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
     dA_part = torch.empty(batch, channels, state, device=dev, dtype=f32)
     dD_part = torch.empty(batch, channels, device=dev, dtype=f32) if D is not None else None
     dbias_part = torch.empty(batch, channels, device=dev, dtype=f32) if delta_bias is not None else None
-    atomic = n_blk > 1 and not deterministic
+    # Per-block partials of dB / dC are written to a workspace and summed (deterministic, and far
+    # cheaper than atomics when d_state is large); atomics only when that workspace would be too big.
+    ws_bytes = 2 * 4 * batch * groups * n_blk * state * length
+    atomic = n_blk > 1 and not deterministic and ws_bytes > WORKSPACE_LIMIT_BYTES
     if atomic:
         dB = torch.zeros(batch, groups, state, length, device=dev, dtype=f32)
         dC = torch.zeros(batch, groups, state, length, device=dev, dtype=f32)

@@ -1,0 +1,62 @@
+"""Per-op GPU profile of a VMamba model: where a bf16 training step and a bf16 inference pass spend time.
+
+    PYTHONPATH=src python benchmarks/gpu_profile.py [--model vmamba_tiny_s1l8] [--batch 128] [--out prof.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="vmamba_tiny_s1l8")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--out", default="gpu_profile.txt")
+    args = parser.parse_args()
+    import vmamba
+
+    torch.backends.cudnn.benchmark = True
+    model = vmamba.create_model(args.model).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    target = torch.randint(0, 1000, (args.batch,), device="cuda")
+
+    def train_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    def infer():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x)
+
+    report = []
+    for name, fn, steps in (("train step (bf16 autocast)", train_step, 2), ("inference (bf16 autocast)", infer, 3)):
+        model.train(fn is train_step)
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                fn()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        total = sum(e.device_time_total for e in events if e.device_time_total > 0) / steps
+        table = events.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
+        text = f"== {args.model} {name}, batch {args.batch}: {steps} steps profiled; " \
+               f"summed kernel time per step {total / 1e3:.1f} ms\n{table}\n"
+        print(text, flush=True)
+        report.append(text)
+    with open(args.out, "w") as f:
+        f.write("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
