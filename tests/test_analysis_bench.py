@@ -55,3 +55,14 @@ def test_bench_errors_and_flags():
     rows = bench_models(["not_a_model_anywhere"], [(32, 32)], BenchSettings(batch_size=1, iters=1, warmup=0,
                                                                               device="cpu"), log=None)
     assert rows[0]["status"].startswith("build failed")
+
+
+def test_missing_matplotlib_gives_a_clear_error(monkeypatch):
+    import sys
+
+    from vmamba.analysis.bench import plot_throughput
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    rows = [{"model": "m", "size": "32x32", "mode": "infer", "img_per_s": 1.0, "status": "ok"}]
+    with pytest.raises(ValueError, match="pip install"):
+        plot_throughput(rows, "unused.png")
