@@ -34,7 +34,9 @@ def _register_flops(sub: argparse._SubParsersAction) -> None:
                    help="fvcore: published numbers (MACs); torch: FlopCounterMode's own (2 per MAC, norms free)")
     p.add_argument("--scan", choices=("auto", "include", "exclude"), default="auto",
                    help="count the selective scan; auto follows the official counter (Mamba2 scan excluded)")
-    p.add_argument("--backward", action="store_true", help="count forward + backward")
+    p.add_argument("--backward", action="store_true",
+                   help="count forward + backward (matmul/conv gradients, scan backward = 2x its forward; "
+                        "norm backward is not counted)")
     p.add_argument("--depth", type=int, default=2, help="module depth of the breakdown (0: none)")
     p.add_argument("--where", choices=("meta", "fake", "cpu"), default="meta",
                    help="count on meta tensors (fastest), FakeTensorMode tensors, or real CPU tensors")
