@@ -200,7 +200,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def build_config(yaml_values: dict[str, Any] | None = None, flag_values: dict[str, Any] | None = None) -> TrainConfig:
     """Layer recipe → model drop-path → digits preset → YAML → flags into a checked TrainConfig."""
     yaml_values = dict(yaml_values or {})
-    flag_values = {k: v for k, v in (flag_values or {}).items() if v is not None}
+    flag_values = dict(flag_values or {})
     data = flag_values.get("data", yaml_values.get("data", "digits"))
     values: dict[str, Any] = {}
     if str(data) == "digits":
@@ -267,7 +267,7 @@ _HELP = {
 
 
 def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One ``--name`` flag per TrainConfig field (default None: 'not given')."""
+    """One ``--name`` flag per TrainConfig field; flags not given leave no attribute (``none`` gives None)."""
     group = parser.add_argument_group("recipe overrides (also settable in --config YAML)")
     for name in FIELDS:
         if name in skip or name == "model_args":
@@ -277,15 +277,16 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         args = typing.get_args(hint)
         base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not tuple \
             else hint
-        help_text = _HELP.get(name) or f"(recipe default: {FIELDS[name].default!r})"
+        common = dict(dest=name, default=argparse.SUPPRESS,
+                      help=_HELP.get(name) or f"(recipe default: {FIELDS[name].default!r})")
         if base is bool:
-            group.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(base) is tuple or base is tuple:
-            group.add_argument(flag, dest=name, default=None, nargs="+", type=float, metavar="X", help=help_text)
+            group.add_argument(flag, nargs="+", type=float, metavar="X", **common)
         elif base in (int, float):
-            group.add_argument(flag, dest=name, default=None, type=_none_or(base), help=help_text)
+            group.add_argument(flag, type=_none_or(base), **common)
         else:
-            group.add_argument(flag, dest=name, default=None, type=_none_or(str), help=help_text)
+            group.add_argument(flag, type=_none_or(str), **common)
     group.add_argument("--model-arg", dest="model_arg", action="append", default=[], metavar="KEY=VALUE",
                        help="architecture override passed to create_model, e.g. dims=32 or depths=[1,1,2,1]")
 
@@ -318,7 +319,7 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
 
 def flags_to_values(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig values given on the command line (not-given flags are left out)."""
-    values = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
+    values = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}  # 'none' given: None
     # tuples given on the command line arrive as lists of floats
     model_args = parse_model_args(getattr(args, "model_arg", []) or [])
     if model_args:
