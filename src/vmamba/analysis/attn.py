@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from ..layers.ss2d import SS2D, SSMCore
 from ..ops import ScanMode, cross_scan
-from ..ops.selective_scan_ref import expand_groups, prepare_delta
 
 REDUCTIONS = ("absmean", "mean", "sum", "abssum")
 MEMORY_BUDGET = 256 * 2**20  # bytes of float64 work space per chunk of channels
@@ -41,6 +40,21 @@ MEMORY_BUDGET = 256 * 2**20  # bytes of float64 work space per chunk of channels
 def _channel_chunk(batch: int, rows: int, length: int, state: int) -> int:
     """Channels per chunk so that the (b, chunk, rows, L, N) float64 decay tensor fits the budget."""
     return max(1, MEMORY_BUDGET // (8 * batch * rows * length * state))
+
+
+def _delta(delta: Tensor, bias: Tensor | None, softplus: bool) -> Tensor:
+    """Δ = softplus(delta + bias) in float64, (b, KC, L)."""
+    out = delta.to(torch.float64)
+    if bias is not None:
+        out = out + bias.to(torch.float64)[:, None]
+    return F.softplus(out) if softplus else out
+
+
+def _per_channel(x: Tensor, channels: int) -> Tensor:
+    """(b, K, N, L) shared by the channels of each of the K groups → (b, channels, N, L), float64."""
+    batch, groups, state, length = x.shape
+    x = x.to(torch.float64)[:, :, None].expand(batch, groups, channels // groups, state, length)
+    return x.reshape(batch, channels, state, length)
 
 
 def ssm_matrix(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
@@ -55,9 +69,9 @@ def ssm_matrix(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None 
     """
     dtype = torch.float64
     channels, length = delta.shape[1], delta.shape[2]
-    dt = prepare_delta(delta, delta_bias, delta_softplus, dtype)  # (b, KC, L)
-    Bx = expand_groups(B.to(dtype), channels)  # (b, KC, N, L)
-    Cx = expand_groups(C.to(dtype), channels)
+    dt = _delta(delta, delta_bias, delta_softplus)  # (b, KC, L)
+    Bx = _per_channel(B, channels)  # (b, KC, N, L)
+    Cx = _per_channel(C, channels)
     rows = torch.arange(length, device=delta.device) if rows is None else torch.as_tensor(rows,
                                                                                          device=delta.device)
     cum = dt.cumsum(-1)  # S_i
