@@ -48,3 +48,18 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     # the 2-process checkpoint holds one RNG state per rank and resumes with weights_only loading
     ckpt = torch.load(two / "last.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    from vmamba.cli import main
+
+    threads = torch.get_num_threads()
+    common = ["train", *ARGS, "--epochs", "1", "--max-steps-per-epoch", "3", "--no-model-ema"]
+    try:
+        assert main([*common, "--output", str(tmp_path / "full"), "--batch-size", "32"]) == 0
+        assert main([*common, "--output", str(tmp_path / "accum"), "--batch-size", "16", "--accum-steps", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "accum" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

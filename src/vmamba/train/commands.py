@@ -57,6 +57,7 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="architecture override for checkpoints that do not store theirs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
 
 
 # -- train ---------------------------------------------------------------------------------------------
@@ -111,6 +112,10 @@ def _load_for_inference(args: argparse.Namespace, use_ema: bool) -> tuple[Any, d
     from .config import parse_model_args
     from .engine import build_model, is_vmamba, state_dict_num_classes
 
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise ValueError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
     obj, meta = read_checkpoint_with_meta(args.checkpoint)
     stored_name = meta.get("model_name")
     name = args.model or stored_name
