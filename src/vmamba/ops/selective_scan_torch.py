@@ -4,102 +4,178 @@ The recurrence h_t = a_t h_{t-1} + b_t is solved inside fixed-size chunks with l
 steps, then across chunks by the same scan applied recursively to the chunk end-states. Only products
 of decays in (0, 1] and sums of bounded terms appear, so nothing overflows however long L is.
 
+Everything runs in a "chunk layout" (T, batch, K, C, N, n_chunks): the short position-within-chunk
+axis first, so each doubling step is one large contiguous elementwise operation, and the group
+structure (B and C shared by the C channels of a group) is plain broadcasting.
+
 The backward pass is written by hand: the adjoint of a linear recurrence is the same recurrence run
-backwards, so the gradients cost two more scans instead of storing every doubling step for autograd.
-Channels are processed in blocks to bound the (batch, channels, N, L) intermediates.
+backwards in time, so the gradients cost two more scans instead of storing every doubling step.
+Batch items are processed in blocks to bound the (batch, channels, N, L) intermediates.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from .selective_scan_ref import compute_dtype, expand_groups, prepare_delta
+from .selective_scan_ref import compute_dtype
 
 CHUNK = 8
 # Largest number of (batch x channel x state x position) elements materialised at once per block.
 BLOCK_ELEMENTS = 1 << 23
 
 
-def _doubling_scan_(a: torch.Tensor, b: torch.Tensor) -> None:
-    """In-place scan along dim 0: a becomes the running product of decays, b the states (zero start).
-
-    Dim 0 is the short position-within-chunk axis, so every step works on large contiguous blocks.
-    """
-    length = a.shape[0]
-    step = 1
-    while step < length:
-        b[step:] += a[step:] * b[:-step]  # the right side is evaluated before b is written
-        a[step:] = a[step:] * a[:-step]
-        step *= 2
-
-
-def linear_scan(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+# -- generic scan along the last dimension (used for chunk carries and by other modules) -------------
+def linear_scan(a: Tensor, b: Tensor, chunk: int = CHUNK, reverse: bool = False) -> Tensor:
     """States of h_t = a_t * h_{t-1} + b_t (h_{-1} = 0) along the last dimension.
 
-    Positions are grouped into chunks; each chunk is scanned in log2(chunk) doubling steps, the chunk
-    end-states are scanned recursively, and the carries are folded back in with one multiply-add.
+    With ``reverse`` the recurrence runs from the end: h_t = a_t * h_{t+1} + b_t.
     """
     length = a.shape[-1]
     lead = a.shape[:-1]
+    states = _chunk_scan(_to_chunks(a, chunk, 1.0, reverse), _to_chunks(b, chunk, 0.0, reverse), chunk, reverse)
+    return _from_chunks(states, lead, length, reverse)
+
+
+def _to_chunks(x: Tensor, chunk: int, pad_value: float, reverse: bool = False) -> Tensor:
+    """(..., L) → contiguous (T, ..., n_chunks), padded at the end (the start when ``reverse``)."""
+    length = x.shape[-1]
     pad = (-length) % chunk
     if pad:
-        a = F.pad(a, (0, pad), value=1.0)
-        b = F.pad(b, (0, pad))
-    n_chunks = a.shape[-1] // chunk
-    # (chunk, rows, n_chunks) copies that the in-place doubling steps may overwrite.
-    decay = a.reshape(-1, n_chunks, chunk).permute(2, 0, 1).clone(memory_format=torch.contiguous_format)
-    local = b.reshape(-1, n_chunks, chunk).permute(2, 0, 1).clone(memory_format=torch.contiguous_format)
-    _doubling_scan_(decay, local)
-    if n_chunks > 1:
+        x = F.pad(x, (pad, 0) if reverse else (0, pad), value=pad_value)
+    n_chunks = x.shape[-1] // chunk
+    x = x.reshape(*x.shape[:-1], n_chunks, chunk)
+    dims = x.dim()
+    return x.permute(dims - 1, *range(dims - 2), dims - 2).clone(memory_format=torch.contiguous_format)
+
+
+def _from_chunks(x: Tensor, lead: tuple[int, ...], length: int, reverse: bool = False) -> Tensor:
+    """Inverse of :func:`_to_chunks` for a (T, ..., n_chunks) tensor whose middle dims equal ``lead``."""
+    dims = x.dim()
+    x = x.permute(*range(1, dims - 1), dims - 1, 0).reshape(*lead, -1)
+    return x[..., x.shape[-1] - length:] if reverse else x[..., :length]
+
+
+def _chunk_scan(decay: Tensor, local: Tensor, chunk: int, reverse: bool = False) -> Tensor:
+    """States of the recurrence for contiguous (T, ..., n_chunks) inputs; may overwrite both inputs.
+
+    Doubling steps ping-pong between two buffers, so each step is one fused multiply(-add) per tensor.
+    """
+    length = decay.shape[0]
+    step = 1
+    spare_decay, spare_local = torch.empty_like(decay), torch.empty_like(local)
+    while step < length:
+        last = step * 2 >= length
+        if reverse:
+            spare_local[-step:] = local[-step:]
+            torch.addcmul(local[:-step], decay[:-step], local[step:], out=spare_local[:-step])
+            if not last or decay.shape[-1] > 1:
+                spare_decay[-step:] = decay[-step:]
+                torch.mul(decay[:-step], decay[step:], out=spare_decay[:-step])
+        else:
+            spare_local[:step] = local[:step]
+            torch.addcmul(local[step:], decay[step:], local[:-step], out=spare_local[step:])
+            if not last or decay.shape[-1] > 1:
+                spare_decay[:step] = decay[:step]
+                torch.mul(decay[step:], decay[:-step], out=spare_decay[step:])
+        local, spare_local = spare_local, local
+        decay, spare_decay = spare_decay, decay
+        step *= 2
+    n_chunks = local.shape[-1]
+    if n_chunks == 1:
+        return local
+    if reverse:
+        ends = linear_scan(decay[0], local[0], chunk, reverse=True)
+        carry = F.pad(ends[..., 1:], (0, 1))
+    else:
         ends = linear_scan(decay[-1], local[-1], chunk)
-        local = torch.addcmul(local, decay, F.pad(ends[:, :-1], (1, 0)))
-    return local.permute(1, 2, 0).reshape(*lead, n_chunks * chunk)[..., :length]
+        carry = F.pad(ends[..., :-1], (1, 0))
+    return local.addcmul_(decay, carry)
 
 
-def _channels_per_block(batch: int, channels: int, state: int, length: int) -> int:
-    """How many channels to process at once so a block holds about BLOCK_ELEMENTS elements."""
-    return min(channels, max(1, BLOCK_ELEMENTS // max(1, batch * state * length)))
+def _shift_prev(x: Tensor) -> Tensor:
+    """Chunk-layout tensor of the previous position's values (zero before the first position)."""
+    out = torch.empty_like(x)
+    out[1:] = x[:-1]
+    out[0, ..., 1:] = x[-1, ..., :-1]
+    out[0, ..., 0] = 0
+    return out
 
 
-def _group_slices(channels: int, groups: int, start: int, stop: int):
-    """Yield (group index, channel slice within [start, stop)) pieces of a channel range."""
-    per_group = channels // groups
-    pos = start
-    while pos < stop:
-        group = pos // per_group
-        end = min(stop, (group + 1) * per_group)
-        yield group, slice(pos, end)
-        pos = end
+def _shift_next(x: Tensor) -> Tensor:
+    """Chunk-layout tensor of the next position's values (zero after the last position)."""
+    out = torch.empty_like(x)
+    out[:-1] = x[1:]
+    out[-1, ..., :-1] = x[0, ..., 1:]
+    out[-1, ..., -1] = 0
+    return out
 
 
-def _block_inputs(B, C, group_pieces, dtype):
-    """Per-block (b, c, N, L) copies of B and C matching the channel pieces of the block."""
-    Bs = torch.cat([B[:, g, None].expand(-1, sl.stop - sl.start, -1, -1) for g, sl in group_pieces], 1)
-    Cs = torch.cat([C[:, g, None].expand(-1, sl.stop - sl.start, -1, -1) for g, sl in group_pieces], 1)
-    return Bs.to(dtype), Cs.to(dtype)
+# -- selective scan ------------------------------------------------------------------------------------
+class _Layout:
+    """Chunk-layout views of the scan inputs for batch items [start, stop)."""
+
+    def __init__(self, u, delta, A, B, C, D, delta_bias, delta_softplus, dtype, start, stop):
+        batch, channels, length = u.shape
+        groups, state = B.shape[1], A.shape[1]
+        per_group = channels // groups
+        self.length, self.groups, self.per_group = length, groups, per_group
+        rows = slice(start, stop)
+        # (b, K, C, 1, L) / (b, K, 1, N, L) → chunk layout (T, b, K, C|1, 1|N, n_chunks)
+        self.u = _to_chunks(u[rows].to(dtype).view(-1, groups, per_group, 1, length), CHUNK, 0.0)
+        raw = delta[rows].to(dtype)
+        if delta_bias is not None:
+            raw = raw + delta_bias.to(dtype)[:, None]
+        self.raw = _to_chunks(raw.view(-1, groups, per_group, 1, length), CHUNK, 0.0)
+        self.dt = F.softplus(self.raw) if delta_softplus else self.raw
+        self.B = _to_chunks(B[rows].to(dtype)[:, :, None], CHUNK, 0.0)
+        self.C = _to_chunks(C[rows].to(dtype)[:, :, None], CHUNK, 0.0)
+        self.A = A.to(dtype).view(groups, per_group, state)[None, :, :, :, None]  # (1, K, C, N, 1)
+        self.D = None if D is None else D.to(dtype).view(groups, per_group, 1, 1)
+
+    def decay(self) -> Tensor:
+        """a_t = exp(Δ_t A), (T, b, K, C, N, n_chunks)."""
+        return torch.exp(self.dt * self.A)
+
+    def states(self, decay: Tensor) -> Tensor:
+        """h_t, (T, b, K, C, N, n_chunks); overwrites ``decay``."""
+        return _chunk_scan(decay, (self.dt * self.u) * self.B, CHUNK)
+
+    def write_sequence(self, x: Tensor, out: Tensor) -> None:
+        """Copy a (T, b, K, C, 1, n_chunks) chunk-layout tensor into ``out`` (b, K*C, L)."""
+        batch, length = out.shape[0], self.length
+        source = x.squeeze(4).permute(1, 2, 3, 4, 0)  # (b, K, C, n_chunks, T)
+        target = out.view(batch, self.groups, self.per_group, length)
+        if length % CHUNK == 0:
+            target.view(batch, self.groups, self.per_group, -1, CHUNK).copy_(source)
+        else:
+            target.copy_(source.reshape(batch, self.groups, self.per_group, -1)[..., :length])
+
+
+def _sum_states(x: Tensor) -> Tensor:
+    """Sum over the state dimension (dim 4), keeping it; free when N = 1."""
+    return x if x.shape[4] == 1 else x.sum(4, keepdim=True)
+
+
+def _batch_block(batch: int, channels: int, state: int, length: int) -> int:
+    return min(batch, max(1, BLOCK_ELEMENTS // max(1, channels * state * length)))
 
 
 def selective_scan_torch_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
     """Forward selective scan (no autograd). Same contract as the reference."""
     dtype = compute_dtype(u, delta, A, B, C)
     batch, channels, length = u.shape
-    groups, state = B.shape[1], A.shape[1]
-    dt = prepare_delta(delta, delta_bias, delta_softplus, dtype)
-    u_c = u.to(dtype)
     y = torch.empty(batch, channels, length, dtype=dtype, device=u.device)
-    step = _channels_per_block(batch, channels, state, length)
-    for start in range(0, channels, step):
-        stop = min(channels, start + step)
-        pieces = list(_group_slices(channels, groups, start, stop))
-        Bs, Cs = _block_inputs(B, C, pieces, dtype)
-        dt_b = dt[:, start:stop, None, :]
-        a = torch.exp(dt_b * A[start:stop, :, None].to(dtype))
-        x = (dt_b * u_c[:, start:stop, None, :]) * Bs
-        h = linear_scan(a, x)
-        y[:, start:stop] = (h * Cs).sum(2)
-    if D is not None:
-        y = y + D.to(dtype)[:, None] * u_c
+    step = _batch_block(batch, channels, A.shape[1], length)
+    for start in range(0, batch, step):
+        stop = min(batch, start + step)
+        lay = _Layout(u, delta, A, B, C, D, delta_bias, delta_softplus, dtype, start, stop)
+        h = lay.states(lay.decay())
+        out = _sum_states(h * lay.C)
+        if lay.D is not None:
+            out.addcmul_(lay.u, lay.D)
+        lay.write_sequence(out, y[start:stop])
     return y
 
 
@@ -108,51 +184,36 @@ def selective_scan_torch_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=Non
     dtype = compute_dtype(u, delta, A, B, C)
     batch, channels, length = u.shape
     groups, state = B.shape[1], A.shape[1]
-    dt = prepare_delta(delta, delta_bias, delta_softplus, dtype)
-    u_c = u.to(dtype)
-    gy = grad_out.to(dtype)
-    A_c = A.to(dtype)
-    d_u = torch.empty_like(u_c)
-    d_dt = torch.empty_like(u_c)
-    d_A = torch.empty_like(A_c)
-    d_B = torch.zeros(B.shape, dtype=dtype, device=u.device)
-    d_C = torch.zeros(C.shape, dtype=dtype, device=u.device)
-    step = _channels_per_block(batch, channels, state, length)
-    for start in range(0, channels, step):
-        stop = min(channels, start + step)
-        pieces = list(_group_slices(channels, groups, start, stop))
-        Bs, Cs = _block_inputs(B, C, pieces, dtype)
-        dt_b = dt[:, start:stop, None, :]
-        u_b = u_c[:, start:stop, None, :]
-        a = torch.exp(dt_b * A_c[start:stop, :, None])
-        h = linear_scan(a, (dt_b * u_b) * Bs)
-        # Adjoint recurrence g_t = C_t gy_t + a_{t+1} g_{t+1}, solved as a forward scan on flipped time.
-        a_next = F.pad(a[..., 1:], (0, 1))
-        g = linear_scan(a_next.flip(-1), (Cs * gy[:, start:stop, None, :]).flip(-1)).flip(-1)
-        h_prev = F.pad(h[..., :-1], (1, 0))
-        g_log_decay = g * h_prev * a  # gradient with respect to dt * A
-        d_A[start:stop] = (g_log_decay * dt_b).sum(dim=(0, 3))
-        g_B = g * Bs
-        d_dt[:, start:stop] = (g_log_decay * A_c[start:stop, :, None]).sum(2) + (g_B * u_b).sum(2)
-        d_u[:, start:stop] = (g_B * dt_b).sum(2)
-        gdu = g * (dt_b * u_b)
-        ghC = h * gy[:, start:stop, None, :]
-        offset = 0
-        for group, sl in pieces:
-            width = sl.stop - sl.start
-            d_B[:, group] += gdu[:, offset:offset + width].sum(1)
-            d_C[:, group] += ghC[:, offset:offset + width].sum(1)
-            offset += width
-    d_D = None
-    if D is not None:
-        d_u = d_u + D.to(dtype)[:, None] * gy
-        d_D = (gy * u_c).sum(dim=(0, 2))
-    d_delta = d_dt
-    if delta_softplus:
-        raw = delta.to(dtype)
-        if delta_bias is not None:
-            raw = raw + delta_bias.to(dtype)[:, None]
-        d_delta = d_dt * torch.sigmoid(raw)
+    d_u = torch.empty(batch, channels, length, dtype=dtype, device=u.device)
+    d_delta = torch.empty_like(d_u)
+    d_A = torch.zeros(channels, state, dtype=dtype, device=u.device)
+    d_B = torch.empty(B.shape, dtype=dtype, device=u.device)
+    d_C = torch.empty(C.shape, dtype=dtype, device=u.device)
+    d_D = torch.zeros(channels, dtype=dtype, device=u.device) if D is not None else None
+    step = _batch_block(batch, channels, state, length)
+    for start in range(0, batch, step):
+        stop = min(batch, start + step)
+        lay = _Layout(u, delta, A, B, C, D, delta_bias, delta_softplus, dtype, start, stop)
+        gy = _to_chunks(grad_out[start:stop].to(dtype).view(-1, groups, channels // groups, 1, length), CHUNK, 0.0)
+        a = lay.decay()
+        a_next = _shift_next(a)
+        h = lay.states(a.clone())
+        # Adjoint recurrence g_t = C_t gy_t + a_{t+1} g_{t+1}: a reverse-time scan.
+        g = _chunk_scan(a_next, lay.C * gy, CHUNK, reverse=True)
+        grad_log_decay = g * _shift_prev(h) * a  # gradient with respect to dt * A
+        g_B = g * lay.B
+        d_A += (grad_log_decay * lay.dt).sum(dim=(0, 1, 5)).reshape(channels, state)
+        d_dt = _sum_states(grad_log_decay * lay.A + g_B * lay.u)
+        d_u_block = _sum_states(g_B * lay.dt)
+        d_B[start:stop] = _from_chunks((g * (lay.dt * lay.u)).sum(3), (stop - start, groups, state), length)
+        d_C[start:stop] = _from_chunks((h * gy).sum(3), (stop - start, groups, state), length)
+        if lay.D is not None:
+            d_u_block.addcmul_(gy, lay.D)
+            d_D += (gy * lay.u).sum(dim=(0, 1, 4, 5)).reshape(channels)
+        if delta_softplus:
+            d_dt = d_dt * torch.sigmoid(lay.raw)
+        lay.write_sequence(d_u_block, d_u[start:stop])
+        lay.write_sequence(d_dt, d_delta[start:stop])
     d_bias = d_delta.sum(dim=(0, 2)) if delta_bias is not None else None
     return d_u, d_delta, d_A, d_B, d_C, d_D, d_bias
 
@@ -177,5 +238,4 @@ class _TorchScan(torch.autograd.Function):
         return (*(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs)), None)
 
 
-__all__ = ["linear_scan", "selective_scan_torch", "selective_scan_torch_fwd", "selective_scan_torch_bwd",
-           "expand_groups"]
+__all__ = ["linear_scan", "selective_scan_torch", "selective_scan_torch_bwd", "selective_scan_torch_fwd"]
