@@ -130,10 +130,11 @@ def test_default_config_shapes():
     for cg in (1, 3, 96, 192, 384, 1536):
         for state in (1, 2, 4, 8, 16, 32, 64):
             for backward in (False, True):
-                cfg = default_config(cg, state, backward)
-                assert cfg["BLOCK_N"] >= state and cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1) == 0
-                assert cfg["BLOCK_D"] >= 1 and cfg["num_warps"] in (1, 2, 4)
-                assert cfg["BLOCK_D"] * cfg["BLOCK_N"] <= 128
+                for length in (49, 3136):
+                    cfg = default_config(cg, state, backward, length)
+                    assert cfg["BLOCK_N"] >= state and cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1) == 0
+                    assert cfg["BLOCK_D"] >= 1 and cfg["num_warps"] in (1, 2, 4, 8)
+                    assert cfg["BLOCK_D"] * cfg["BLOCK_N"] <= 256
 
 
 def test_state_64_and_empty():

@@ -287,15 +287,21 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
 
 
-def default_config(channels_per_group: int, state: int, backward: bool = False) -> dict:
+def default_config(channels_per_group: int, state: int, backward: bool = False, length: int | None = None,
+                   elem_size: int = 4) -> dict:
     """Block sizes: one thread per (channel, state) pair, BLOCK_T steps per thread in registers.
 
-    Tuned on an H200 (benchmarks/gpu_scan.py sweeps): one warp of 32 channels for d_state 1-2,
-    128 threads (BLOCK_D * BLOCK_N) for larger states. BLOCK_D divides the group's channels where a
-    power of two does, so no lane idles.
+    Picked from H200 sweeps (benchmarks/gpu_scan.py, BENCHMARKS_GPU.md): forward with one warp of 32
+    channels for d_state 1-2 and 256 threads for d_state 4-16, software-pipelined loads (PREFETCH)
+    for long sequences (and for d_state >= 4); backward with 32 threads for d_state 1-2, else 128.
+    BLOCK_D divides the group's channels where a power of two does, so no lane idles.
     """
     block_n = _next_pow2(state)
-    threads = 32 if block_n <= 2 else 128
+    long_seq = length is None or length >= (512 if elem_size <= 2 else 1024)
+    if backward:
+        threads = 32 if block_n <= 2 else 128
+    else:
+        threads = 32 if block_n <= 2 else (256 if block_n <= 16 else 128)
     max_d = max(1, threads // block_n)
     block_d = min(max_d, _next_pow2(channels_per_group))
     cand = block_d
@@ -303,12 +309,19 @@ def default_config(channels_per_group: int, state: int, backward: bool = False) 
         cand //= 2
     if cand * block_n >= 32 or cand * 2 >= block_d:
         block_d = cand
-    num_warps = max(1, min(4, block_d * block_n // 32))
+    num_warps = max(1, min(8, block_d * block_n // 32))
+    prefetch = 0
     if backward:
         block_t = 16 if 4 <= block_n <= 16 else 8
+    elif block_n <= 2:
+        prefetch = int(long_seq)
+        block_t = 8 if prefetch and elem_size >= 4 else 16
+    elif block_n <= 16:
+        block_t, prefetch = 16, 1
     else:
-        block_t = 16 if block_n <= 2 else (32 if block_n <= 16 else 8)
-    return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0}
+        block_t = 8
+    return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps,
+            "PREFETCH": prefetch}
 
 
 def _check(u, delta, A, B, C):
@@ -322,8 +335,8 @@ def _check(u, delta, A, B, C):
     return batch, channels, length, groups, channels // groups, A.shape[1]
 
 
-def _config(cg, state, backward, overrides):
-    cfg = default_config(cg, state, backward)
+def _config(cg, state, backward, overrides, length=None, elem_size=4):
+    cfg = default_config(cg, state, backward, length, elem_size)
     env = os.environ.get("VMAMBA_TRITON_SCAN_CONFIG")
     if env:  # e.g. "BLOCK_D=32,BLOCK_T=64,num_warps=8" (benchmark sweeps)
         for item in env.split(","):
@@ -336,7 +349,7 @@ def _config(cg, state, backward, overrides):
 def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, config=None):
     """Forward selective scan; returns y (batch, KC, L) float32. See the module docstring."""
     batch, channels, length, groups, cg, state = _check(u, delta, A, B, C)
-    cfg = _config(cg, state, False, config)
+    cfg = _config(cg, state, False, config, length, u.element_size())
     y = torch.empty(batch, channels, length, device=u.device, dtype=torch.float32)
     if y.numel() == 0:
         return y
@@ -366,7 +379,7 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
     ``torch.are_deterministic_algorithms_enabled()``) are they reduced with atomics instead.
     """
     batch, channels, length, groups, cg, state = _check(u, delta, A, B, C)
-    cfg = _config(cg, state, True, config)
+    cfg = _config(cg, state, True, config, length, u.element_size())
     dev = u.device
     f32 = torch.float32
     if deterministic is None:
