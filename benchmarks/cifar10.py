@@ -194,6 +194,10 @@ def run_model(key: str, data, args, rank: int = 0, world: int = 1) -> dict:
         "images_per_s": round(steps * global_batch / seconds), "final_loss": round(float(loss.detach()), 4),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
     }
+    if name.startswith("vmamba") or name.startswith("vanilla_vmamba"):
+        from vmamba.ops.selective_scan import resolve_backend
+
+        result["scan_backend"] = resolve_backend(None, device).value
     if rank == 0:
         result["val_top1"] = round(accuracy(model, x_val, y_val, aug), 2)
         result["val_top1_ema"] = round(accuracy(ema.module, x_val, y_val, aug), 2)
@@ -254,7 +258,21 @@ def main() -> int:
         print(f"data: {len(xt) * world} train / {len(xv)} val images, {len(classes)} classes, "
               f"loaded in {time.perf_counter() - t0:.1f}s; {_device_name()}", flush=True)
     for key in args.models.split(","):
-        result = run_model(key.strip(), data, args, rank, world)
+        try:
+            result = run_model(key.strip(), data, args, rank, world)
+        except Exception as exc:  # one model failing must not cost the others their run
+            import traceback
+
+            traceback.print_exc()
+            if key.strip() != "vmamba" or world > 1:
+                continue
+            from vmamba.ops import set_default_backend
+
+            print(f"vmamba failed ({type(exc).__name__}: {exc}); retrying with the torch scan backend", flush=True)
+            set_default_backend("torch")
+            result = run_model(key.strip(), data, args, rank, world)
+            result["scan_backend"] = "torch (fallback)"
+            set_default_backend(None)
         if rank == 0:
             print(json.dumps(result), flush=True)
             if args.out:
