@@ -85,6 +85,11 @@ class SS2DConfig:
             raise ValueError(f"SS2DConfig.ssm_ratio must be > 0, got {self.ssm_ratio}")
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """A is kept in float32 (or float64) even in a half-precision model: exp(ΔA) needs the range."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class _OutNorm(nn.Module):
     """Parameter-free or depthwise-conv out-norms (the LayerNorm kinds use the norm layers directly)."""
 
@@ -193,13 +198,13 @@ class SS2D(nn.Module):
         routes = slice(first, first + count)
         if self.config.core is SSMCore.M0:
             head_dim = self.d_inner // self.dt_rank
-            A = -torch.exp(self.A_logs[routes].float()).repeat_interleave(head_dim, dim=1).reshape(-1, 1)
+            A = -torch.exp(_at_least_fp32(self.A_logs[routes])).repeat_interleave(head_dim, dim=1).reshape(-1, 1)
             A = A.expand(-1, self.d_state)
             bias = self.dt_projs_bias[routes].repeat_interleave(head_dim, dim=1).reshape(-1)
             return A, self.Ds[routes].reshape(-1), bias
         per_route = self.d_inner
         channels = slice(first * per_route, (first + count) * per_route)
-        A = -torch.exp(self.A_logs[channels].float())
+        A = -torch.exp(_at_least_fp32(self.A_logs[channels]))
         return A, self.Ds[channels], self.dt_projs_bias[routes].reshape(-1)
 
     def _scan_routes(self, xs: Tensor, first: int = 0) -> Tensor:
@@ -217,7 +222,7 @@ class SS2D(nn.Module):
         if self.config.scan_inputs_fp32:
             u, delta, B, C = u.float(), delta.float(), B.float(), C.float()
         A, D, bias = self._scan_parameters(first, count)
-        y = selective_scan(u, delta, A, B.contiguous(), C.contiguous(), D.float(), bias.float(), True)
+        y = selective_scan(u, delta, A, B.contiguous(), C.contiguous(), D, bias, True)
         return y.view(batch, count, channels, length)
 
     def _scan_2d(self, x: Tensor) -> Tensor:
