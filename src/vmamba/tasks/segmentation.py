@@ -55,7 +55,7 @@ def segmentation_model(arch: str, name: str = "vmamba_tiny_s1l8", num_classes: i
     if encoder_checkpoint is not None:
         encoder_kwargs["pretrained_cfg_overlay"] = dict(file=str(encoder_checkpoint))
     return smp.create_model(
-        arch, encoder_name=f"tu-{name}", encoder_weights="imagenet" if encoder_checkpoint else None,
+        arch, encoder_name=f"tu-{name}", encoder_weights=True if encoder_checkpoint else None,
         in_channels=in_channels, classes=num_classes, **(decoder_kwargs or {}), **encoder_kwargs,
     )
 

@@ -58,19 +58,27 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
         kwargs["opset_version"] = opset
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx_program = torch.onnx.export(program, (example,), **kwargs)
-    if dynamic_batch:
-        _name_batch_dim(onnx_program.model_proto)
     onnx_program.save(str(path))
+    if dynamic_batch:
+        _name_batch_dim(path)
     return path
 
 
-def _name_batch_dim(model_proto: Any) -> None:
-    """Call the symbolic first dimension of every graph input and output ``batch``."""
-    graph = model_proto.graph
-    for value in list(graph.input) + list(graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].dim_param:
-            dims[0].dim_param = "batch"
+def _name_batch_dim(path: Path) -> None:
+    """Rename the exporter's symbol of the batch dimension (e.g. ``s77``) to ``batch`` throughout."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    first = graph.input[0].type.tensor_type.shape.dim
+    symbol = first[0].dim_param if first else ""
+    if not symbol:
+        return
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == symbol:
+                dim.dim_param = "batch"
+    onnx.save(proto, str(path))
 
 
 def onnx_outputs(path: str | os.PathLike, images: Tensor) -> list[Tensor]:
