@@ -226,3 +226,18 @@ def test_cli_convert_reports_mismatch(tmp_path, yacs, capsys):
     assert main(["convert", str(path), str(tmp_path / "o.safetensors"), "--model", "vmamba_tiny_s1l8"]) == 2
     assert "does not match vmamba_tiny_s1l8" in capsys.readouterr().err
     assert main(["convert", str(path), str(tmp_path / "o.safetensors"), "--ema"]) == 2  # no registered match
+
+
+def test_segmentation_checkpoint_becomes_backbone_weights(tmp_path, yacs):
+    """mmseg / mmdet checkpoints: 'backbone.*' weights (with outnorm{i}) → VSSMBackbone safetensors."""
+    backbone = vmamba.create_model("vmamba_tiny_s1l8", features_only=True, **TINY)
+    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    state["decode_head.conv_seg.weight"] = torch.zeros(150, 512, 1, 1)
+    path = tmp_path / "upernet.pth"
+    torch.save({"state_dict": state, "meta": {"cfg": sys.modules["yacs.config"].CfgNode(model="x")}}, path)
+    out = tmp_path / "backbone.safetensors"
+    report = convert_checkpoint(path, out, model_name="vmamba_tiny_s1l8", overrides=TINY)
+    assert report.features_only and report.out_indices == (0, 1, 2, 3)
+    loaded = vmamba.create_model("vmamba_tiny_s1l8", features_only=True, checkpoint_path=out, **TINY)
+    for key, value in backbone.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)

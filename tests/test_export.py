@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -79,6 +82,12 @@ def test_cli_torch_export(tmp_path, capsys):
     program = torch.export.load(str(out))
     assert not has_custom_scan(program)
     assert program.module()(torch.randn(5, 3, 32, 32)).shape == (5, 4)
+    # The decomposed program runs in a process that never imports vmamba.
+    script = (f"import sys, torch; p = torch.export.load({str(out)!r}); "
+              "y = p.module()(torch.randn(3, 3, 32, 32)); "
+              "assert y.shape == (3, 4) and 'vmamba' not in sys.modules; print('ok')")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 def _real_images(size: int, batch: int) -> torch.Tensor:
