@@ -153,3 +153,62 @@ def test_prefetch_forward_variant():
     # software-pipelined forward (next chunk loaded during the current chunk's scan)
     _check(batch=1, groups=2, per_group=2, state=2, length=29, dtype=torch.bfloat16, seed=12,
            config={"PREFETCH": 1, "BLOCK_T": 8})
+
+
+@pytest.mark.parametrize("nseq", [1, 2])
+def test_routes_mode_matches_materialised_routes(nseq):
+    """selective_scan_routes == scanning [seq, reversed seq] routes with the reference, all gradients."""
+    from vmamba.ops.triton.routes import selective_scan_routes
+
+    g = torch.Generator().manual_seed(20 + nseq)
+    batch, per, state, length = 2, 3, 2, 37  # several chunks, last one partial
+    groups = 2 * nseq
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    leaves = [r(batch, nseq * per, length), 0.5 * r(batch, groups * per, length) - 1.0,
+              -torch.exp(0.5 * r(groups * per, state)), r(batch, groups, state, length),
+              r(batch, groups, state, length), r(groups * per), 0.5 * r(groups * per)]
+    leaves = [x.requires_grad_() for x in leaves]
+    u, delta, A, B, C, D, bias = leaves
+
+    def to_route(t, per_group):  # (batch, groups*per_group, ...) seq order -> route order
+        parts = list(t.split(per_group, dim=1))
+        return torch.cat([p if k < nseq else p.flip(-1) for k, p in enumerate(parts)], dim=1)
+
+    u_routes = torch.cat([u, u.flip(-1)], dim=1)
+    y_route = selective_scan_reference(u_routes, to_route(delta, per), A, to_route(B, 1), to_route(C, 1), D, bias,
+                                       True)
+    y_ref = to_route(y_route, per)  # flipping back is the same operation
+    gy = r(*y_ref.shape)
+    y_ref.backward(gy)
+    refs = [x.grad.clone() for x in leaves]
+
+    ins = [x.detach().float().to(DEVICE).requires_grad_() for x in leaves]
+    y = selective_scan_routes(*ins, delta_softplus=True, nseq=nseq)
+    assert _rel(y.detach().cpu(), y_ref) < 1e-5
+    y.backward(gy.float().to(DEVICE))
+    for name, x, ref in zip(["u", "delta", "A", "B", "C", "D", "bias"], ins, refs):
+        assert _rel(x.grad.cpu(), ref) < 1e-5, name
+    # the software-pipelined forward in routes mode
+    y_pf = selective_scan_fwd(*[x.detach() for x in ins], True, config={"PREFETCH": 1, "BLOCK_T": 8}, nseq=nseq)
+    assert _rel(y_pf.cpu(), y_ref) < 1e-5
+
+
+def test_route_sequences_and_merge_match_cross_scan():
+    from vmamba.ops.cross_scan import cross_merge, cross_scan
+    from vmamba.ops.triton.routes import merge_routes, route_sequences
+
+    x = torch.randn(2, 3, 4, 5)
+    for mode, nseq in (("cross2d", 2), ("bidi", 1)):
+        seqs = route_sequences(x, mode)
+        routes = cross_scan(x, mode)
+        assert torch.equal(seqs, routes[:, :nseq])
+        y = torch.randn_like(routes)  # outputs in route order -> sequence order
+        y_seq = torch.cat([y[:, :nseq], y[:, nseq:].flip(-1)], dim=1)
+        torch.testing.assert_close(merge_routes(y_seq, 4, 5, mode), cross_merge(y, 4, 5, mode))
+        xl = x.permute(0, 2, 3, 1)
+        torch.testing.assert_close(merge_routes(y_seq, 4, 5, mode, channel_last=True),
+                                   cross_merge(y, 4, 5, mode, channel_last=True))
+        assert torch.equal(route_sequences(xl, mode, channel_last=True), seqs)

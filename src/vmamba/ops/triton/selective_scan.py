@@ -69,15 +69,26 @@ def _load_delta(dt_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.conste
 
 
 @triton.jit
-def _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n, su_l, sdt_l, sB_l, sC_l):
-    """(T, D) tiles of u and raw delta, (T, N) tiles of B and C at positions t (float32, 0 outside)."""
+def _position(t, L, rev, NSEQ: tl.constexpr):
+    """Memory position of scan step t: t itself, or L-1-t for a route that reads its sequence backwards."""
+    if NSEQ > 0:
+        return tl.where(rev, L - 1 - t, t)
+    else:
+        return t
+
+
+@triton.jit
+def _load_chunk(u_base, dt_base, B_base, C_base, t, L, rev, mask_d, mask_n, su_l, sdt_l, sB_l, sC_l,
+                NSEQ: tl.constexpr):
+    """(T, D) tiles of u and raw delta, (T, N) tiles of B and C at steps t (float32, 0 outside)."""
     mask_t = t < L
+    p = _position(t, L, rev, NSEQ)
     m2 = mask_t[:, None] & mask_d[None, :]
     mtn = mask_t[:, None] & mask_n[None, :]
-    u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
-    raw = tl.load(dt_base + t[:, None] * sdt_l, mask=m2, other=0.0).to(tl.float32)
-    Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
-    Ct = tl.load(C_base + t[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
+    u = tl.load(u_base + p[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
+    raw = tl.load(dt_base + p[:, None] * sdt_l, mask=m2, other=0.0).to(tl.float32)
+    Bt = tl.load(B_base + p[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
+    Ct = tl.load(C_base + p[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
     return u, raw, Bt, Ct
 
 
@@ -94,6 +105,7 @@ def _ss_fwd_kernel(
     sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias, sy_b, sy_d,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
+    NSEQ: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     k = tl.program_id(1)
@@ -101,6 +113,11 @@ def _ss_fwd_kernel(
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_c < CG
     d = (k * CG + offs_c).to(tl.int64)
+    # routes mode (NSEQ > 0): groups k >= NSEQ read sequence k - NSEQ backwards; u holds the NSEQ sequences
+    rev = k >= NSEQ
+    ud = d
+    if NSEQ > 0:
+        ud = ((k % NSEQ) * CG + offs_c).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_t = tl.arange(0, BLOCK_T)
@@ -114,7 +131,7 @@ def _ss_fwd_kernel(
     if HAS_D:
         dskip = tl.load(D_ptr + d * sD, mask=mask_d, other=0.0).to(tl.float32)
 
-    u_base = u_ptr + b * su_b + d[None, :] * su_d
+    u_base = u_ptr + b * su_b + ud[None, :] * su_d
     dt_base = dt_ptr + b * sdt_b + d[None, :] * sdt_d
     y_base = y_ptr + b * sy_b + d[None, :] * sy_d
     B_base = B_ptr + b * sB_b + k * sB_k + offs_n[None, :] * sB_n
@@ -124,8 +141,8 @@ def _ss_fwd_kernel(
 
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     if PREFETCH:
-        u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, offs_t, L, mask_d, mask_n,
-                                               su_l, sdt_l, sB_l, sC_l)
+        u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, offs_t, L, rev, mask_d, mask_n,
+                                               su_l, sdt_l, sB_l, sC_l, NSEQ)
     for t0 in range(0, L, BLOCK_T):
         t = t0 + offs_t
         mask_t = t < L
@@ -133,11 +150,11 @@ def _ss_fwd_kernel(
         if PREFETCH:
             # software pipelining: the next chunk's loads are in flight during this chunk's scan
             u, raw, Bt, Ct = u_nx, raw_nx, B_nx, C_nx
-            u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, t + BLOCK_T, L, mask_d,
-                                                   mask_n, su_l, sdt_l, sB_l, sC_l)
+            u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, t + BLOCK_T, L, rev, mask_d,
+                                                   mask_n, su_l, sdt_l, sB_l, sC_l, NSEQ)
         else:
-            u, raw, Bt, Ct = _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n,
-                                         su_l, sdt_l, sB_l, sC_l)
+            u, raw, Bt, Ct = _load_chunk(u_base, dt_base, B_base, C_base, t, L, rev, mask_d, mask_n,
+                                         su_l, sdt_l, sB_l, sC_l, NSEQ)
         if HAS_BIAS:
             raw = raw + bias[None, :]
         dt = raw
@@ -151,7 +168,7 @@ def _ss_fwd_kernel(
         y = tl.sum(hs * Ct[:, None, :], axis=2)
         if HAS_D:
             y += dskip[None, :] * u
-        tl.store(y_base + t[:, None], y, mask=m2)
+        tl.store(y_base + _position(t, L, rev, NSEQ)[:, None], y, mask=m2)
         h = tl.sum(tl.where(last, hs, 0.0), axis=0)
 
 
@@ -164,7 +181,7 @@ def _ss_bwd_kernel(
     sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias,
     sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, NSEQ: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     k = tl.program_id(1)
@@ -172,6 +189,11 @@ def _ss_bwd_kernel(
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_c < CG
     d = (k * CG + offs_c).to(tl.int64)
+    # routes mode (NSEQ > 0): groups k >= NSEQ read sequence k - NSEQ backwards; u holds the NSEQ sequences
+    rev = k >= NSEQ
+    ud = d
+    if NSEQ > 0:
+        ud = ((k % NSEQ) * CG + offs_c).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     mdn = mask_d[:, None] & mask_n[None, :]
@@ -186,7 +208,7 @@ def _ss_bwd_kernel(
     if HAS_D:
         dskip = tl.load(D_ptr + d * sD, mask=mask_d, other=0.0).to(tl.float32)
 
-    u_base = u_ptr + b * su_b + d[None, :] * su_d
+    u_base = u_ptr + b * su_b + ud[None, :] * su_d
     dt_base = dt_ptr + b * sdt_b + d[None, :] * sdt_d
     gy_base = gy_ptr + b * sg_b + d[None, :] * sg_d
     du_base = du_ptr + b * sdu_b + d[None, :] * sdu_d
@@ -208,9 +230,10 @@ def _ss_bwd_kernel(
         mask_t = t < L
         m2 = mask_t[:, None] & mask_d[None, :]
         mtn = mask_t[:, None] & mask_n[None, :]
-        u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
-        _, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
+        p = _position(t, L, rev, NSEQ)
+        u = tl.load(u_base + p[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
+        _, dt = _load_delta(dt_base + p[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_base + p[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         x = (dt * u)[:, :, None] * Bt[:, None, :]
         x = tl.where(first, x + a * h[None, :, :], x)
@@ -230,12 +253,14 @@ def _ss_bwd_kernel(
         m2 = mask_t[:, None] & mask_d[None, :]
         mtn = mask_t[:, None] & mask_n[None, :]
         m2n = ((t + 1) < L)[:, None] & mask_d[None, :]
-        u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
-        gy = tl.load(gy_base + t[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
-        raw, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
-        _, dtn = _load_delta(dt_base + (t[:, None] + 1) * sdt_l, m2n, bias, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_base + t[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
+        p = _position(t, L, rev, NSEQ)
+        pn = _position(t + 1, L, rev, NSEQ)
+        u = tl.load(u_base + p[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
+        gy = tl.load(gy_base + p[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
+        raw, dt = _load_delta(dt_base + p[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
+        _, dtn = _load_delta(dt_base + pn[:, None] * sdt_l, m2n, bias, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_base + p[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
+        Ct = tl.load(C_base + p[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
         h0 = tl.load(hws_base + c * BLOCK_N, mask=mdn, other=0.0)
 
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
@@ -262,17 +287,17 @@ def _ss_bwd_kernel(
         ddt = tl.where(m2, ddt, 0.0)
         if HAS_BIAS:
             dbias_acc += tl.sum(ddt, axis=0)
-        tl.store(du_base + t[:, None], du, mask=m2)
-        tl.store(ddt_base + t[:, None], ddt, mask=m2)
+        tl.store(du_base + p[:, None], du, mask=m2)
+        tl.store(ddt_base + p[:, None], ddt, mask=m2)
 
         dBp = tl.sum(gs * dtu[:, :, None], axis=1)
         dCp = tl.sum(hs * gy[:, :, None], axis=1)
         if ATOMIC:
-            tl.atomic_add(dB_base + t[:, None], dBp, mask=mtn)
-            tl.atomic_add(dC_base + t[:, None], dCp, mask=mtn)
+            tl.atomic_add(dB_base + p[:, None], dBp, mask=mtn)
+            tl.atomic_add(dC_base + p[:, None], dCp, mask=mtn)
         else:
-            tl.store(dB_base + t[:, None], dBp, mask=mtn)
-            tl.store(dC_base + t[:, None], dCp, mask=mtn)
+            tl.store(dB_base + p[:, None], dBp, mask=mtn)
+            tl.store(dC_base + p[:, None], dCp, mask=mtn)
 
     # per-batch partials, reduced over the batch on the host side
     NC = CG * tl.num_programs(1)
@@ -324,15 +349,22 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
             "PREFETCH": prefetch}
 
 
-def _check(u, delta, A, B, C):
+def _check(u, delta, A, B, C, nseq=0):
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         if t.dtype == torch.float64:
             raise TypeError(f"the triton selective scan does not take float64 inputs ({name})")
-    batch, channels, length = u.shape
+    batch, channels, length = delta.shape
     groups = B.shape[1]
     if channels % groups:
         raise ValueError("channels must split evenly into the groups of B and C")
-    return batch, channels, length, groups, channels // groups, A.shape[1]
+    cg = channels // groups
+    if nseq:
+        if groups != 2 * nseq or tuple(u.shape) != (batch, nseq * cg, length):
+            raise ValueError(f"routes mode: expected K = 2*nseq = {2 * nseq} groups and u of shape "
+                             f"{(batch, nseq * cg, length)}, got K={groups}, u {tuple(u.shape)}")
+    elif tuple(u.shape) != tuple(delta.shape):
+        raise ValueError(f"u shape {tuple(u.shape)} != delta shape {tuple(delta.shape)}")
+    return batch, channels, length, groups, cg, A.shape[1]
 
 
 def _config(cg, state, backward, overrides, length=None, elem_size=4):
@@ -346,9 +378,14 @@ def _config(cg, state, backward, overrides, length=None, elem_size=4):
     return cfg
 
 
-def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, config=None):
-    """Forward selective scan; returns y (batch, KC, L) float32. See the module docstring."""
-    batch, channels, length, groups, cg, state = _check(u, delta, A, B, C)
+def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, config=None, nseq=0):
+    """Forward selective scan; returns y (batch, KC, L) float32. See the module docstring.
+
+    ``nseq > 0`` selects routes mode (see :func:`selective_scan_routes`): K = 2*nseq groups, u holds
+    only the nseq distinct sequences (batch, nseq*C, L) and group k >= nseq scans sequence k - nseq
+    backwards; delta, B, C and y stay in sequence order.
+    """
+    batch, channels, length, groups, cg, state = _check(u, delta, A, B, C, nseq)
     cfg = _config(cg, state, False, config, length, u.element_size())
     y = torch.empty(batch, channels, length, device=u.device, dtype=torch.float32)
     if y.numel() == 0:
@@ -364,21 +401,23 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         Dt.stride(0), bt.stride(0), y.stride(0), y.stride(1),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
-        PREFETCH=bool(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"],
+        PREFETCH=bool(cfg.get("PREFETCH", 0)), NSEQ=int(nseq), num_warps=cfg["num_warps"],
     )
     return y
 
 
 def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True,
-                       deterministic=None, config=None):
+                       deterministic=None, config=None, nseq=0):
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias), float32; dD / ddelta_bias None if absent.
 
     dB / dC partials of the channel blocks of a group go to a workspace summed afterwards (deterministic);
     only when that workspace would exceed ``WORKSPACE_LIMIT_BYTES`` and ``deterministic`` is false
     (default: the ``VMAMBA_DETERMINISTIC`` environment variable or
     ``torch.are_deterministic_algorithms_enabled()``) are they reduced with atomics instead.
+    ``nseq > 0``: routes mode (see :func:`selective_scan_fwd`); du then has u's shape (the two routes
+    reading each sequence are summed).
     """
-    batch, channels, length, groups, cg, state = _check(u, delta, A, B, C)
+    batch, channels, length, groups, cg, state = _check(u, delta, A, B, C, nseq)
     cfg = _config(cg, state, True, config, length, u.element_size())
     dev = u.device
     f32 = torch.float32
@@ -406,7 +445,8 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         blk_stride = dB_ws.stride(2)
     if length == 0 or batch == 0 or channels == 0:
         zeros = torch.zeros
-        return (du, ddelta, zeros(A.shape, device=dev), zeros(B.shape, device=dev), zeros(C.shape, device=dev),
+        return (zeros(u.shape, device=dev), ddelta, zeros(A.shape, device=dev), zeros(B.shape, device=dev),
+                zeros(C.shape, device=dev),
                 None if D is None else zeros(D.shape, device=dev),
                 None if delta_bias is None else zeros(delta_bias.shape, device=dev))
     hws = torch.empty(batch, channels, n_chunks, cfg["BLOCK_N"], device=dev, dtype=f32)
@@ -423,9 +463,11 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         Dt.stride(0), bt.stride(0),
         du.stride(0), du.stride(1), dB_ws.stride(0), dB_ws.stride(1), blk_stride, dB_ws.stride(-2),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], NSEQ=int(nseq),
         num_warps=cfg["num_warps"],
     )
+    if nseq:
+        du = du.view(batch, 2, nseq * cg, length).sum(1)
     if atomic:
         dB, dC = dB_ws, dC_ws
     elif n_blk == 1:
