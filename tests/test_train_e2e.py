@@ -96,3 +96,44 @@ def test_resume_refuses_another_model(trained, capsys):
     rc = main(["train", "--output", str(trained), "--resume", "auto", "--model", "vmamba_tiny_s2l5", *TINY])
     assert rc == 2
     assert "vmamba_tiny_s1l8" in capsys.readouterr().err
+
+
+def test_eval_published_style_checkpoint(trained, tmp_path, capsys):
+    """A .pth as the authors publish it: {'model': ..., 'model_ema': ...} with the old key names."""
+    ckpt = torch.load(trained / "last.pt", map_location="cpu", weights_only=True)
+
+    def old_names(state):
+        out = {}
+        for k, v in state.items():
+            k = k.replace("classifier.head.", "head.").replace("classifier.norm.", "norm.")
+            out[k] = v
+        return out
+
+    path = tmp_path / "vssm_published.pth"
+    torch.save({"model": old_names(ckpt["model"]), "model_ema": old_names(ckpt["model_ema"]), "epoch": 4,
+                "max_accuracy": 0.0}, path)
+    rc = main(["eval", "--checkpoint", str(path), "--model", "vmamba_tiny_s1l8", "--model-arg", "dims=16",
+               "--model-arg", "depths=[1,1,1,1]", "--data", "digits", "--img-size", "16", "--crop-pct", "1.0",
+               "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "ema_top1" in result and result["images"] == 359
+    # ImageNet normalisation (the default for checkpoints that do not store theirs) still classifies digits
+    assert result["top1"] > 50
+
+
+def test_predict_uses_imagenet_names_for_1000_classes():
+    from vmamba.train.commands import _class_names
+
+    names = _class_names({}, 1000)
+    assert len(names) == 1000 and "goldfish" in names[1]
+    assert _class_names({"class_names": ["cat", "dog"]}, 2) == ["cat", "dog"]
+    assert _class_names({}, 3) == ["0", "1", "2"]
+
+
+def test_resume_of_a_finished_run_reexports(trained, capsys):
+    rc = main(["train", "--output", str(trained), "--resume", "auto", "--epochs", "4", *TINY])
+    out = capsys.readouterr().out
+    assert rc == 0 and "already finished" in out
+    last = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"val top-1 {last['val_top1']:.2f}%" in out

@@ -282,6 +282,8 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
                          f"{len(train_set)} images")
     if len(val_set) == 0:
         raise ValueError("the validation set is empty")
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise ValueError(f"Mixup/CutMix need an even per-process batch size, got {cfg.batch_size}")
     train_sampler = ShardSampler(len(train_set), ds.world, ds.rank, cfg.seed, True, global_micro)
     val_sampler = ShardSampler(len(val_set), ds.world, ds.rank, cfg.seed, False, None)
     pin = ds.device.type == "cuda"
@@ -443,8 +445,12 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
                     output = train_model(images)
                 loss = criterion(output.float(), targets)
                 value = loss.detach()
-                if not torch.isfinite(value):
-                    raise TrainingDiverged(f"loss became {value.item()} at step {global_step + 1} "
+                check = value
+                if ds.distributed:  # every rank must see a NaN on any rank, or the others would hang
+                    check = value.clone()
+                    dist.all_reduce(check)
+                if not torch.isfinite(check):
+                    raise TrainingDiverged(f"loss became {check.item()} at step {global_step + 1} "
                                            f"(epoch {epoch + 1}); training stopped")
                 scaler.scale(loss / cfg.accum_steps).backward()
             micro += 1
@@ -501,6 +507,12 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
                 f"top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%{ema_text} ({epoch_time:.1f}s)")
         if ds.distributed:
             dist.barrier()
+    if start_epoch >= cfg.epochs:  # resumed a finished run: report its weights
+        val = evaluate(model, val_loader, ds.device, amp_dtype, cfg.channels_last, ds.distributed)
+        ema_val = evaluate(ema.module, val_loader, ds.device, amp_dtype, cfg.channels_last, ds.distributed) \
+            if ema is not None else None
+        if main:
+            log(f"{resume_path} already finished all {cfg.epochs} epochs; exporting its weights")
     seconds = time.perf_counter() - t_start
     if main:
         meta = {"model_name": cfg.model, "model_args": dict(cfg.model_args), "class_names": class_names,
