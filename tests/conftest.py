@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+# Triton kernels are tested on the CPU through Triton's interpreter. The switch is read when a kernel is
+# decorated, so it is set here, before any test module imports a kernel module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from safetensors.torch import load_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = Path(os.environ.get("VMAMBA_REFERENCE", REPO.parent / "shared" / "reference"))
