@@ -98,7 +98,7 @@ def _real_images(size: int, batch: int) -> torch.Tensor:
     images = []
     for i in range(batch):
         photo = sklearn_datasets.load_sample_image(("china.jpg", "flower.jpg")[i % 2])
-        t = torch.from_numpy(photo).permute(2, 0, 1).float().div(255)[None]
+        t = torch.from_numpy(photo.copy()).permute(2, 0, 1).float().div(255)[None]
         t = torch.nn.functional.interpolate(t, size=(size, size), mode="bicubic", align_corners=False)
         images.append(t[0])
     x = torch.stack(images)

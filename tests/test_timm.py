@@ -209,3 +209,16 @@ def test_timm_kwargs_are_checked():
         timm.create_model("vmamba_tiny_s1l8", not_an_option=1, **TINY)
     model = timm.create_model("vmamba_tiny_s1l8", drop_path_rate=0.0, drop_rate=0.1, **TINY)
     assert model.config.drop_path_rate == 0.0 and model.config.drop_rate == 0.1
+
+
+def test_hugging_face_timm_backbone():
+    """transformers' TimmBackbone (when installed): feature maps and hidden states through return_layers."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.TimmBackboneConfig(backbone="vmamba_tiny_s1l8", out_indices=(1, 2, 3),
+                                             use_pretrained_backbone=False)
+    backbone = transformers.TimmBackbone(config).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = backbone(x, output_hidden_states=True)
+    assert [f.shape[1] for f in out.feature_maps] == [192, 384, 768]
+    assert [h.shape[1] for h in out.hidden_states] == [96, 192, 384, 768]
