@@ -131,6 +131,7 @@ def test_onnx_dynamic_batch_matches_pytorch(onnx_file):
 
     path, model = onnx_file
     proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == ["images"] and [o.name for o in proto.graph.output] == ["logits"]
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, 64, 64]
     assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)  # standard ops only
