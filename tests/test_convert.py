@@ -198,6 +198,9 @@ def test_tensor_dtypes_views_and_shared_storage(tmp_path):
     tensors = {"f32": base, "view": base[1:, ::2], "t": base.t(), "bf16": torch.randn(3, dtype=torch.bfloat16),
                "i64": torch.arange(5), "bool": torch.tensor([True, False]), "scalar": torch.tensor(3.5),
                "empty": torch.zeros(0, 3), "param": torch.nn.Parameter(torch.ones(2))}
+    tagged = torch.arange(3.0)
+    tagged.note = "python attribute"  # pickled through torch._tensor._rebuild_from_type_v2
+    tensors["tagged"] = tagged
     path = tmp_path / "mixed.pth"
     torch.save({"state_dict": tensors}, path)
     obj, stubbed = read_checkpoint(path)

@@ -80,6 +80,13 @@ class _StorageType:
         self.dtype = dtype
 
 
+class _TypeMarker:
+    """What ``torch.Tensor`` resolves to: only passed to :func:`_rebuild_from_type` (not callable)."""
+
+    def __repr__(self) -> str:
+        return "<torch.Tensor marker>"
+
+
 def _rebuild_tensor(storage: torch.Tensor, offset: int, size, stride, requires_grad=False, backward_hooks=None,
                     metadata=None) -> torch.Tensor:
     """Our own ``_rebuild_tensor_v2``: a strided view of a flat storage tensor; hooks are dropped."""
@@ -99,6 +106,14 @@ def _rebuild_parameter(data: torch.Tensor, requires_grad=False, backward_hooks=N
     return data
 
 
+def _rebuild_from_type(func: Any, new_type: Any, args: tuple, state: Any = None) -> torch.Tensor:
+    """``torch._tensor._rebuild_from_type_v2`` (tensors carrying Python attributes): plain tensor, attributes
+    dropped; ``func`` must itself be one of our allowlisted rebuild functions."""
+    if func not in (_rebuild_tensor, _rebuild_parameter):
+        raise UnsafeCheckpointError(f"unsupported tensor rebuild function {func!r}")
+    return func(*args)
+
+
 def _as_size(*args: Any) -> torch.Size:
     return torch.Size(*args)
 
@@ -106,9 +121,12 @@ def _as_size(*args: Any) -> torch.Size:
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch", "Size"): _as_size,
+    ("torch", "Tensor"): _TypeMarker(),
 }
 _ALLOWED.update({("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()})
 
