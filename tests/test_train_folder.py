@@ -66,3 +66,17 @@ def test_progress_bar_on_a_terminal_and_lines_otherwise(capsys):
         plain.update(step, loss=0.5)
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["epoch 1/1 step 2/3 loss 0.5000", "epoch 1/1 step 3/3 loss 0.5000"]
+
+
+def test_pretrained_weights_with_another_head(tmp_path):
+    from vmamba.train.checkpointing import export_safetensors
+    from vmamba.train.engine import _load_pretrained, build_model
+
+    arch = {"dims": 16, "depths": [1, 1, 1, 1]}
+    source = build_model("vmamba_tiny_s1l8", 10, arch)
+    export_safetensors(source.state_dict(), tmp_path / "src.safetensors", {"model_name": "vmamba_tiny_s1l8"})
+    target = build_model("vmamba_tiny_s1l8", 3, arch)
+    head_before = target.classifier.head.weight.clone()
+    _load_pretrained(target, str(tmp_path / "src.safetensors"))
+    assert torch.equal(target.patch_embed[0].weight, source.patch_embed[0].weight)
+    assert torch.equal(target.classifier.head.weight, head_before)  # 3-class head kept fresh

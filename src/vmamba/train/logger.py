@@ -19,8 +19,10 @@ class Progress:
         self.bar = None
         self.start = time.perf_counter()
         if enabled and _is_tty(self.stream):
-            from tqdm import tqdm
-
+            try:
+                from tqdm import tqdm
+            except ImportError:  # plain lines without tqdm
+                return
             self.bar = tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True, leave=True)
 
     def update(self, step: int, **values: float) -> None:
