@@ -222,3 +222,16 @@ def test_hugging_face_timm_backbone():
         out = backbone(x, output_hidden_states=True)
     assert [f.shape[1] for f in out.feature_maps] == [192, 384, 768]
     assert [h.shape[1] for h in out.hidden_states] == [96, 192, 384, 768]
+
+
+def test_hook_features_see_the_pre_downsample_maps():
+    """feature_info names each stage's last block, so timm's hook-based wrapper works too (model layout)."""
+    hook = timm.create_model("vmamba_tiny_s1l8", features_only=True, feature_cls="hook", out_indices=(1, 3),
+                             dims=8, depths=(1, 2, 1, 1)).eval()
+    assert hook.feature_info.module_name() == ["layers.1.blocks.1", "layers.3.blocks.0"]
+    x = torch.randn(*X)
+    with torch.no_grad():
+        maps = hook(x)
+        expected = hook.body.forward_intermediates(x, indices=(1, 3), intermediates_only=True)
+    for a, b in zip(maps, expected):
+        torch.testing.assert_close(a, b)

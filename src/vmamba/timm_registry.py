@@ -53,11 +53,12 @@ class TimmVSSM(VSSM):
         super().__init__(get_config(model_name, **overrides))
         self.model_name = model_name
         reduction = self.config.patch_size
-        # A stage's map at its own resolution is the output of its blocks (the stage module also
-        # holds the downsample to the next resolution).
+        # A stage's map at its own resolution is the output of its blocks (the stage module also holds
+        # the downsample to the next resolution): named by its last block, which forward hooks can see
+        # (the stage calls its blocks one by one, not the blocks container).
         self.feature_info = [
-            dict(num_chs=dim, reduction=reduction * 2 ** i, module=f"layers.{i}.blocks", stage=i)
-            for i, dim in enumerate(self.dims)
+            dict(num_chs=dim, reduction=reduction * 2 ** i, module=f"layers.{i}.blocks.{depth - 1}", stage=i)
+            for i, (dim, depth) in enumerate(zip(self.dims, self.config.depths))
         ]
 
     # -- timm feature interface --------------------------------------------------------------------
