@@ -76,10 +76,7 @@ def train_command(args: argparse.Namespace) -> int:
     try:
         result = train(cfg, resume=args.resume)
     except TrainingDiverged as exc:
-        out = Path(cfg.output) if cfg.output else None
-        last = out / "last.pt" if out and (out / "last.pt").is_file() else None
-        keep = f"; the last good checkpoint is {last}" if last else "; no checkpoint was written yet"
-        raise CommandError(f"{exc}{keep}. Lower the learning rate or enable --clip-grad") from None
+        raise CommandError(f"{exc}. Lower the learning rate or enable --clip-grad") from None
     except DataError as exc:  # from a DataLoader worker the message holds the worker's traceback
         raise CommandError(_worker_message(exc)) from None
     finally:

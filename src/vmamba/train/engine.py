@@ -338,8 +338,16 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
         if is_vmamba(model):
             load_checkpoint(model, ckpt["model"], strict=True)
         else:
-            model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+            try:
+                model.load_state_dict(ckpt["model"])
+            except RuntimeError as exc:
+                from ..models import CheckpointError
+
+                raise CheckpointError(f"cannot resume from {resume_path}: {str(exc).splitlines()[0]}") from None
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as exc:
+            raise ValueError(f"cannot resume from {resume_path}: optimizer state does not fit ({exc})") from None
         # the schedule is a function of the step: rebuilt from the (possibly changed) config, not loaded
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
@@ -450,8 +458,10 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
                     check = value.clone()
                     dist.all_reduce(check)
                 if not torch.isfinite(check):
+                    last = out_dir / LAST
+                    keep = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
                     raise TrainingDiverged(f"loss became {check.item()} at step {global_step + 1} "
-                                           f"(epoch {epoch + 1}); training stopped")
+                                           f"(epoch {epoch + 1}); training stopped, {keep}")
                 scaler.scale(loss / cfg.accum_steps).backward()
             micro += 1
             loss_sum += value
