@@ -11,10 +11,12 @@ Shapes: u (batch, nseq*C, L); delta (batch, 2*nseq*C, L); A (2*nseq*C, N); B, C 
 D, delta_bias (2*nseq*C). Output y (batch, 2*nseq*C, L) float32, sequence order.
 
 ``route_sequences`` / ``merge_routes`` build the sequences from a map and fold the outputs back.
-Correctness is tested against the reference (tests/test_triton_selective_scan.py, interpreter) and
-was checked on an H200. Speed (BENCHMARKS_GPU.md): forward at par with cross_scan -> scan ->
-cross_merge, backward ~1.6x slower, because the reversed addressing defeats load vectorisation;
-hence opt-in until the reversed routes get their own specialised kernels.
+Correctness is tested against the reference (tests/test_triton_selective_scan.py, interpreter). A
+first version (per-element reversed addressing) was checked on an H200: correct, forward at par
+with cross_scan -> scan -> cross_merge, backward ~1.6x slower because the reversed addressing
+defeated 16-byte loads. Reversed routes now run in their own constexpr-specialised launch (REV)
+that keeps tiles in ascending address order and scans them backwards (128-bit loads/stores in the
+SASS, like the plain kernel); that version is not yet timed on a GPU, so the mode stays opt-in.
 """
 
 from __future__ import annotations

@@ -69,52 +69,63 @@ def _load_delta(dt_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.conste
 
 
 @triton.jit
-def _position(t, L, rev, NSEQ: tl.constexpr):
-    """Memory position of scan step t: t itself, or L-1-t for a route that reads its sequence backwards."""
-    if NSEQ > 0:
-        return tl.where(rev, L - 1 - t, t)
-    else:
-        return t
+def _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n, su_l, sdt_l, sB_l, sC_l,
+                REV: tl.constexpr):
+    """(T, D) tiles of u and raw delta, (T, N) tiles of B and C at positions t (float32, 0 outside)."""
+    mask_t = t < L
+    if REV:  # a reversed route prefetches downwards, past position 0
+        mask_t = mask_t & (t >= 0)
+    m2 = mask_t[:, None] & mask_d[None, :]
+    mtn = mask_t[:, None] & mask_n[None, :]
+    u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
+    raw = tl.load(dt_base + t[:, None] * sdt_l, mask=m2, other=0.0).to(tl.float32)
+    Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
+    Ct = tl.load(C_base + t[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
+    return u, raw, Bt, Ct
 
 
 @triton.jit
-def _load_chunk(u_base, dt_base, B_base, C_base, t, L, rev, mask_d, mask_n, su_l, sdt_l, sB_l, sC_l,
-                NSEQ: tl.constexpr):
-    """(T, D) tiles of u and raw delta, (T, N) tiles of B and C at steps t (float32, 0 outside)."""
-    mask_t = t < L
-    p = _position(t, L, rev, NSEQ)
-    m2 = mask_t[:, None] & mask_d[None, :]
-    mtn = mask_t[:, None] & mask_n[None, :]
-    u = tl.load(u_base + p[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
-    raw = tl.load(dt_base + p[:, None] * sdt_l, mask=m2, other=0.0).to(tl.float32)
-    Bt = tl.load(B_base + p[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
-    Ct = tl.load(C_base + p[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
-    return u, raw, Bt, Ct
+def _scan_chunk(a, x, h, first, last, REV: tl.constexpr):
+    """States of one chunk given the carried state h; returns (states, carry for the next chunk).
+
+    Forward routes run up the positions (carry enters at the first, leaves at the last position);
+    reversed routes (REV) run down them, so tiles stay in ascending address order (vector loads).
+    """
+    if REV:
+        x = tl.where(last, x + a * h[None, :, :], x)
+        _, hs = tl.associative_scan((a, x), 0, _combine, reverse=True)
+        h = tl.sum(tl.where(first, hs, 0.0), axis=0)
+    else:
+        x = tl.where(first, x + a * h[None, :, :], x)
+        _, hs = tl.associative_scan((a, x), 0, _combine)
+        h = tl.sum(tl.where(last, hs, 0.0), axis=0)
+    return hs, h
 
 
 # All register tiles are laid out (T, D, N): time is the slowest axis, so with BLOCK_D * BLOCK_N at
 # least the number of threads, every thread holds all BLOCK_T steps of its (d, n) pairs and the
 # associative scan along axis 0 runs as a plain sequential loop in registers (no shuffles).
+#
+# Routes mode (NSEQ > 0, see routes.py): u holds NSEQ sequences shared by groups k and k + NSEQ;
+# groups k >= NSEQ are launched separately with REV=True and walk their sequence backwards.
 
 
 @triton.jit
 def _ss_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr,
-    L, N, CG,
+    L, N, CG, k_off,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
     sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias, sy_b, sy_d,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
-    NSEQ: tl.constexpr,
+    NSEQ: tl.constexpr, REV: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
-    k = tl.program_id(1)
+    k = tl.program_id(1) + k_off
     b = tl.program_id(2).to(tl.int64)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_c < CG
     d = (k * CG + offs_c).to(tl.int64)
-    # routes mode (NSEQ > 0): groups k >= NSEQ read sequence k - NSEQ backwards; u holds the NSEQ sequences
-    rev = k >= NSEQ
     ud = d
     if NSEQ > 0:
         ud = ((k % NSEQ) * CG + offs_c).to(tl.int64)
@@ -138,23 +149,27 @@ def _ss_fwd_kernel(
     C_base = C_ptr + b * sC_b + k * sC_k + offs_n[None, :] * sC_n
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
+    step: tl.constexpr = -BLOCK_T if REV else BLOCK_T
 
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    t_start = offs_t
+    if REV:  # start at the last chunk
+        t_start = (tl.cdiv(L, BLOCK_T) - 1) * BLOCK_T + offs_t
     if PREFETCH:
-        u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, offs_t, L, rev, mask_d, mask_n,
-                                               su_l, sdt_l, sB_l, sC_l, NSEQ)
-    for t0 in range(0, L, BLOCK_T):
-        t = t0 + offs_t
+        u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, t_start, L, mask_d, mask_n,
+                                               su_l, sdt_l, sB_l, sC_l, REV)
+    for t0 in range(0, L, BLOCK_T):  # cdiv(L, BLOCK_T) chunks, walked down the positions if REV
+        t = t_start - t0 if REV else t_start + t0
         mask_t = t < L
         m2 = mask_t[:, None] & mask_d[None, :]
         if PREFETCH:
             # software pipelining: the next chunk's loads are in flight during this chunk's scan
             u, raw, Bt, Ct = u_nx, raw_nx, B_nx, C_nx
-            u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, t + BLOCK_T, L, rev, mask_d,
-                                                   mask_n, su_l, sdt_l, sB_l, sC_l, NSEQ)
+            u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, t + step, L, mask_d,
+                                                   mask_n, su_l, sdt_l, sB_l, sC_l, REV)
         else:
-            u, raw, Bt, Ct = _load_chunk(u_base, dt_base, B_base, C_base, t, L, rev, mask_d, mask_n,
-                                         su_l, sdt_l, sB_l, sC_l, NSEQ)
+            u, raw, Bt, Ct = _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n,
+                                         su_l, sdt_l, sB_l, sC_l, REV)
         if HAS_BIAS:
             raw = raw + bias[None, :]
         dt = raw
@@ -163,34 +178,31 @@ def _ss_fwd_kernel(
         dt = tl.where(m2, dt, 0.0)
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         x = (dt * u)[:, :, None] * Bt[:, None, :]
-        x = tl.where(first, x + a * h[None, :, :], x)
-        _, hs = tl.associative_scan((a, x), 0, _combine)
+        hs, h = _scan_chunk(a, x, h, first, last, REV)
         y = tl.sum(hs * Ct[:, None, :], axis=2)
         if HAS_D:
             y += dskip[None, :] * u
-        tl.store(y_base + _position(t, L, rev, NSEQ)[:, None], y, mask=m2)
-        h = tl.sum(tl.where(last, hs, 0.0), axis=0)
+        tl.store(y_base + t[:, None], y, mask=m2)
 
 
 @triton.jit
 def _ss_bwd_kernel(
     gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, hws_ptr,
     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-    L, N, CG, n_chunks,
+    L, N, CG, n_chunks, KC, k_off,
     sg_b, sg_d, sg_l, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
     sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias,
     sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, NSEQ: tl.constexpr,
+    REV: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
-    k = tl.program_id(1)
+    k = tl.program_id(1) + k_off
     b = tl.program_id(2).to(tl.int64)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_c < CG
     d = (k * CG + offs_c).to(tl.int64)
-    # routes mode (NSEQ > 0): groups k >= NSEQ read sequence k - NSEQ backwards; u holds the NSEQ sequences
-    rev = k >= NSEQ
     ud = d
     if NSEQ > 0:
         ud = ((k % NSEQ) * CG + offs_c).to(tl.int64)
@@ -217,62 +229,67 @@ def _ss_bwd_kernel(
     C_base = C_ptr + b * sC_b + k * sC_k + offs_n[None, :] * sC_n
     dB_base = dB_ptr + b * sdB_b + k * sdB_k + pid_d * sdB_blk + offs_n[None, :] * sdB_n
     dC_base = dC_ptr + b * sdB_b + k * sdB_k + pid_d * sdB_blk + offs_n[None, :] * sdB_n
-    # chunk-start states: (batch, KC, n_chunks, BLOCK_N), contiguous
-    hws_base = hws_ptr + (b * (CG * tl.num_programs(1)) + d[:, None]) * (n_chunks * BLOCK_N) + offs_n[None, :]
+    # chunk-entry states: (batch, KC, n_chunks, BLOCK_N), contiguous
+    hws_base = hws_ptr + (b * KC + d[:, None]) * (n_chunks * BLOCK_N) + offs_n[None, :]
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
 
-    # Pass 1: forward over L, storing the state at the start of each chunk.
+    # Pass 1: along the route, storing the state entering each chunk.
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    for c in range(0, n_chunks):
+    for i in range(0, n_chunks):
+        c = i
+        if REV:
+            c = n_chunks - 1 - i
         tl.store(hws_base + c * BLOCK_N, h, mask=mdn)
         t = c * BLOCK_T + offs_t
         mask_t = t < L
         m2 = mask_t[:, None] & mask_d[None, :]
         mtn = mask_t[:, None] & mask_n[None, :]
-        p = _position(t, L, rev, NSEQ)
-        u = tl.load(u_base + p[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
-        _, dt = _load_delta(dt_base + p[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_base + p[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
+        u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
+        _, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         x = (dt * u)[:, :, None] * Bt[:, None, :]
-        x = tl.where(first, x + a * h[None, :, :], x)
-        _, hs = tl.associative_scan((a, x), 0, _combine)
-        h = tl.sum(tl.where(last, hs, 0.0), axis=0)
+        _, h = _scan_chunk(a, x, h, first, last, REV)
     tl.debug_barrier()
 
-    # Pass 2: chunks in reverse; adjoint state g carried in registers.
+    # Pass 2: chunks against the route; adjoint state g carried in registers.
+    # Adjoint: g_t = C_t gy_t + a_{t'} g_{t'} with t' the route's next step (t + 1, or t - 1 if REV).
     g = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
+        if REV:
+            c = i
         t = c * BLOCK_T + offs_t
         mask_t = t < L
         m2 = mask_t[:, None] & mask_d[None, :]
         mtn = mask_t[:, None] & mask_n[None, :]
-        m2n = ((t + 1) < L)[:, None] & mask_d[None, :]
-        p = _position(t, L, rev, NSEQ)
-        pn = _position(t + 1, L, rev, NSEQ)
-        u = tl.load(u_base + p[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
-        gy = tl.load(gy_base + p[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
-        raw, dt = _load_delta(dt_base + p[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
-        _, dtn = _load_delta(dt_base + pn[:, None] * sdt_l, m2n, bias, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_base + p[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_base + p[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
+        if REV:
+            tn = t - 1
+            m2n = (mask_t & (tn >= 0))[:, None] & mask_d[None, :]
+        else:
+            tn = t + 1
+            m2n = (tn < L)[:, None] & mask_d[None, :]
+        u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
+        gy = tl.load(gy_base + t[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
+        raw, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
+        _, dtn = _load_delta(dt_base + tn[:, None] * sdt_l, m2n, bias, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
+        Ct = tl.load(C_base + t[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
         h0 = tl.load(hws_base + c * BLOCK_N, mask=mdn, other=0.0)
 
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         dtu = dt * u
         x = dtu[:, :, None] * Bt[:, None, :]
-        _, hs = tl.associative_scan((a, tl.where(first, x + a * h0[None, :, :], x)), 0, _combine)
+        hs, _ = _scan_chunk(a, x, h0, first, last, REV)
 
         an = tl.where(m2n[:, :, None], tl.exp2(dtn[:, :, None] * A2[None, :, :]), 0.0)
         cg = Ct[:, None, :] * gy[:, :, None]
-        cg = tl.where(last, cg + an * g[None, :, :], cg)
-        _, gs = tl.associative_scan((an, cg), 0, _combine, reverse=True)
-        g = tl.sum(tl.where(first, gs, 0.0), axis=0)
+        # the adjoint runs against the route: the mirror image of _scan_chunk
+        gs, g = _scan_chunk(an, cg, g, first, last, not REV)
 
         gl = gs * (hs - x)  # g_t a_t h_{t-1}: gradient with respect to Δ_t A
         dA_acc += tl.sum(gl * dt[:, :, None], axis=0)
@@ -287,25 +304,24 @@ def _ss_bwd_kernel(
         ddt = tl.where(m2, ddt, 0.0)
         if HAS_BIAS:
             dbias_acc += tl.sum(ddt, axis=0)
-        tl.store(du_base + p[:, None], du, mask=m2)
-        tl.store(ddt_base + p[:, None], ddt, mask=m2)
+        tl.store(du_base + t[:, None], du, mask=m2)
+        tl.store(ddt_base + t[:, None], ddt, mask=m2)
 
         dBp = tl.sum(gs * dtu[:, :, None], axis=1)
         dCp = tl.sum(hs * gy[:, :, None], axis=1)
         if ATOMIC:
-            tl.atomic_add(dB_base + p[:, None], dBp, mask=mtn)
-            tl.atomic_add(dC_base + p[:, None], dCp, mask=mtn)
+            tl.atomic_add(dB_base + t[:, None], dBp, mask=mtn)
+            tl.atomic_add(dC_base + t[:, None], dCp, mask=mtn)
         else:
-            tl.store(dB_base + p[:, None], dBp, mask=mtn)
-            tl.store(dC_base + p[:, None], dCp, mask=mtn)
+            tl.store(dB_base + t[:, None], dBp, mask=mtn)
+            tl.store(dC_base + t[:, None], dCp, mask=mtn)
 
     # per-batch partials, reduced over the batch on the host side
-    NC = CG * tl.num_programs(1)
-    tl.store(dA_ptr + (b * NC + d[:, None]) * N + offs_n[None, :], dA_acc, mask=mdn)
+    tl.store(dA_ptr + (b * KC + d[:, None]) * N + offs_n[None, :], dA_acc, mask=mdn)
     if HAS_D:
-        tl.store(dD_ptr + b * NC + d, dD_acc, mask=mask_d)
+        tl.store(dD_ptr + b * KC + d, dD_acc, mask=mask_d)
     if HAS_BIAS:
-        tl.store(dbias_ptr + b * NC + d, dbias_acc, mask=mask_d)
+        tl.store(dbias_ptr + b * KC + d, dbias_acc, mask=mask_d)
 
 
 def _next_pow2(x: int) -> int:
@@ -393,16 +409,19 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     dummy = y
     Dt = D if D is not None else dummy
     bt = delta_bias if delta_bias is not None else dummy
-    grid = (triton.cdiv(cg, cfg["BLOCK_D"]), groups, batch)
-    _ss_fwd_kernel[grid](
-        u, delta, A, B, C, Dt, bt, y,
-        length, state, cg,
-        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
-        Dt.stride(0), bt.stride(0), y.stride(0), y.stride(1),
-        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
-        PREFETCH=bool(cfg.get("PREFETCH", 0)), NSEQ=int(nseq), num_warps=cfg["num_warps"],
-    )
+    # routes mode: groups [0, nseq) walk their sequence forwards, [nseq, 2 nseq) backwards (REV)
+    launches = [(0, groups, False)] if not nseq else [(0, nseq, False), (nseq, nseq, True)]
+    for k_off, n_groups, rev in launches:
+        grid = (triton.cdiv(cg, cfg["BLOCK_D"]), n_groups, batch)
+        _ss_fwd_kernel[grid](
+            u, delta, A, B, C, Dt, bt, y,
+            length, state, cg, k_off,
+            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
+            Dt.stride(0), bt.stride(0), y.stride(0), y.stride(1),
+            HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+            BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
+            PREFETCH=bool(cfg.get("PREFETCH", 0)), NSEQ=int(nseq), REV=rev, num_warps=cfg["num_warps"],
+        )
     return y
 
 
@@ -453,19 +472,21 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
     dummy = du
     Dt = D if D is not None else dummy
     bt = delta_bias if delta_bias is not None else dummy
-    grid = (n_blk, groups, batch)
-    _ss_bwd_kernel[grid](
-        grad_out, u, delta, A, B, C, Dt, bt, hws,
-        du, ddelta, dA_part, dB_ws, dC_ws,
-        dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
-        length, state, cg, n_chunks,
-        *grad_out.stride(), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
-        Dt.stride(0), bt.stride(0),
-        du.stride(0), du.stride(1), dB_ws.stride(0), dB_ws.stride(1), blk_stride, dB_ws.stride(-2),
-        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], NSEQ=int(nseq),
-        num_warps=cfg["num_warps"],
-    )
+    launches = [(0, groups, False)] if not nseq else [(0, nseq, False), (nseq, nseq, True)]
+    for k_off, n_groups, rev in launches:
+        grid = (n_blk, n_groups, batch)
+        _ss_bwd_kernel[grid](
+            grad_out, u, delta, A, B, C, Dt, bt, hws,
+            du, ddelta, dA_part, dB_ws, dC_ws,
+            dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
+            length, state, cg, n_chunks, channels, k_off,
+            *grad_out.stride(), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
+            Dt.stride(0), bt.stride(0),
+            du.stride(0), du.stride(1), dB_ws.stride(0), dB_ws.stride(1), blk_stride, dB_ws.stride(-2),
+            HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
+            BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], NSEQ=int(nseq), REV=rev,
+            num_warps=cfg["num_warps"],
+        )
     if nseq:
         du = du.view(batch, 2, nseq * cg, length).sum(1)
     if atomic:
