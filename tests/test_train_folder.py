@@ -80,3 +80,19 @@ def test_pretrained_weights_with_another_head(tmp_path):
     _load_pretrained(target, str(tmp_path / "src.safetensors"))
     assert torch.equal(target.patch_embed[0].weight, source.patch_embed[0].weight)
     assert torch.equal(target.classifier.head.weight, head_before)  # 3-class head kept fresh
+
+
+def test_performance_options_run_on_cpu(tmp_path, capsys):
+    """bf16 autocast, channels_last, gradient checkpointing and accumulation together (a smoke run)."""
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["train", "--output", str(tmp_path / "o"), "--threads", "1", "--img-size", "16", "--model-arg",
+                   "dims=16", "--model-arg", "depths=[1,1,1,1]", "--batch-size", "8", "--accum-steps", "2",
+                   "--epochs", "1", "--max-steps-per-epoch", "2", "--channels-last", "--grad-checkpointing",
+                   "--amp", "bf16"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    assert "global batch 16" in capsys.readouterr().out
+    record = json.loads((tmp_path / "o" / "metrics.jsonl").read_text())
+    assert record["step"] == 2 and record["train_loss"] == record["train_loss"]  # finite, not NaN
