@@ -235,3 +235,24 @@ def test_hook_features_see_the_pre_downsample_maps():
         expected = hook.body.forward_intermediates(x, indices=(1, 3), intermediates_only=True)
     for a, b in zip(maps, expected):
         torch.testing.assert_close(a, b)
+
+
+def test_load_pretrained_prefers_ema(tmp_path, monkeypatch):
+    import sys
+
+    from test_convert import fake_yacs_module, published_checkpoint
+
+    yacs = fake_yacs_module()
+    monkeypatch.setitem(sys.modules, "yacs", yacs)
+    monkeypatch.setitem(sys.modules, "yacs.config", yacs.config)
+    source = timm.create_model("vmamba_tiny_s1l8", **TINY)
+    state = source.state_dict()
+    ema = {k: v + 0.5 if v.is_floating_point() else v for k, v in state.items()}
+    path = published_checkpoint(tmp_path / "pub.pth", state, ema=ema)
+    model = timm.create_model("vmamba_tiny_s1l8", **TINY)
+    model.load_pretrained(path)
+    torch.testing.assert_close(model.classifier.head.bias, ema["classifier.head.bias"])
+    model.load_pretrained(path, use_ema=False)
+    torch.testing.assert_close(model.classifier.head.bias, state["classifier.head.bias"])
+    with pytest.raises(vmamba.CheckpointError, match="does not match"):
+        timm.create_model("vmamba_tiny_s2l5", **TINY).load_pretrained(path)

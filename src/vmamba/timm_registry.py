@@ -117,6 +117,11 @@ class TimmVSSM(VSSM):
         """
         state_dict = read_any_checkpoint(path, use_ema)
         state_dict = _adapt_state_dict(remap_keys(state_dict), self)
+        own = self.state_dict()
+        shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+                  if k in own and v.shape != own[k].shape]
+        if shapes:
+            raise CheckpointError(f"{path} does not match {self.model_name}: shapes {shapes[:3]}")
         result = self.load_state_dict(state_dict, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith("classifier.head.")]
         if missing or result.unexpected_keys:
@@ -127,26 +132,25 @@ class TimmVSSM(VSSM):
 def read_any_checkpoint(path: str | Path, use_ema: bool | None = None) -> dict[str, Tensor]:
     """Flat state dict of a safetensors / weights-only / published (pickled-config) checkpoint.
 
-    ``use_ema``: True requires ``model_ema``, False takes ``model``, None prefers ``model_ema``.
+    Torch zip files are always read by the restricted unpickler (nothing in them runs), so published
+    training checkpoints and weights-only files take the same path. ``use_ema``: True requires
+    ``model_ema``, False takes ``model``, None prefers ``model_ema`` when present.
     """
-    path = Path(path)
-    prefer_ema = use_ema is None or use_ema
-    try:
-        return read_state_dict_file(path, use_ema=bool(prefer_ema))
-    except CheckpointError as exc:
-        if use_ema is None and "no EMA weights" in str(exc):
-            return read_state_dict_file(path, use_ema=False)
-        if "not a weights-only checkpoint" not in str(exc):
-            raise
-    from .tools.safe_pickle import read_checkpoint
+    from .tools.safe_pickle import UnsafeCheckpointError, read_checkpoint
 
-    obj, _ = read_checkpoint(path)
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_state_dict_file(path)
     try:
-        return unwrap_state_dict(obj, use_ema=bool(prefer_ema))
-    except CheckpointError:
-        if use_ema is None:
-            return unwrap_state_dict(obj, use_ema=False)
-        raise
+        obj, _ = read_checkpoint(path)
+    except UnsafeCheckpointError as exc:
+        if "legacy format" not in str(exc):
+            raise CheckpointError(str(exc)) from None
+        return read_state_dict_file(path, use_ema=bool(use_ema))  # torch.load(weights_only=True)
+    if use_ema is None:
+        has_ema = isinstance(obj, dict) and isinstance(obj.get("model_ema"), dict) and bool(obj["model_ema"])
+        return unwrap_state_dict(obj, use_ema=has_ema)
+    return unwrap_state_dict(obj, use_ema=use_ema)
 
 
 def _adapt_state_dict(state_dict: dict[str, Tensor], model: VSSM) -> dict[str, Tensor]:
