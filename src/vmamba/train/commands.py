@@ -151,7 +151,6 @@ def _eval_transform(args: argparse.Namespace, meta: dict[str, Any]):
 
 # -- eval ----------------------------------------------------------------------------------------------
 def eval_command(args: argparse.Namespace) -> int:
-    import torch
     from torch.utils.data import DataLoader
 
     from ..data import CheckedImageFolder, DigitsDataset
@@ -189,7 +188,6 @@ def eval_command(args: argparse.Namespace) -> int:
         ema_model, _, _ = _load_for_inference(args, use_ema=True)
         ema = evaluate(ema_model, loader, device)
         results.update(ema_top1=round(ema["top1"], 4), ema_top5=round(ema["top5"], 4))
-    del torch
     if args.json:
         print(json.dumps(results))
     else:

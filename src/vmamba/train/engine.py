@@ -366,11 +366,8 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
     if cfg.compile:
         train_model = torch.compile(train_model)
     if ds.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[ds.local_rank] if ds.device.type == "cuda" else None)
-        assert isinstance(train_model, DistributedDataParallel)
     if rng_to_restore is not None:
         restore_rng_state(rng_to_restore)
     elif start_epoch == 0 or resume_path is None:
