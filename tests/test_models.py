@@ -172,3 +172,17 @@ def test_bad_inputs_raise_clear_errors():
 def test_package_exports():
     assert vmamba.create_model is create_model
     assert "vmamba_tiny_s1l8" in vmamba.list_models()
+
+
+@pytest.mark.parametrize("name", ["vmamba_tiny_s1l8", "vanilla_vmamba_tiny"])
+def test_channels_last_memory_format_gives_same_outputs_and_gradients(name):
+    model = create_model(name, dims=16, depths=(1, 1, 2, 1), num_classes=3, drop_path_rate=0.0)
+    x = torch.randn(2, 3, 40, 56, requires_grad=True)
+    model(x).square().sum().backward()
+    expected_out, expected_grad = model(x).detach(), x.grad.clone()
+    model = model.to(memory_format=torch.channels_last)
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    out = model(x_cl)
+    out.square().sum().backward()
+    assert rel_err(out, expected_out) < 1e-5
+    assert rel_err(x_cl.grad, expected_grad) < 1e-5

@@ -226,11 +226,18 @@ class SS2D(nn.Module):
         return y.view(batch, count, channels, length)
 
     def _scan_2d(self, x: Tensor) -> Tensor:
-        """(B, di, H, W) → merged scan output (B, di, H, W), float32."""
+        """(B, di, H, W) → merged scan output (B, di, H, W), float32.
+
+        A map stored channels-last (NHWC memory) is read and written in that layout, so no transposed
+        copy is made on the way in or out.
+        """
         height, width = x.shape[2], x.shape[3]
         mode = self.config.scan_mode
         if mode is ScanMode.CASCADE2D:
             return self._scan_cascade(x)
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            ys = self._scan_routes(cross_scan(x.permute(0, 2, 3, 1), mode, channel_last=True))
+            return cross_merge(ys, height, width, mode, channel_last=True).permute(0, 3, 1, 2)
         ys = self._scan_routes(cross_scan(x, mode))
         return cross_merge(ys, height, width, mode)
 

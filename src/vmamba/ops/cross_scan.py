@@ -10,6 +10,10 @@ Routes per mode (k index order matters: it matches the published weight layout):
 * ``bidi``: k0 row-major, k1 row-major reversed.
 * ``unidi``: k0 row-major.
 * ``cascade2d`` is not a set of routes; see :mod:`vmamba.layers.ss2d`.
+
+CUDA tensors go to the Triton kernels of :mod:`vmamba.ops.triton.cross_scan` when the selective scan
+would use its Triton backend (Triton installed, no other backend forced); everything else uses the
+tensor-op composition below, which autograd differentiates.
 """
 
 from __future__ import annotations
@@ -40,11 +44,21 @@ def _as_channel_first(x: Tensor, channel_last: bool) -> Tensor:
     return x.permute(0, 3, 1, 2) if channel_last else x
 
 
+def _use_triton(x: Tensor) -> bool:
+    from .selective_scan import ScanBackend, resolve_backend
+
+    return x.is_cuda and resolve_backend(None, x.device) is ScanBackend.TRITON
+
+
 def cross_scan(x: Tensor, mode: ScanMode | str = ScanMode.CROSS2D, channel_last: bool = False) -> Tensor:
     """Unfold a feature map into the K route sequences of ``mode``: returns (B, K, C, H*W)."""
     mode = ScanMode(mode)
     if mode is ScanMode.CASCADE2D:
         raise ValueError("cascade2d scans rows then columns inside SS2D; it has no cross_scan routes")
+    if _use_triton(x):
+        from .triton.cross_scan import cross_scan_triton
+
+        return cross_scan_triton(x, mode.value, channel_last)
     x = _as_channel_first(x, channel_last)
     rows = x.flatten(2)
     if mode is ScanMode.UNIDI:
@@ -62,6 +76,10 @@ def cross_merge(y: Tensor, height: int, width: int, mode: ScanMode | str = ScanM
     if y.dim() != 4 or y.shape[1] != mode.num_routes or y.shape[3] != height * width:
         raise ValueError(f"cross_merge({mode.value}) expects (B, {mode.num_routes}, C, {height * width}), "
                          f"got {tuple(y.shape)}")
+    if mode is not ScanMode.CASCADE2D and _use_triton(y):
+        from .triton.cross_scan import cross_merge_triton
+
+        return cross_merge_triton(y, height, width, mode.value, channel_last)
     batch, _, channels, _ = y.shape
     if mode is ScanMode.UNIDI:
         rows = y[:, 0]
