@@ -126,7 +126,8 @@ def test_forward_type_parsing():
     assert parse_forward_type("v05_noz_onsigmoid").out_norm is OutNormKind.SIGMOID
     assert parse_forward_type("v05_oact_noz").out_act
     assert parse_forward_type("v052d_noz").scan_mode is ScanMode.CASCADE2D
-    assert parse_forward_type("v0").scan_inputs_fp32
+    assert parse_forward_type("v0").core is SSMCore.V0
+    assert parse_forward_type("v05_noz_no32") == parse_forward_type("v05_noz")
     with pytest.raises(ValueError, match="'v99_noz'.*'v99'"):
         parse_forward_type("v99_noz")
 

@@ -50,16 +50,19 @@ class ForwardType:
     gate: GateMode
     out_norm: OutNormKind
     out_act: bool
-    scan_inputs_fp32: bool
 
 
 def parse_forward_type(forward_type: str) -> ForwardType:
     """Decode a published ``forward_type`` (``v0``, ``v05_noz``, ``m0_noz``, suffixes ``_no32`` ``_oact``
-    ``_noz`` ``_nozact`` ``_on*``). Unknown cores or suffixes raise a ValueError naming them."""
+    ``_noz`` ``_nozact`` ``_on*``). Unknown cores or suffixes raise a ValueError naming them.
+
+    ``_no32`` (and v0's forced float32 scan inputs) select nothing here: our scan always computes in
+    float32 from exactly up-cast inputs, so casting them first would only cost memory.
+    """
     if forward_type == "v0":
-        return ForwardType(SSMCore.V0, ScanMode.CROSS2D, GateMode.ACTIVATED, OutNormKind.LAYERNORM, False, True)
+        return ForwardType(SSMCore.V0, ScanMode.CROSS2D, GateMode.ACTIVATED, OutNormKind.LAYERNORM, False)
     name = forward_type
-    gate, out_norm, out_act, fp32 = GateMode.ACTIVATED, OutNormKind.LAYERNORM, False, False
+    gate, out_norm, out_act = GateMode.ACTIVATED, OutNormKind.LAYERNORM, False
     changed = True
     while changed:
         changed = False
@@ -79,7 +82,7 @@ def parse_forward_type(forward_type: str) -> ForwardType:
         raise ValueError(f"unsupported forward_type {forward_type!r}: core {name!r} is not one of "
                          f"{', '.join(['v0', *_CORES])}")
     core, mode = _CORES[name]
-    return ForwardType(core, mode, gate, out_norm, out_act, fp32)
+    return ForwardType(core, mode, gate, out_norm, out_act)
 
 
 def _choice(table: dict[str, Any], key: str, value: Any) -> Any:
@@ -120,7 +123,6 @@ def official_config(kwargs: dict[str, Any]) -> VSSMConfig:
         gate=forward.gate,
         out_norm=forward.out_norm,
         out_act=forward.out_act,
-        scan_inputs_fp32=forward.scan_inputs_fp32,
     )
     dims = args["dims"]
     return VSSMConfig(

@@ -64,7 +64,6 @@ class SS2DConfig:
     gate: GateMode = GateMode.NONE
     out_norm: OutNormKind = OutNormKind.LAYERNORM
     out_act: bool = False  # activation on the merged scan output
-    scan_inputs_fp32: bool = False  # cast projections to float32 before the scan (vanilla VMamba)
     dt_min: float = 0.001
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
@@ -219,8 +218,6 @@ class SS2D(nn.Module):
             delta = torch.einsum("bkrl,kdr->bkdl", dt_low, self.dt_projs_weight[first:first + count])
         u = xs.reshape(batch, count * channels, length)
         delta = delta.reshape(batch, count * channels, length)
-        if self.config.scan_inputs_fp32:
-            u, delta, B, C = u.float(), delta.float(), B.float(), C.float()
         A, D, bias = self._scan_parameters(first, count)
         y = selective_scan(u, delta, A, B.contiguous(), C.contiguous(), D, bias, True)
         return y.view(batch, count, channels, length)

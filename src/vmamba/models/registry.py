@@ -19,8 +19,7 @@ def register_config(name: str, config: VSSMConfig) -> None:
 
 
 def _vanilla(dims: int, depths: tuple[int, ...], drop_path: float) -> VSSMConfig:
-    ssm = SS2DConfig(d_state=16, ssm_ratio=2.0, conv_bias=True, core=SSMCore.V0, gate=GateMode.ACTIVATED,
-                     scan_inputs_fp32=True)
+    ssm = SS2DConfig(d_state=16, ssm_ratio=2.0, conv_bias=True, core=SSMCore.V0, gate=GateMode.ACTIVATED)
     return VSSMConfig(depths=depths, dims=dims, ssm=ssm, mlp_ratio=0.0, drop_path_rate=drop_path,
                       norm=NormKind.LAYERNORM, stem=StemKind.V1, downsample=DownsampleKind.V1)
 
