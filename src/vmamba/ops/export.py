@@ -16,45 +16,38 @@ from torch import Tensor
 CHUNK = 32
 
 
-def _doubling_scan(a: Tensor, b: Tensor) -> Tensor:
-    """States of h_t = a_t h_{t-1} + b_t (h_{-1} = 0) along the last dim, by log2(L) doubling steps."""
+def _doubling_scan(a: Tensor, b: Tensor, need_decay: bool) -> tuple[Tensor, Tensor]:
+    """(running product of a, states of h_t = a_t h_{t-1} + b_t with h_{-1} = 0) along the last dim.
+
+    log2(L) doubling steps; the running product is completed only when ``need_decay`` (no logarithms
+    are taken: a may underflow to 0).
+    """
     length = a.shape[-1]
     step = 1
     while step < length:
         b = torch.cat((b[..., :step], b[..., step:] + a[..., step:] * b[..., :-step]), dim=-1)
-        if step * 2 < length:
+        if need_decay or step * 2 < length:
             a = torch.cat((a[..., :step], a[..., step:] * a[..., :-step]), dim=-1)
         step *= 2
-    return b
+    return a, b
 
 
-def _cumulative_decay(a: Tensor) -> Tensor:
-    """Running product of a along the last dim, by the same doubling steps (no log: a may be 0)."""
-    length = a.shape[-1]
-    step = 1
-    while step < length:
-        a = torch.cat((a[..., :step], a[..., step:] * a[..., :-step]), dim=-1)
-        step *= 2
-    return a
-
-
-def chunked_linear_scan(a: Tensor, b: Tensor, chunk: int = CHUNK) -> Tensor:
+def chunked_linear_scan(a: Tensor, b: Tensor, chunk: int | None = None) -> Tensor:
     """h_t = a_t h_{t-1} + b_t along the last dim: doubling scans inside chunks, recursion across them.
 
     Only static Python control flow on the sequence length, so it traces with a symbolic batch.
     """
+    chunk = chunk or CHUNK
     length = a.shape[-1]
     if length <= chunk:
-        return _doubling_scan(a, b)
+        return _doubling_scan(a, b, need_decay=False)[1]
     pad = (-length) % chunk
     if pad:
         a = F.pad(a, (0, pad), value=1.0)
         b = F.pad(b, (0, pad))
     n_chunks = (length + pad) // chunk
-    a = a.unflatten(-1, (n_chunks, chunk))
-    b = b.unflatten(-1, (n_chunks, chunk))
-    local = _doubling_scan(a, b)
-    decay = _cumulative_decay(a)
+    decay, local = _doubling_scan(a.unflatten(-1, (n_chunks, chunk)), b.unflatten(-1, (n_chunks, chunk)),
+                                  need_decay=True)
     ends = chunked_linear_scan(decay[..., -1], local[..., -1], chunk)
     carry = F.pad(ends[..., :-1], (1, 0))
     h = local + decay * carry[..., None]
