@@ -84,6 +84,16 @@ class SS2DConfig:
             raise ValueError(f"SS2DConfig.ssm_ratio must be > 0, got {self.ssm_ratio}")
 
 
+def _route_matmul(weight: Tensor, x: Tensor) -> Tensor:
+    """Per-route projection out[b, k] = weight[k] @ x[b, k]: (K, O, I) x (B, K, I, L) → (B, K, O, L).
+
+    The weight is broadcast over the batch explicitly, so its gradient is a batched product over
+    (batch, route) pairs summed afterwards: a well-shaped GEMM, instead of one with a tiny output and a
+    batch x length reduction that GPU libraries run slowly.
+    """
+    return torch.matmul(weight.expand(x.shape[0], *weight.shape), x)
+
+
 def _at_least_fp32(x: Tensor) -> Tensor:
     """A is kept in float32 (or float64) even in a half-precision model: exp(ΔA) needs the range."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -210,12 +220,12 @@ class SS2D(nn.Module):
         """Project and scan route sequences xs (b, k, di, L) with the parameters of routes first..first+k."""
         batch, count, channels, length = xs.shape
         weights = self.x_proj_weight[first:first + count]
-        proj = torch.einsum("bkdl,kcd->bkcl", xs, weights)
+        proj = _route_matmul(weights, xs)
         dt_low, B, C = proj.split([self.dt_rank, self.d_state, self.d_state], dim=2)
         if self.config.core is SSMCore.M0:
             delta = dt_low.repeat_interleave(channels // self.dt_rank, dim=2)
         else:
-            delta = torch.einsum("bkrl,kdr->bkdl", dt_low, self.dt_projs_weight[first:first + count])
+            delta = _route_matmul(self.dt_projs_weight[first:first + count], dt_low)
         u = xs.reshape(batch, count * channels, length)
         delta = delta.reshape(batch, count * channels, length)
         A, D, bias = self._scan_parameters(first, count)
