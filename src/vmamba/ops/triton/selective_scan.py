@@ -332,7 +332,7 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
                    elem_size: int = 4) -> dict:
     """Block sizes: one thread per (channel, state) pair, BLOCK_T steps per thread in registers.
 
-    Picked from H200 sweeps (benchmarks/gpu_scan.py, BENCHMARKS_GPU.md): forward with one warp of 32
+    Picked from H200 sweeps (benchmarks/gpu_scan.py, BENCHMARKS.md): forward with one warp of 32
     channels for d_state 1-2 and 256 threads for d_state 4-16, software-pipelined loads (PREFETCH)
     for long sequences (and for d_state >= 4); backward with 32 threads for d_state 1-2, else 128.
     BLOCK_D divides the group's channels where a power of two does, so no lane idles.
