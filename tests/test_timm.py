@@ -166,7 +166,7 @@ def test_pretrained_from_local_files(tmp_path):
 
 def test_pretrained_published_format_uses_restricted_unpickler(tmp_path, monkeypatch):
     """A published-style checkpoint (pickled config object) loads through custom_load, nothing executed."""
-    from test_convert import fake_yacs_module, published_checkpoint
+    fake_yacs_module, published_checkpoint = _convert_helpers()
 
     monkeypatch.setitem(__import__("sys").modules, "yacs", fake_yacs_module())
     monkeypatch.setitem(__import__("sys").modules, "yacs.config", __import__("sys").modules["yacs"].config)
@@ -180,6 +180,15 @@ def test_pretrained_published_format_uses_restricted_unpickler(tmp_path, monkeyp
     with torch.no_grad():
         # EMA weights preferred when present (as timm does): the fake EMA is the source + 0
         torch.testing.assert_close(model(x), source(x))
+
+
+def _convert_helpers():
+    """The published-checkpoint builders of test_convert (tests/ is on sys.path, or a package)."""
+    try:
+        from test_convert import fake_yacs_module, published_checkpoint
+    except ImportError:  # tests/ made a package
+        from .test_convert import fake_yacs_module, published_checkpoint
+    return fake_yacs_module, published_checkpoint
 
 
 def test_no_download_without_file(monkeypatch):
@@ -240,7 +249,7 @@ def test_hook_features_see_the_pre_downsample_maps():
 def test_load_pretrained_prefers_ema(tmp_path, monkeypatch):
     import sys
 
-    from test_convert import fake_yacs_module, published_checkpoint
+    fake_yacs_module, published_checkpoint = _convert_helpers()
 
     yacs = fake_yacs_module()
     monkeypatch.setitem(sys.modules, "yacs", yacs)
