@@ -176,6 +176,20 @@ class _FvcoreEinsum(TorchFunctionMode):
         return out
 
 
+@contextlib.contextmanager
+def _route_projections_as_einsum():
+    """Run SS2D's per-route projections as the einsum the published code uses, so fvcore's einsum
+    count (and its rounding) applies to them; the result is the same product."""
+    from ..layers import ss2d
+
+    original = ss2d._route_matmul
+    ss2d._route_matmul = lambda weight, x: torch.einsum("kij,bkjl->bkil", weight, x)
+    try:
+        yield
+    finally:
+        ss2d._route_matmul = original
+
+
 def _has_ss2d(model: nn.Module) -> bool:
     from ..layers.ss2d import SS2D
 
@@ -289,6 +303,7 @@ def count_flops(model: nn.Module, input_size: int | tuple[int, int] = 224, batch
             if einsum_rounding is None:
                 einsum_rounding = not _has_core(model, "v05")
             if convention == "fvcore" and einsum_rounding and not backward:
+                stack.enter_context(_route_projections_as_einsum())
                 stack.enter_context(_FvcoreEinsum(counter))
             with torch.set_grad_enabled(backward):
                 out = model(x)
