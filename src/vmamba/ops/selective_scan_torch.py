@@ -1,15 +1,17 @@
-"""Selective scan from PyTorch tensor operations only: a chunked parallel (Hillis-Steele) linear scan.
+"""Selective scan from PyTorch tensor operations only: a chunked linear scan.
 
-The recurrence h_t = a_t h_{t-1} + b_t is solved inside fixed-size chunks with log2(chunk) doubling
-steps, then across chunks by the same scan applied recursively to the chunk end-states. Only products
-of decays in (0, 1] and sums of bounded terms appear, so nothing overflows however long L is.
+The recurrence h_t = a_t h_{t-1} + b_t is split into chunks of CHUNK positions. All chunks advance
+together, one position per step (CHUNK vectorised steps, whatever L is), and the chunk end-states are
+combined by the same scan applied recursively to them, so a sequence of any length costs
+O(CHUNK · log_CHUNK L) tensor operations. Only products of decays in (0, 1] and sums of bounded terms
+appear, so nothing overflows however long L is.
 
 Everything runs in a "chunk layout" (T, batch, K, C, N, n_chunks): the short position-within-chunk
-axis first, so each doubling step is one large contiguous elementwise operation, and the group
+axis first, so each step is one large contiguous elementwise operation, and the group
 structure (B and C shared by the C channels of a group) is plain broadcasting.
 
 The backward pass is written by hand: the adjoint of a linear recurrence is the same recurrence run
-backwards in time, so the gradients cost two more scans instead of storing every doubling step.
+backwards in time, so the gradients cost two more scans instead of storing every step for autograd.
 Batch items are processed in blocks to bound the (batch, channels, N, L) intermediates.
 """
 
@@ -58,30 +60,19 @@ def _from_chunks(x: Tensor, lead: tuple[int, ...], length: int, reverse: bool = 
 
 
 def _chunk_scan(decay: Tensor, local: Tensor, chunk: int, reverse: bool = False) -> Tensor:
-    """States of the recurrence for contiguous (T, ..., n_chunks) inputs; may overwrite both inputs.
+    """States of the recurrence for contiguous (T, ..., n_chunks) inputs; overwrites both inputs.
 
-    Doubling steps ping-pong between two buffers, so each step is one fused multiply(-add) per tensor.
+    Each of the T steps advances the recurrence by one position in every chunk at once (one fused
+    multiply-add over a contiguous slab), so the number of Python-level operations depends on the chunk
+    size only, never on L. ``decay`` becomes the running product of decays within each chunk, which
+    carries the chunk-start states in.
     """
     length = decay.shape[0]
-    step = 1
-    spare_decay, spare_local = torch.empty_like(decay), torch.empty_like(local)
-    while step < length:
-        last = step * 2 >= length
-        if reverse:
-            spare_local[-step:] = local[-step:]
-            torch.addcmul(local[:-step], decay[:-step], local[step:], out=spare_local[:-step])
-            if not last or decay.shape[-1] > 1:
-                spare_decay[-step:] = decay[-step:]
-                torch.mul(decay[:-step], decay[step:], out=spare_decay[:-step])
-        else:
-            spare_local[:step] = local[:step]
-            torch.addcmul(local[step:], decay[step:], local[:-step], out=spare_local[step:])
-            if not last or decay.shape[-1] > 1:
-                spare_decay[:step] = decay[:step]
-                torch.mul(decay[step:], decay[:-step], out=spare_decay[step:])
-        local, spare_local = spare_local, local
-        decay, spare_decay = spare_decay, decay
-        step *= 2
+    steps = range(length - 2, -1, -1) if reverse else range(1, length)
+    for t in steps:
+        prev = t + 1 if reverse else t - 1
+        local[t].addcmul_(decay[t], local[prev])
+        decay[t].mul_(decay[prev])
     n_chunks = local.shape[-1]
     if n_chunks == 1:
         return local
