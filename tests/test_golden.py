@@ -51,3 +51,18 @@ def test_channel_first_weights_run_channel_last():
     model.load_state_dict(state, strict=True)
     with torch.no_grad():
         assert rel_err(model(tensors["input"]), tensors["logits"]) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the automatic backend is Triton there)")
+@pytest.mark.parametrize("case", CASES)
+def test_golden_on_gpu_with_default_backend(case):
+    meta, tensors, model = build_case(case)
+    torch.backends.cudnn.allow_tf32 = False  # exact float32 convolutions for a 1e-4 comparison
+    model = model.cuda()
+    x = tensors["input"].cuda().requires_grad_(True)
+    out = model(x)
+    outputs = out if isinstance(out, list) else [out]
+    for value, key in zip(outputs, meta["output_keys"]):
+        assert rel_err(value.cpu(), tensors[key]) < 1e-4, key
+    sum(o.sum() for o in outputs).backward()
+    assert rel_err(x.grad.cpu(), tensors["grad.input"]) < 1e-4

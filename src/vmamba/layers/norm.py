@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -39,12 +40,23 @@ def make_norm(kind: NormKind, channels: int) -> nn.Module:
 
 
 class Linear2d(nn.Linear):
-    """A per-pixel linear layer on (B, C, H, W) maps, run as a 1x1 convolution.
+    """A per-pixel linear layer on (B, C, H, W) maps (a 1x1 convolution).
 
-    The weight stays 2-D (out, in) like nn.Linear; a 4-D (out, in, 1, 1) checkpoint weight is accepted.
+    It runs as a plain matrix product in whichever memory layout the map has (NCHW: weight @ x per
+    image; channels-last: F.linear over the NHWC view), which avoids the layout reorders a 1x1
+    convolution pays on the CPU. The weight stays 2-D (out, in) like nn.Linear; a 4-D (out, in, 1, 1)
+    checkpoint weight is accepted.
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_contiguous():
+            batch, _, height, width = x.shape
+            out = torch.matmul(self.weight, x.flatten(2))
+            if self.bias is not None:
+                out = out + self.bias[:, None]
+            return out.view(batch, -1, height, width)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
