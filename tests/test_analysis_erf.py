@@ -96,6 +96,6 @@ def test_erf_command(tmp_path, capsys):
     rows = json.loads(js.read_text())
     assert [r["model"] for r in rows] == ["vmamba_tiny_s1l8", "resnet18"]
     assert out.stat().st_size > 1000
-    maps = torch.load(tmp_path / "maps.pt")
+    maps = torch.load(tmp_path / "maps.pt", weights_only=True)
     assert maps["resnet18"]["raw"].shape == (64, 64)
     assert main(["erf", "vmamba_tiny_s1l8", "resnet18", "--checkpoint", "missing.pth"]) == 2

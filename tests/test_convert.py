@@ -5,10 +5,12 @@ from __future__ import annotations
 import builtins
 import os
 import pickle
+import pickletools
 import re
 import subprocess
 import sys
 import types
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -161,13 +163,15 @@ def test_malicious_pickle_does_not_run(tmp_path, yacs, payload):
     assert not marker.exists()
 
 
-def test_armed_file_would_run_with_plain_unpickling(tmp_path):
-    """Control for the test above: the same construction does run under an unrestricted load."""
-    marker = tmp_path / "RAN"
+def test_armed_file_names_a_command_runner(tmp_path):
+    """Control for the test above: the same construction puts os.system into the pickle (read by
+    disassembling the opcodes, never by unpickling)."""
     path = tmp_path / "armed.pth"
-    torch.save({"x": RunsCommand(os.system, f"touch {marker}")}, path)
-    torch.load(path, weights_only=False)
-    assert marker.exists()
+    torch.save({"x": RunsCommand(os.system, "true")}, path)
+    with zipfile.ZipFile(path) as archive:
+        pickle_name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+        strings = {arg for _, arg, _ in pickletools.genops(archive.read(pickle_name)) if isinstance(arg, str)}
+    assert "system" in strings and strings & {"os", "posix", "nt"}
 
 
 def test_bad_files_are_refused(tmp_path):

@@ -113,12 +113,25 @@ def make_activation(name: str) -> nn.Module:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
 
 
+def coerce_enum_fields(config: object, fields: dict[str, type[enum.Enum]]) -> None:
+    """Turn the named fields of a frozen dataclass into their enums; unknown values raise a ValueError
+    that names the field and lists the choices."""
+    for field, enum_type in fields.items():
+        value = getattr(config, field)
+        try:
+            object.__setattr__(config, field, enum_type(value))
+        except ValueError:
+            choices = ", ".join(e.value for e in enum_type)
+            raise ValueError(f"{type(config).__name__}.{field}: unknown value {value!r}; "
+                             f"choose one of {choices}") from None
+
+
 def spatial_size(x: Tensor, channel_first: bool) -> tuple[int, int]:
     """(H, W) of a map in either layout."""
     return (x.shape[2], x.shape[3]) if channel_first else (x.shape[1], x.shape[2])
 
 
 __all__ = [
-    "ACTIVATIONS", "LayerNorm2d", "Linear2d", "NormKind", "Permute", "make_activation", "make_linear",
-    "make_norm", "spatial_size", "to_channel_first", "to_channel_last",
+    "ACTIVATIONS", "LayerNorm2d", "Linear2d", "NormKind", "Permute", "coerce_enum_fields", "make_activation",
+    "make_linear", "make_norm", "spatial_size", "to_channel_first", "to_channel_last",
 ]

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import ScanMode, cross_merge, cross_scan, selective_scan
-from .norm import LayerNorm2d, make_activation, make_linear, to_channel_first, to_channel_last
+from .norm import LayerNorm2d, coerce_enum_fields, make_activation, make_linear, to_channel_first, to_channel_last
 
 
 class SSMCore(str, enum.Enum):
@@ -70,14 +70,8 @@ class SS2DConfig:
     dt_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        for field, enum_type in (("init", InitScheme), ("core", SSMCore), ("scan_mode", ScanMode),
-                                 ("gate", GateMode), ("out_norm", OutNormKind)):
-            value = getattr(self, field)
-            try:
-                object.__setattr__(self, field, enum_type(value))
-            except ValueError:
-                choices = ", ".join(e.value for e in enum_type)
-                raise ValueError(f"SS2DConfig.{field}: unknown value {value!r}; choose one of {choices}") from None
+        coerce_enum_fields(self, dict(init=InitScheme, core=SSMCore, scan_mode=ScanMode, gate=GateMode,
+                                      out_norm=OutNormKind))
         if self.d_state < 1:
             raise ValueError(f"SS2DConfig.d_state must be >= 1, got {self.d_state}")
         if self.ssm_ratio <= 0:

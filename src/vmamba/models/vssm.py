@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import DownsampleKind, NormKind, SS2DConfig, StemKind, VSSBlock, make_downsample, make_norm, make_stem
+from ..layers.norm import coerce_enum_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,13 +46,7 @@ class VSSMConfig:
         if len(dims) != len(self.depths):
             raise ValueError(f"VSSMConfig: {len(dims)} dims for {len(self.depths)} stages")
         object.__setattr__(self, "dims", dims)
-        for field, enum_type in (("norm", NormKind), ("stem", StemKind), ("downsample", DownsampleKind)):
-            value = getattr(self, field)
-            try:
-                object.__setattr__(self, field, enum_type(value))
-            except ValueError:
-                choices = ", ".join(e.value for e in enum_type)
-                raise ValueError(f"VSSMConfig.{field}: unknown value {value!r}; choose one of {choices}") from None
+        coerce_enum_fields(self, dict(norm=NormKind, stem=StemKind, downsample=DownsampleKind))
         if isinstance(self.ssm, dict):
             object.__setattr__(self, "ssm", SS2DConfig(**self.ssm))
 
