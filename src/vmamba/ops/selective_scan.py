@@ -33,7 +33,10 @@ _default_backend: ScanBackend | None = None
 
 def triton_available() -> bool:
     """True when the Triton package can be imported (it is never imported just to check)."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or stubbed-out installation counts as absent
+        return False
 
 
 def set_default_backend(backend: "ScanBackend | str | None") -> None:
