@@ -40,8 +40,11 @@ def linear_scan(a: Tensor, b: Tensor, chunk: int = CHUNK, reverse: bool = False)
     return _from_chunks(states, lead, length, reverse)
 
 
-def _to_chunks(x: Tensor, chunk: int, pad_value: float, reverse: bool = False) -> Tensor:
-    """(..., L) → contiguous (T, ..., n_chunks), padded at the end (the start when ``reverse``)."""
+def _to_chunks(x: Tensor, chunk: int, pad_value: float, reverse: bool = False, add: Tensor | None = None) -> Tensor:
+    """(..., L) → contiguous (T, ..., n_chunks), padded at the end (the start when ``reverse``).
+
+    ``add`` (broadcastable to the chunk layout) is added in the same pass as the layout change.
+    """
     length = x.shape[-1]
     pad = (-length) % chunk
     if pad:
@@ -49,7 +52,9 @@ def _to_chunks(x: Tensor, chunk: int, pad_value: float, reverse: bool = False) -
     n_chunks = x.shape[-1] // chunk
     x = x.reshape(*x.shape[:-1], n_chunks, chunk)
     dims = x.dim()
-    return x.permute(dims - 1, *range(dims - 2), dims - 2).clone(memory_format=torch.contiguous_format)
+    source = x.permute(dims - 1, *range(dims - 2), dims - 2)
+    out = torch.empty(source.shape, dtype=x.dtype, device=x.device)
+    return torch.add(source, add, out=out) if add is not None else out.copy_(source)
 
 
 def _from_chunks(x: Tensor, lead: tuple[int, ...], length: int, reverse: bool = False) -> Tensor:
@@ -115,10 +120,8 @@ class _Layout:
         rows = slice(start, stop)
         # (b, K, C, 1, L) / (b, K, 1, N, L) → chunk layout (T, b, K, C|1, 1|N, n_chunks)
         self.u = _to_chunks(u[rows].to(dtype).view(-1, groups, per_group, 1, length), CHUNK, 0.0)
-        raw = delta[rows].to(dtype)
-        if delta_bias is not None:
-            raw = raw + delta_bias.to(dtype)[:, None]
-        self.raw = _to_chunks(raw.view(-1, groups, per_group, 1, length), CHUNK, 0.0)
+        bias = None if delta_bias is None else delta_bias.to(dtype).view(groups, per_group, 1, 1)
+        self.raw = _to_chunks(delta[rows].to(dtype).view(-1, groups, per_group, 1, length), CHUNK, 0.0, add=bias)
         self.dt = F.softplus(self.raw) if delta_softplus else self.raw
         self.B = _to_chunks(B[rows].to(dtype)[:, :, None], CHUNK, 0.0)
         self.C = _to_chunks(C[rows].to(dtype)[:, :, None], CHUNK, 0.0)
@@ -132,6 +135,13 @@ class _Layout:
     def states(self, decay: Tensor) -> Tensor:
         """h_t, (T, b, K, C, N, n_chunks); overwrites ``decay``."""
         return _chunk_scan(decay, (self.dt * self.u) * self.B, CHUNK)
+
+    def chunk_view(self, out: Tensor) -> Tensor | None:
+        """``out`` (b, K*C, L) seen in chunk layout (T, b, K, C, 1, n_chunks), or None if L needs padding."""
+        if self.length % CHUNK:
+            return None
+        batch = out.shape[0]
+        return out.view(batch, self.groups, self.per_group, -1, CHUNK).permute(4, 0, 1, 2, 3).unsqueeze(4)
 
     def write_sequence(self, x: Tensor, out: Tensor) -> None:
         """Copy a (T, b, K, C, 1, n_chunks) chunk-layout tensor into ``out`` (b, K*C, L)."""
@@ -163,10 +173,16 @@ def selective_scan_torch_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_s
         stop = min(batch, start + step)
         lay = _Layout(u, delta, A, B, C, D, delta_bias, delta_softplus, dtype, start, stop)
         h = lay.states(lay.decay())
-        out = _sum_states(h * lay.C)
-        if lay.D is not None:
-            out.addcmul_(lay.u, lay.D)
-        lay.write_sequence(out, y[start:stop])
+        out = y[start:stop]
+        target = lay.chunk_view(out)
+        if target is None:
+            lay.write_sequence(_sum_states(h * lay.C), out)
+        elif h.shape[4] == 1:
+            torch.mul(h, lay.C, out=target)  # written straight into the output's own layout
+        else:
+            torch.sum(h * lay.C, dim=4, keepdim=True, out=target)
+        if D is not None:
+            out.addcmul_(u[start:stop].to(dtype), D.to(dtype)[:, None])
     return y
 
 
