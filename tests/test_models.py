@@ -186,3 +186,21 @@ def test_channels_last_memory_format_gives_same_outputs_and_gradients(name):
     out.square().sum().backward()
     assert rel_err(out, expected_out) < 1e-5
     assert rel_err(x_cl.grad, expected_grad) < 1e-5
+
+
+def test_feature_info_modules_and_forward_intermediates_agree():
+    """feature_info names the module whose output is each stage map (before its downsample)."""
+    model = tiny().eval()
+    captured = {}
+    for info in model.feature_info:
+        module = model.get_submodule(info["module"])
+        module.register_forward_hook(lambda m, i, o, name=info["module"]: captured.setdefault(name, o))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+    assert torch.allclose(final, model.forward_features(x))
+    for info, feature in zip(model.feature_info, maps):
+        assert feature.shape[1] == info["num_chs"] and feature.shape[2] == 64 // info["reduction"]
+        assert torch.equal(captured[info["module"]], feature)
+    nhwc = model.forward_intermediates(x, indices=[-1], output_fmt="NHWC", intermediates_only=True)[0]
+    assert torch.equal(nhwc, maps[-1].permute(0, 2, 3, 1))

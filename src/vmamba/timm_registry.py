@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from timm.models import (
     FeatureInfo,
     FeatureListNet,
@@ -36,11 +35,6 @@ from .models.checkpoint import CheckpointError, read_state_dict_file
 from .pretrained import TAG, pretrained_cfg
 
 
-def _format_name(output_fmt: Any) -> str:
-    """'NCHW' for 'NCHW' or timm's Format.NCHW (a str enum)."""
-    return str(getattr(output_fmt, "value", output_fmt))
-
-
 class TimmVSSM(VSSM):
     """A :class:`VSSM` with timm's feature-extraction interface; same modules and state-dict keys."""
 
@@ -52,60 +46,6 @@ class TimmVSSM(VSSM):
             raise ValueError(f"{model_name}: output_stride {output_stride} is not supported (always 32)")
         super().__init__(get_config(model_name, **overrides))
         self.model_name = model_name
-        reduction = self.config.patch_size
-        # A stage's map at its own resolution is the output of its blocks (the stage module also holds
-        # the downsample to the next resolution): named by its last block, which forward hooks can see
-        # (the stage calls its blocks one by one, not the blocks container).
-        self.feature_info = [
-            dict(num_chs=dim, reduction=reduction * 2 ** i, module=f"layers.{i}.blocks.{depth - 1}", stage=i)
-            for i, (dim, depth) in enumerate(zip(self.dims, self.config.depths))
-        ]
-
-    # -- timm feature interface --------------------------------------------------------------------
-    def _to_format(self, x: Tensor, output_fmt: str) -> Tensor:
-        fmt = _format_name(output_fmt)
-        if fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        is_nchw = self.channel_first
-        if (fmt == "NCHW") == is_nchw:
-            return x
-        return x.permute(0, 3, 1, 2) if not is_nchw else x.permute(0, 2, 3, 1)
-
-    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """Stage maps (before each downsample) of ``indices``, as timm defines it.
-
-        ``indices``: None for all stages, an int n for the last n, or a sequence of (possibly negative)
-        stage indices. ``norm`` applies the classifier's norm to the last stage's map. Returns the
-        list of maps when ``intermediates_only``, else (``forward_features`` output, maps).
-        """
-        take, max_index = feature_take_indices(len(self.layers), indices)
-        last = len(self.layers) - 1
-        stages = self.layers if torch.jit.is_scripting() or not stop_early else self.layers[: max_index + 1]
-        intermediates = []
-        x = self.stem(x)
-        for i, stage in enumerate(stages):
-            features = stage.forward_blocks(x)
-            if i in take:
-                out = self.classifier.norm(features) if norm and i == last else features
-                intermediates.append(self._to_format(out, output_fmt))
-            x = stage.downsample(features)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the stages after the last of ``indices`` (and the head / final norm); returns the indices."""
-        take, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[: max_index + 1]
-        self.layers[-1].downsample = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0)
-        if prune_norm:
-            self.classifier.norm = nn.Identity()
-        return take
 
     # -- weights -----------------------------------------------------------------------------------
     def load_pretrained(self, path: str | Path, use_ema: bool | None = None) -> None:
@@ -236,7 +176,7 @@ class VSSMFeatures(FeatureListNet):
     def __init__(self, model: VSSM, out_indices: Sequence[int] = (0, 1, 2, 3), output_fmt: str = "NCHW",
                  feature_concat: bool = False, flatten_sequential: bool = False) -> None:
         nn.ModuleDict.__init__(self)
-        if _format_name(output_fmt) != "NCHW":
+        if str(getattr(output_fmt, "value", output_fmt)) != "NCHW":
             raise ValueError("VMamba feature maps are returned NCHW; use forward_intermediates for NHWC")
         take, max_index = feature_take_indices(len(model.layers), out_indices)
         info = [dict(info, module=f"layers_{i}") for i, info in enumerate(model.feature_info)]

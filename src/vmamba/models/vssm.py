@@ -187,9 +187,12 @@ class VSSM(nn.Module):
             downsample = nn.Identity() if last else make_downsample(config.downsample, dims[i], dims[i + 1],
                                                                     config.norm)
             self.layers.append(VSSStage(blocks, downsample))
+        # A stage's map at its own resolution is the output of its blocks (the stage module also holds the
+        # downsample to the next resolution); it is named by its last block, which forward hooks can see.
         self.feature_info = [
-            dict(num_chs=dims[i], reduction=config.patch_size * 2 ** i, module=f"layers.{i}")
-            for i in range(len(dims))
+            dict(num_chs=dims[i], reduction=config.patch_size * 2 ** i, stage=i,
+                 module=f"layers.{i}.blocks.{depth - 1}" if depth else f"layers.{i}")
+            for i, depth in enumerate(config.depths)
         ]
         self._build_head()
         self.apply(_init_weights)
@@ -232,6 +235,55 @@ class VSSM(nn.Module):
         return dict(stem=r"^patch_embed|^pos_embed",
                     blocks=r"^layers\.(\d+)" if coarse else [(r"^layers\.(\d+)\.blocks\.(\d+)", None),
                                                               (r"^layers\.(\d+)\.downsample", (99999,))])
+
+    # -- timm feature interface --------------------------------------------------------------------
+    def _to_format(self, x: Tensor, output_fmt: str) -> Tensor:
+        fmt = str(getattr(output_fmt, "value", output_fmt))  # a str or timm's Format enum
+        if fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        if (fmt == "NCHW") == self.channel_first:
+            return x
+        return x.permute(0, 2, 3, 1) if self.channel_first else x.permute(0, 3, 1, 2)
+
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Stage maps (before each downsample) of ``indices``, as timm defines it.
+
+        ``indices``: None for all stages, an int n for the last n, or a sequence of (possibly negative)
+        stage indices. ``norm`` applies the classifier's norm to the last stage's map. Returns the list
+        of maps when ``intermediates_only``, else (``forward_features`` output, maps).
+        """
+        from timm.models._features import feature_take_indices
+
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        last = len(self.layers) - 1
+        stages = self.layers[: max_index + 1] if stop_early else self.layers
+        intermediates = []
+        x = self.stem(x)
+        for i, stage in enumerate(stages):
+            features = stage.forward_blocks(x)
+            if i in take:
+                out = self.classifier.norm(features) if norm and i == last and self.classifier else features
+                intermediates.append(self._to_format(out, output_fmt))
+            x = stage.downsample(features)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the head / final norm); returns the indices."""
+        from timm.models._features import feature_take_indices
+
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[: max_index + 1]
+        self.layers[-1].downsample = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        if prune_norm:
+            self.classifier.norm = nn.Identity()
+        return take
 
     # -- forward -----------------------------------------------------------------------------------
     def check_input(self, x: Tensor) -> None:
