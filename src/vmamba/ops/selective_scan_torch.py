@@ -154,6 +154,23 @@ class _Layout:
             target.copy_(source.reshape(batch, self.groups, self.per_group, -1)[..., :length])
 
 
+def _write(value: Tensor | tuple[Tensor, Tensor], lay: _Layout, out: Tensor) -> None:
+    """Store a chunk-layout tensor, or the product of a pair of them, into ``out`` (b, K*C, L).
+
+    A product is computed straight into the output's own layout when L needs no padding.
+    """
+    target = lay.chunk_view(out)
+    if isinstance(value, tuple):
+        if target is not None:
+            torch.mul(*value, out=target)
+            return
+        value = value[0] * value[1]
+    if target is not None:
+        target.copy_(value)
+    else:
+        lay.write_sequence(value, out)
+
+
 def _sum_states(x: Tensor) -> Tensor:
     """Sum over the state dimension (dim 4), keeping it; free when N = 1."""
     return x if x.shape[4] == 1 else x.sum(4, keepdim=True)
@@ -204,23 +221,22 @@ def selective_scan_torch_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=Non
         gy = _to_chunks(grad_out[start:stop].to(dtype).view(-1, groups, channels // groups, 1, length), CHUNK, 0.0)
         a = lay.decay()
         a_next = _shift_next(a)
-        h = lay.states(a.clone())
+        dt_u = lay.dt * lay.u
+        h = _chunk_scan(a.clone(), dt_u * lay.B, CHUNK)
         # Adjoint recurrence g_t = C_t gy_t + a_{t+1} g_{t+1}: a reverse-time scan.
         g = _chunk_scan(a_next, lay.C * gy, CHUNK, reverse=True)
         grad_log_decay = g * _shift_prev(h) * a  # gradient with respect to dt * A
         g_B = g * lay.B
         d_A += (grad_log_decay * lay.dt).sum(dim=(0, 1, 5)).reshape(channels, state)
-        d_dt = _sum_states(grad_log_decay * lay.A + g_B * lay.u)
-        d_u_block = _sum_states(g_B * lay.dt)
-        d_B[start:stop] = _from_chunks((g * (lay.dt * lay.u)).sum(3), (stop - start, groups, state), length)
+        d_dt = _sum_states(torch.addcmul(grad_log_decay * lay.A, g_B, lay.u))
+        d_B[start:stop] = _from_chunks((g * dt_u).sum(3), (stop - start, groups, state), length)
         d_C[start:stop] = _from_chunks((h * gy).sum(3), (stop - start, groups, state), length)
         if lay.D is not None:
-            d_u_block.addcmul_(gy, lay.D)
             d_D += (gy * lay.u).sum(dim=(0, 1, 4, 5)).reshape(channels)
-        if delta_softplus:
-            d_dt = d_dt * torch.sigmoid(lay.raw)
-        lay.write_sequence(d_u_block, d_u[start:stop])
-        lay.write_sequence(d_dt, d_delta[start:stop])
+        _write(_sum_states(g_B * lay.dt) if state > 1 else (g_B, lay.dt), lay, d_u[start:stop])
+        if lay.D is not None:
+            d_u[start:stop].addcmul_(grad_out[start:stop].to(dtype), D.to(dtype)[:, None])
+        _write((d_dt, torch.sigmoid(lay.raw)) if delta_softplus else d_dt, lay, d_delta[start:stop])
     d_bias = d_delta.sum(dim=(0, 2)) if delta_bias is not None else None
     return d_u, d_delta, d_A, d_B, d_C, d_D, d_bias
 
