@@ -10,10 +10,10 @@ from .selective_scan import (
     use_backend,
 )
 from .selective_scan_ref import selective_scan_reference
-from .selective_scan_torch import linear_scan, selective_scan_torch
+from .selective_scan_torch import linear_scan
 
 __all__ = [
     "ScanBackend", "ScanMode", "cross_merge", "cross_scan", "linear_scan", "resolve_backend",
-    "selective_scan", "selective_scan_reference", "selective_scan_torch", "set_default_backend",
+    "selective_scan", "selective_scan_reference", "set_default_backend",
     "triton_available", "use_backend",
 ]

@@ -241,24 +241,4 @@ def selective_scan_torch_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=Non
     return d_u, d_delta, d_A, d_B, d_C, d_D, d_bias
 
 
-def selective_scan_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
-    """Autograd-enabled torch selective scan (used directly, outside the custom op)."""
-    return _TorchScan.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)
-
-
-class _TorchScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus):
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
-        ctx.delta_softplus = delta_softplus
-        return selective_scan_torch_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
-        grads = selective_scan_torch_bwd(grad_out, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus)
-        inputs = (u, delta, A, B, C, D, delta_bias)
-        return (*(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs)), None)
-
-
-__all__ = ["linear_scan", "selective_scan_torch", "selective_scan_torch_bwd", "selective_scan_torch_fwd"]
+__all__ = ["linear_scan", "selective_scan_torch_bwd", "selective_scan_torch_fwd"]
