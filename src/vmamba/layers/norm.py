@@ -126,12 +126,7 @@ def coerce_enum_fields(config: object, fields: dict[str, type[enum.Enum]]) -> No
                              f"choose one of {choices}") from None
 
 
-def spatial_size(x: Tensor, channel_first: bool) -> tuple[int, int]:
-    """(H, W) of a map in either layout."""
-    return (x.shape[2], x.shape[3]) if channel_first else (x.shape[1], x.shape[2])
-
-
 __all__ = [
     "ACTIVATIONS", "LayerNorm2d", "Linear2d", "NormKind", "Permute", "coerce_enum_fields", "make_activation",
-    "make_linear", "make_norm", "spatial_size", "to_channel_first", "to_channel_last",
+    "make_linear", "make_norm", "to_channel_first", "to_channel_last",
 ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Callable
 from typing import Any
 
 from ..layers import DownsampleKind, GateMode, InitScheme, NormKind, SS2DConfig, SSMCore, StemKind
@@ -87,14 +86,3 @@ def create_model(name: str, num_classes: int | None = None, checkpoint_path: str
 
         load_checkpoint(model, checkpoint_path, strict=not features_only, use_ema=use_ema)
     return model
-
-
-def model_entrypoint(name: str) -> Callable[..., VSSM]:
-    """A builder function for ``name`` (used for timm registration)."""
-    get_config(name)
-
-    def build(**kwargs: Any) -> VSSM:
-        return create_model(name, **kwargs)
-
-    build.__name__ = name
-    return build
