@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 ARGS = ["--threads", "1", "--img-size", "16", "--model-arg", "dims=16", "--model-arg", "depths=[1,1,1,1]",
-        "--batch-size", "16", "--base-batch", "16", "--epochs", "3", "--max-steps-per-epoch", "6",
+        "--batch-size", "16", "--base-batch", "16", "--epochs", "3", "--max-steps-per-epoch", "12",
         "--warmup-epochs", "1", "--log-interval", "1", "--deterministic", "--scale", "0.5", "1.0",
         "--drop-path", "0.1"]
 
@@ -44,7 +44,7 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted(tmp_path):
     try:
         for line in proc.stdout:  # plain progress lines: not a terminal
             seen.append(line)
-            if line.startswith("epoch 2/3 step 3/6"):
+            if line.startswith("epoch 2/3 step 1/12"):  # early: 11 steps of margin before the epoch checkpoint
                 proc.send_signal(signal.SIGKILL)
                 break
     finally:
