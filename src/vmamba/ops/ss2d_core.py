@@ -1,0 +1,142 @@
+"""Fused SS2D scan core: per-route projections + K-route selective scan of a map, in pixel order.
+
+:func:`ss2d_core` computes, for every route k of a scan mode, the selective scan of the activated
+map along that route with route k's projections (x → Δ, B, C; Δ-projection), A, D and Δ-bias, and
+returns the K outputs mapped back to pixel positions, (K, B, H, W, C); their sum over K is the merged
+SS2D scan output. It equals ``cross_scan`` → per-route projections → ``selective_scan`` →
+``cross_merge`` (without the final sum) and is what :class:`vmamba.layers.SS2D` uses on CUDA.
+
+The Triton kernels (:mod:`vmamba.ops.triton.ss2d_core`) read the map along every route in place, never
+materialise Δ or route-ordered copies, and recompute the projections in the backward instead of
+saving them. Two ``torch.library`` custom ops (forward, backward) with fake implementations keep it
+one opaque node for ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from .cross_scan import ScanMode
+
+__all__ = ["fused_core_enabled", "ss2d_core", "use_fused_core", "FUSED_MODES"]
+
+FUSED_MODES = {ScanMode.CROSS2D: 2, ScanMode.BIDI: 1, ScanMode.UNIDI: 1}  # mode → distinct visiting orders
+_enabled = True
+
+
+def fused_core_enabled() -> bool:
+    """Whether SS2D uses the fused core on CUDA (default True; see :func:`use_fused_core`)."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def use_fused_core(enabled: bool) -> Iterator[None]:
+    """Switch the fused core on or off inside a block (benchmarks compare it with the composition)."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def _kernels():
+    from .triton import ss2d_core as kernels  # Triton is optional: imported on first use
+
+    return kernels
+
+
+def _projections(x: Tensor, x_proj_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(u (B, L, C), xp (B, L, K, R + 2N)): the map as rows and every route's projections of every pixel."""
+    batch, height, width, channels = x.shape
+    routes, width_proj, _ = x_proj_weight.shape
+    u = x.reshape(batch, height * width, channels)
+    xp = torch.matmul(u, x_proj_weight.to(x.dtype).reshape(routes * width_proj, channels).t())
+    return u, xp.view(batch, height * width, routes, width_proj)
+
+
+@torch.library.custom_op("vmamba::ss2d_core_fwd", mutates_args=())
+def _core_fwd(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor, D: Tensor | None,
+              delta_bias: Tensor, nseq: int) -> Tensor:
+    batch, height, width, channels = x.shape
+    u, xp = _projections(x, x_proj_weight)
+    y = _kernels().ss2d_scan_fwd(u, xp, dt_projs_weight, A, D, delta_bias, height, width, nseq)
+    return y.view(-1, batch, height, width, channels)
+
+
+@_core_fwd.register_fake
+def _(x, x_proj_weight, dt_projs_weight, A, D, delta_bias, nseq):
+    return x.new_empty(dt_projs_weight.shape[0], *x.shape)
+
+
+@torch.library.custom_op("vmamba::ss2d_core_bwd", mutates_args=())
+def _core_bwd(grad_y: Tensor, x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor,
+              D: Tensor | None, delta_bias: Tensor, nseq: int) -> list[Tensor]:
+    batch, height, width, channels = x.shape
+    routes, rank = dt_projs_weight.shape[0], dt_projs_weight.shape[2]
+    rows = batch * height * width
+    u, xp = _projections(x, x_proj_weight)
+    grad_y = grad_y.view(routes, batch, height * width, channels)
+    du, ddelta, dbc, dA, dD, dbias = _kernels().ss2d_scan_bwd(
+        grad_y, u, xp, dt_projs_weight, A, D, delta_bias, height, width, nseq)
+    # Δ = dt_proj_k · xp[..., k, :R]: its two gradients are batched GEMMs over the routes.
+    ddelta = ddelta.view(routes, rows, channels)
+    dt_low = xp[..., :rank].reshape(rows, routes, rank).transpose(0, 1)
+    d_dt_low = torch.bmm(ddelta, dt_projs_weight.to(ddelta.dtype))
+    d_dt_weight = torch.bmm(ddelta.transpose(1, 2), dt_low.to(ddelta.dtype))
+    dxp = torch.cat((d_dt_low.transpose(0, 1).reshape(batch, height * width, routes, rank),
+                     dbc.to(x.dtype)), dim=-1).view(rows, -1)
+    w = x_proj_weight.to(x.dtype).reshape(dxp.shape[1], channels)
+    dx = torch.addmm(du.sum(0).view(rows, channels), dxp, w)
+    dw = (dxp.t() @ u.reshape(rows, channels)).view(x_proj_weight.shape)
+    return [dx.view(x.shape), dw.to(x_proj_weight.dtype), d_dt_weight.to(dt_projs_weight.dtype),
+            dA.to(A.dtype), dD.to(D.dtype) if D is not None else dA.new_empty(0), dbias.to(delta_bias.dtype)]
+
+
+@_core_bwd.register_fake
+def _(grad_y, x, x_proj_weight, dt_projs_weight, A, D, delta_bias, nseq):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x_proj_weight),
+            torch.empty_like(dt_projs_weight), torch.empty_like(A),
+            torch.empty_like(D) if D is not None else A.new_empty(0), torch.empty_like(delta_bias)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, x_proj_weight, dt_projs_weight, A, D, delta_bias, nseq = inputs
+    ctx.save_for_backward(x, x_proj_weight, dt_projs_weight, A, D, delta_bias)
+    ctx.nseq = nseq
+
+
+def _backward(ctx, grad_y):
+    x, x_proj_weight, dt_projs_weight, A, D, delta_bias = ctx.saved_tensors
+    dx, dw, ddt, dA, dD, dbias = _core_bwd(grad_y, x, x_proj_weight, dt_projs_weight, A, D, delta_bias, ctx.nseq)
+    return dx, dw, ddt, dA, dD if D is not None else None, dbias, None
+
+
+_core_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor, D: Tensor | None,
+              delta_bias: Tensor, mode: ScanMode | str = ScanMode.CROSS2D) -> Tensor:
+    """All K route scans of an activated map x (B, H, W, C), returned in pixel order: (K, B, H, W, C).
+
+    x_proj_weight (K, R + 2N, C), dt_projs_weight (K, C, R), A (K*C, N) (negative, float32), D and
+    delta_bias (K*C,). Δ uses softplus(dt_proj·x_proj(x)[:R] + delta_bias). The output has x's dtype;
+    state and accumulation are float32. Needs Triton; the tensors may live on CUDA (or the CPU under
+    ``TRITON_INTERPRET=1``). Differentiable in every input.
+    """
+    mode = ScanMode(mode)
+    if mode not in FUSED_MODES:
+        raise ValueError(f"the fused SS2D core supports {[m.value for m in FUSED_MODES]}, got {mode.value!r}")
+    routes = mode.num_routes
+    if x.dim() != 4:
+        raise ValueError(f"ss2d_core: x must be (B, H, W, C), got shape {tuple(x.shape)}")
+    channels = x.shape[-1]
+    if x_proj_weight.shape[0] != routes or dt_projs_weight.shape[:2] != (routes, channels):
+        raise ValueError(f"ss2d_core({mode.value}): expected {routes} routes of {channels} channels, got "
+                         f"x_proj_weight {tuple(x_proj_weight.shape)}, dt_projs_weight {tuple(dt_projs_weight.shape)}")
+    return _core_fwd(x.contiguous(), x_proj_weight, dt_projs_weight, A.contiguous(),
+                     D.contiguous() if D is not None else None, delta_bias.contiguous(), FUSED_MODES[mode])

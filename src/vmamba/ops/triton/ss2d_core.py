@@ -1,0 +1,333 @@
+"""Fused SS2D scan core: the K routes of a feature map scanned straight from the map, as Triton kernels.
+
+The unfused composition materialises K copies of the map in route order (``cross_scan``), the
+per-route projections and Δ in that order, K route outputs, and folds them back (``cross_merge``).
+Here every tensor stays in *pixel order* with channels contiguous (a channels-last map):
+
+* u, the activated map: (batch, L, C), read by all K routes; L = H*W.
+* xp = u @ x_proj.T for all routes at once: (batch, L, K, R + 2N), holding per route the low-rank
+  Δ input (R values), B (N) and C (N) of each pixel: a projection of a pixel does not depend on the
+  order in which a route visits it, so one GEMM serves every route.
+* Δ = dt_proj_k · xp[..., :R] is computed inside the scan kernel (R multiply-adds per element) and
+  never stored.
+* y: (K, batch, L, C) in pixel order; the merge is then a sum over K (fused into the out-norm by
+  :func:`vmamba.ops.layer_norm.layer_norm_sum`).
+
+Route k visits pixel p(t) at step t: row-major routes p = t, column-major p = (t mod H)·W + t div H;
+reversed routes (k >= nseq) use L-1-t in place of t. Loads of a (steps, channels) tile are contiguous
+along the channels for any route, so reversed and column routes cost the same as row routes.
+
+The recurrences and gradient formulas are those of :mod:`vmamba.ops.triton.selective_scan`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .selective_scan import _combine, _softplus, default_config
+
+__all__ = ["ss2d_scan_fwd", "ss2d_scan_bwd", "NSEQ"]
+
+# Distinct visiting orders per scan mode: route k >= nseq is route k - nseq reversed.
+NSEQ = {"unidi": 1, "bidi": 1, "cross2d": 2}
+
+
+@triton.jit
+def _pixel(t, L, H, W, rev, cols):
+    tt = tl.where(rev, L - 1 - t, t)
+    return tl.where(cols, (tt % H) * W + tt // H, tt)
+
+
+@triton.jit
+def _raw_delta(row, w_base, mask_t, mask_d, m2, sw_r, R: tl.constexpr):
+    """dt_proj · xp[:R] as a (T, D) tile: R rank-1 updates (R is small: ceil(width / 16))."""
+    raw = tl.zeros(m2.shape, tl.float32)
+    for r in tl.static_range(R):
+        lo = tl.load(row + r, mask=mask_t, other=0.0).to(tl.float32)
+        wr = tl.load(w_base + r * sw_r, mask=mask_d, other=0.0).to(tl.float32)
+        raw += lo[:, None] * wr[None, :]
+    return raw
+
+
+@triton.jit
+def _load_step(u_base, xp_base, w_base, t, L, H, W, rev, cols, mask_d, offs_n, mask_n, su_l, sxp_l, sw_r,
+               R: tl.constexpr, N: tl.constexpr):
+    """u and raw Δ (= dt_proj·xp[:R], no bias) as (T, D) tiles, B and C as (T, N) tiles, at steps t."""
+    mask_t = (t < L) & (t >= 0)
+    p = _pixel(t, L, H, W, rev, cols).to(tl.int64)
+    m2 = mask_t[:, None] & mask_d[None, :]
+    mtn = mask_t[:, None] & mask_n[None, :]
+    u = tl.load(u_base + p[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
+    row = xp_base + p * sxp_l
+    raw = _raw_delta(row, w_base, mask_t, mask_d, m2, sw_r, R)
+    Bt = tl.load(row[:, None] + R + offs_n[None, :], mask=mtn, other=0.0).to(tl.float32)
+    Ct = tl.load(row[:, None] + (R + N) + offs_n[None, :], mask=mtn, other=0.0).to(tl.float32)
+    return u, raw, Bt, Ct, p, m2
+
+
+@triton.jit
+def _scan_tile(a, x, h, first, last):
+    x = tl.where(first, x + a * h[None, :, :], x)
+    _, hs = tl.associative_scan((a, x), 0, _combine)
+    return hs, tl.sum(tl.where(last, hs, 0.0), axis=0)
+
+
+@triton.jit
+def _core_fwd_kernel(
+    u_ptr, xp_ptr, w_ptr, A_ptr, D_ptr, bias_ptr, y_ptr,
+    L, H, W, CH,
+    su_b, su_l, su_c, sxp_b, sxp_l, sxp_k, sw_k, sw_c, sw_r, sy_k, sy_b, sy_l, sy_c,
+    R: tl.constexpr, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    k = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rev = k >= NSEQ
+    cols = (k % NSEQ) == 1
+    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_c < CH
+    kd = (k * CH + offs_c).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_t = tl.arange(0, BLOCK_T)
+
+    A2 = tl.load(A_ptr + kd[:, None] * N + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :],
+                 other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = tl.load(bias_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
+    dskip = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_D:
+        dskip = tl.load(D_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
+
+    u_base = u_ptr + b * su_b + offs_c[None, :].to(tl.int64) * su_c
+    xp_base = xp_ptr + b * sxp_b + k * sxp_k
+    w_base = w_ptr + k * sw_k + offs_c * sw_c
+    y_base = y_ptr + k * sy_k + b * sy_b + offs_c[None, :].to(tl.int64) * sy_c
+    first = (offs_t == 0)[:, None, None]
+    last = (offs_t == BLOCK_T - 1)[:, None, None]
+
+    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    if PREFETCH:
+        nx = _load_step(u_base, xp_base, w_base, offs_t, L, H, W, rev, cols, mask_d, offs_n, mask_n,
+                        su_l, sxp_l, sw_r, R, N)
+    for t0 in range(0, L, BLOCK_T):
+        if PREFETCH:
+            # software pipelining: the next chunk's loads are in flight during this chunk's scan
+            u, raw, Bt, Ct, p, m2 = nx
+            nx = _load_step(u_base, xp_base, w_base, t0 + BLOCK_T + offs_t, L, H, W, rev, cols, mask_d, offs_n,
+                            mask_n, su_l, sxp_l, sw_r, R, N)
+        else:
+            u, raw, Bt, Ct, p, m2 = _load_step(u_base, xp_base, w_base, t0 + offs_t, L, H, W, rev, cols,
+                                               mask_d, offs_n, mask_n, su_l, sxp_l, sw_r, R, N)
+        dt = raw + bias[None, :]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(m2, dt, 0.0)
+        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+        x = (dt * u)[:, :, None] * Bt[:, None, :]
+        hs, h = _scan_tile(a, x, h, first, last)
+        y = tl.sum(hs * Ct[:, None, :], axis=2)
+        if HAS_D:
+            y += dskip[None, :] * u
+        tl.store(y_base + p[:, None] * sy_l, y.to(y_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _core_bwd_kernel(
+    gy_ptr, u_ptr, xp_ptr, w_ptr, A_ptr, D_ptr, bias_ptr, hws_ptr,
+    du_ptr, ddt_ptr, dA_ptr, dbc_ptr, dD_ptr, dbias_ptr,
+    L, H, W, CH, KC, n_chunks,
+    sg_k, sg_b, sg_l, sg_c, su_b, su_l, su_c, sxp_b, sxp_l, sxp_k, sw_k, sw_c, sw_r,
+    sd_k, sd_b, sd_l, sd_c, sbc_blk, sbc_b, sbc_l, sbc_k,
+    R: tl.constexpr, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    k = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rev = k >= NSEQ
+    cols = (k % NSEQ) == 1
+    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_c < CH
+    kd = (k * CH + offs_c).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mdn = mask_d[:, None] & mask_n[None, :]
+    offs_t = tl.arange(0, BLOCK_T)
+
+    A = tl.load(A_ptr + kd[:, None] * N + offs_n[None, :], mask=mdn, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
+    bias = tl.load(bias_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
+    dskip = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_D:
+        dskip = tl.load(D_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
+
+    c64 = offs_c[None, :].to(tl.int64)
+    u_base = u_ptr + b * su_b + c64 * su_c
+    gy_base = gy_ptr + k * sg_k + b * sg_b + c64 * sg_c
+    xp_base = xp_ptr + b * sxp_b + k * sxp_k
+    w_base = w_ptr + k * sw_k + offs_c * sw_c
+    du_base = du_ptr + k * sd_k + b * sd_b + c64 * sd_c
+    ddt_base = ddt_ptr + k * sd_k + b * sd_b + c64 * sd_c
+    # dB / dC partials of this channel block: (blocks, batch, L, K, 2N) float32
+    bc_base = dbc_ptr + pid_d * sbc_blk + b * sbc_b + k * sbc_k + offs_n[None, :]
+    hws_base = hws_ptr + (b * KC + kd[:, None]) * (n_chunks * BLOCK_N) + offs_n[None, :]
+    first = (offs_t == 0)[:, None, None]
+    last = (offs_t == BLOCK_T - 1)[:, None, None]
+
+    # Pass 1: along the route, storing the state entering each chunk.
+    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    for c in range(0, n_chunks):
+        tl.store(hws_base + c * BLOCK_N, h, mask=mdn)
+        u, raw, Bt, Ct, p, m2 = _load_step(u_base, xp_base, w_base, c * BLOCK_T + offs_t, L, H, W, rev, cols,
+                                           mask_d, offs_n, mask_n, su_l, sxp_l, sw_r, R, N)
+        dt = raw + bias[None, :]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(m2, dt, 0.0)
+        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+        x = (dt * u)[:, :, None] * Bt[:, None, :]
+        _, h = _scan_tile(a, x, h, first, last)
+    tl.debug_barrier()
+
+    # Pass 2: chunks in reverse; adjoint g_t = C_t gy_t + a_{t+1} g_{t+1} carried in registers.
+    g = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i
+        t = c * BLOCK_T + offs_t
+        u, raw, Bt, Ct, p, m2 = _load_step(u_base, xp_base, w_base, t, L, H, W, rev, cols, mask_d, offs_n,
+                                           mask_n, su_l, sxp_l, sw_r, R, N)
+        tn = t + 1
+        mask_tn = tn < L
+        m2n = mask_tn[:, None] & mask_d[None, :]
+        pn = _pixel(tn, L, H, W, rev, cols).to(tl.int64)
+        rawn = _raw_delta(xp_base + pn * sxp_l, w_base, mask_tn, mask_d, m2n, sw_r, R)
+        mtn = (t < L)[:, None] & mask_n[None, :]
+        gy = tl.load(gy_base + p[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
+        h0 = tl.load(hws_base + c * BLOCK_N, mask=mdn, other=0.0)
+        raw = raw + bias[None, :]
+        dt = raw
+        dtn = rawn + bias[None, :]
+        if SOFTPLUS:
+            dt = _softplus(raw)
+            dtn = _softplus(dtn)
+        dt = tl.where(m2, dt, 0.0)
+        dtn = tl.where(m2n, dtn, 0.0)
+
+        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+        dtu = dt * u
+        x = dtu[:, :, None] * Bt[:, None, :]
+        hs, _ = _scan_tile(a, x, h0, first, last)
+
+        an = tl.where(m2n[:, :, None], tl.exp2(dtn[:, :, None] * A2[None, :, :]), 0.0)
+        cg = Ct[:, None, :] * gy[:, :, None]
+        cg = tl.where(last, cg + an * g[None, :, :], cg)
+        _, gs = tl.associative_scan((an, cg), 0, _combine, reverse=True)
+        g = tl.sum(tl.where(first, gs, 0.0), axis=0)
+
+        gl = gs * (hs - x)  # g_t a_t h_{t-1}: gradient with respect to Δ_t A
+        dA_acc += tl.sum(gl * dt[:, :, None], axis=0)
+        gB = tl.sum(gs * Bt[:, None, :], axis=2)
+        ddt = tl.sum(gl * A[None, :, :], axis=2) + gB * u
+        du = gB * dt
+        if HAS_D:
+            du += dskip[None, :] * gy
+            dD_acc += tl.sum(gy * u, axis=0)
+        if SOFTPLUS:
+            ddt = ddt / (1.0 + tl.exp(-raw))
+        ddt = tl.where(m2, ddt, 0.0)
+        dbias_acc += tl.sum(ddt, axis=0)
+        tl.store(du_base + p[:, None] * sd_l, du.to(du_ptr.dtype.element_ty), mask=m2)
+        tl.store(ddt_base + p[:, None] * sd_l, ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
+        bc_ptrs = bc_base + p[:, None] * sbc_l
+        tl.store(bc_ptrs, tl.sum(gs * dtu[:, :, None], axis=1), mask=mtn)
+        tl.store(bc_ptrs + N, tl.sum(hs * gy[:, :, None], axis=1), mask=mtn)
+
+    # per-batch partials, reduced over the batch on the host side
+    tl.store(dA_ptr + (b * KC + kd[:, None]) * N + offs_n[None, :], dA_acc, mask=mdn)
+    tl.store(dbias_ptr + b * KC + kd, dbias_acc, mask=mask_d)
+    if HAS_D:
+        tl.store(dD_ptr + b * KC + kd, dD_acc, mask=mask_d)
+
+
+def _shapes(u, xp, dt_weight, A, nseq):
+    batch, length, channels = u.shape
+    routes, _, rank = dt_weight.shape
+    state = A.shape[1]
+    if routes not in (nseq, 2 * nseq):
+        raise ValueError(f"{routes} routes do not fit {nseq} visiting orders")
+    if tuple(xp.shape) != (batch, length, routes, rank + 2 * state) or xp.stride(-1) != 1:
+        raise ValueError(f"xp must be ({batch}, {length}, {routes}, {rank + 2 * state}) with a unit last "
+                         f"stride, got {tuple(xp.shape)} strides {xp.stride()}")
+    if tuple(A.shape) != (routes * channels, state) or not A.is_contiguous():
+        raise ValueError(f"A must be a contiguous ({routes * channels}, {state}), got {tuple(A.shape)}")
+    return batch, length, channels, routes, rank, state
+
+
+def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta_softplus=True,
+                  out_dtype=None, config=None):
+    """Scan the K routes of the map u (batch, H*W, C); returns y (K, batch, H*W, C) in pixel order.
+
+    xp (batch, L, K, R + 2N) holds each pixel's per-route projections (Δ input, B, C); dt_weight
+    (K, C, R) the Δ projections; A (K*C, N) float32; D, delta_bias (K*C,) (D may be None).
+    """
+    batch, length, channels, routes, rank, state = _shapes(u, xp, dt_weight, A, nseq)
+    cfg = default_config(channels, state, False, length, u.element_size())
+    cfg.update(config or {})
+    y = torch.empty(routes, batch, length, channels, device=u.device, dtype=out_dtype or u.dtype)
+    if y.numel() == 0:
+        return y
+    grid = (triton.cdiv(channels, cfg["BLOCK_D"]), routes, batch)
+    _core_fwd_kernel[grid](
+        u, xp, dt_weight, A, D if D is not None else A, delta_bias, y,
+        length, height, width, channels,
+        *u.stride(), xp.stride(0), xp.stride(1), xp.stride(2), *dt_weight.stride(), *y.stride(),
+        R=rank, N=state, NSEQ=nseq, HAS_D=D is not None, SOFTPLUS=bool(delta_softplus),
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
+        PREFETCH=bool(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"],
+    )
+    return y
+
+
+def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta_softplus=True,
+                  config=None):
+    """Gradients of :func:`ss2d_scan_fwd` for the routes' output gradient grad_y (K, batch, L, C).
+
+    grad_y may be an expanded view (stride 0 over K, as the gradient of a sum over routes is).
+    Returns du (K, batch, L, C) and ddelta (K, batch, L, C) in u's dtype (per route: the caller sums
+    du over K and turns ddelta into gradients of xp and dt_weight), dBC (batch, L, K, 2N) float32,
+    dA (K*C, N), dD (K*C,) or None and ddelta_bias (K*C,), float32. All reductions are deterministic.
+    """
+    batch, length, channels, routes, rank, state = _shapes(u, xp, dt_weight, A, nseq)
+    cfg = default_config(channels, state, True, length, u.element_size())
+    cfg.update(config or {})
+    dev, f32 = u.device, torch.float32
+    n_blk = triton.cdiv(channels, cfg["BLOCK_D"])
+    n_chunks = triton.cdiv(length, cfg["BLOCK_T"])
+    kc = routes * channels
+    du = torch.empty(routes, batch, length, channels, device=dev, dtype=u.dtype)
+    ddelta = torch.empty_like(du)
+    dbc = torch.zeros(n_blk, batch, length, routes, 2 * state, device=dev, dtype=f32)
+    dA = torch.zeros(batch, kc, state, device=dev, dtype=f32)
+    dD = torch.zeros(batch, kc, device=dev, dtype=f32)
+    dbias = torch.zeros(batch, kc, device=dev, dtype=f32)
+    if du.numel() == 0:
+        return du, ddelta, dbc.sum(0), dA.sum(0), dD.sum(0) if D is not None else None, dbias.sum(0)
+    hws = torch.empty(batch, kc, n_chunks, cfg["BLOCK_N"], device=dev, dtype=f32)
+    grid = (n_blk, routes, batch)
+    _core_bwd_kernel[grid](
+        grad_y, u, xp, dt_weight, A, D if D is not None else A, delta_bias, hws,
+        du, ddelta, dA, dbc, dD, dbias,
+        length, height, width, channels, kc, n_chunks,
+        *grad_y.stride(), *u.stride(), xp.stride(0), xp.stride(1), xp.stride(2), *dt_weight.stride(),
+        *du.stride(), dbc.stride(0), dbc.stride(1), dbc.stride(2), dbc.stride(3),
+        R=rank, N=state, NSEQ=nseq, HAS_D=D is not None, SOFTPLUS=bool(delta_softplus),
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"],
+    )
+    dbc = dbc[0] if n_blk == 1 else dbc.sum(0)
+    return du, ddelta, dbc, dA.sum(0), dD.sum(0) if D is not None else None, dbias.sum(0)
