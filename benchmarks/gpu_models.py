@@ -57,6 +57,16 @@ def timed(fn, warmup, iters):
 
 
 def bench_model(name, batch, warmup, iters):
+    """One row; a VMamba name ending in "@unfused" runs SS2D as cross_scan → scan → cross_merge."""
+    if name.endswith("@unfused"):
+        from vmamba.ops.ss2d_core import use_fused_core
+
+        with use_fused_core(False):
+            return {**_bench_model(name.removesuffix("@unfused"), batch, warmup, iters), "model": name}
+    return _bench_model(name, batch, warmup, iters)
+
+
+def _bench_model(name, batch, warmup, iters):
     model = build(name).cuda().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (batch,), device="cuda")

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import ScanMode, cross_merge, cross_scan, selective_scan
+from ..ops.selective_scan import ScanBackend, resolve_backend
+from ..ops.ss2d_core import FUSED_MODES, fused_core_enabled, ss2d_core
 from .norm import LayerNorm2d, coerce_enum_fields, make_activation, make_linear, to_channel_first, to_channel_last
 
 
@@ -253,6 +255,26 @@ class SS2D(nn.Module):
         cols = (ys[:, 0] + ys[:, 1].flip(-1)).view(batch, width, channels, height)
         return cols.permute(0, 2, 3, 1)
 
+    def _uses_fused_core(self, x: Tensor) -> bool:
+        """The fused Triton core serves CUDA maps for the route scan modes of the Δ-projection cores."""
+        return (x.is_cuda and fused_core_enabled() and self.config.core is not SSMCore.M0
+                and self.config.scan_mode in FUSED_MODES
+                and resolve_backend(None, x.device) is ScanBackend.TRITON)
+
+    def _scan_routes_fused(self, x: Tensor) -> Tensor:
+        """(B, di, H, W) → the K route outputs in pixel order, (K, B, H, W, di), via the fused core."""
+        A, D, bias = self._scan_parameters(0, self.routes)
+        return ss2d_core(x.permute(0, 2, 3, 1), self.x_proj_weight, self.dt_projs_weight, A, D, bias,
+                         self.config.scan_mode)
+
+    def _merge_and_norm(self, ys: Tensor) -> Tensor:
+        """Sum of the routes (K, B, H, W, di), out-activation and out-norm, in the model's layout."""
+        y = ys.sum(0)
+        y = y.permute(0, 3, 1, 2) if self.channel_first else y
+        if self.config.out_act:
+            y = self.act(y)
+        return self.out_norm(y)
+
     def forward(self, x: Tensor) -> Tensor:
         cfg = self.config
         input_dtype = x.dtype
@@ -265,12 +287,15 @@ class SS2D(nn.Module):
         if not self.channel_first:
             x = x.permute(0, 3, 1, 2)
         x = self.act(self.conv2d(x))
-        y = self._scan_2d(x)
-        if not self.channel_first:
-            y = y.permute(0, 2, 3, 1)
-        if cfg.out_act:
-            y = self.act(y)
-        y = self.out_norm(y)
+        if self._uses_fused_core(x):
+            y = self._merge_and_norm(self._scan_routes_fused(x))
+        else:
+            y = self._scan_2d(x)
+            if not self.channel_first:
+                y = y.permute(0, 2, 3, 1)
+            if cfg.out_act:
+                y = self.act(y)
+            y = self.out_norm(y)
         if z is not None:
             y = y * z
         y = y.to(input_dtype)
