@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from .norm import NormKind, make_activation, make_linear, make_norm, to_channel_first, to_channel_last
+from .norm import LayerNorm, NormKind, make_activation, make_linear, make_norm, to_channel_first, to_channel_last
 from .ss2d import SS2D, SS2DConfig
 
 
@@ -108,7 +108,7 @@ class PatchMerging2D(nn.Module):
         super().__init__()
         self.channel_first = norm.channel_first
         self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
-        self.norm = nn.LayerNorm(4 * dim)
+        self.norm = LayerNorm(4 * dim)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channel_first:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.layer_norm import layer_norm
+
 
 class NormKind(str, enum.Enum):
     """Normalisation layer; it also fixes the tensor layout between layers."""
@@ -21,19 +23,31 @@ class NormKind(str, enum.Enum):
         return self is not NormKind.LAYERNORM
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channel dimension of a (B, C, H, W) map; same parameters as nn.LayerNorm."""
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and state dict) over the last dim through :func:`layer_norm`:
+    Triton kernels for contiguous CUDA rows, ``F.layer_norm`` otherwise."""
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if len(self.normalized_shape) != 1:
+            return super().forward(x)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel dimension of a (B, C, H, W) map; same parameters as nn.LayerNorm.
+
+    A channels-last map has a contiguous NHWC view, which the Triton kernels take without a copy.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = layer_norm(x.permute(0, 2, 3, 1), self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)
 
 
 def make_norm(kind: NormKind, channels: int) -> nn.Module:
     """The norm layer of ``kind`` for ``channels`` features (eps 1e-5, affine)."""
     if kind is NormKind.LAYERNORM:
-        return nn.LayerNorm(channels)
+        return LayerNorm(channels)
     if kind is NormKind.LAYERNORM2D:
         return LayerNorm2d(channels)
     return nn.BatchNorm2d(channels)
@@ -127,6 +141,6 @@ def coerce_enum_fields(config: object, fields: dict[str, type[enum.Enum]]) -> No
 
 
 __all__ = [
-    "ACTIVATIONS", "LayerNorm2d", "Linear2d", "NormKind", "Permute", "coerce_enum_fields", "make_activation",
-    "make_linear", "make_norm", "to_channel_first", "to_channel_last",
+    "ACTIVATIONS", "LayerNorm", "LayerNorm2d", "Linear2d", "NormKind", "Permute", "coerce_enum_fields",
+    "make_activation", "make_linear", "make_norm", "to_channel_first", "to_channel_last",
 ]
