@@ -7,4 +7,6 @@ Importing this subpackage imports Triton; the rest of ``vmamba`` never does so e
 * :mod:`vmamba.ops.triton.cross_scan`: ``cross_scan_triton`` / ``cross_merge_triton`` (autograd).
 * :mod:`vmamba.ops.triton.routes`: ``selective_scan_routes`` (reversed routes read in-kernel from
   the shared sequences; opt-in step towards a fused SS2D core), ``route_sequences``, ``merge_routes``.
+* :mod:`vmamba.ops.triton.layer_norm`: ``layer_norm_fwd`` / ``layer_norm_bwd``, LayerNorm of the sum of
+  K stacked row inputs, behind :func:`vmamba.ops.layer_norm.layer_norm` on CUDA.
 """
