@@ -46,11 +46,15 @@ def bench_layer(ss2d, batch, size, dtype, bandwidth) -> dict:
     row = {"dtype": str(dtype).removeprefix("torch."), "H": size, "C": ss2d.d_inner, "K": ss2d.routes,
            "N": ss2d.d_state}
 
+    autocast = dtype != torch.float32  # the layer's weights stay float32, as in a bf16-autocast model
+
     def fused():
-        return ss2d._scan_routes_fused(x).sum(0)
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast):
+            return ss2d._scan_routes_fused(x).sum(0)
 
     def unfused():
-        return ss2d._scan_2d(x)
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast):
+            return ss2d._scan_2d(x)
 
     for name, fn in (("fused", fused), ("unfused", unfused)):
         with torch.no_grad():
@@ -64,10 +68,10 @@ def bench_layer(ss2d, batch, size, dtype, bandwidth) -> dict:
 
         row[f"{name}_fwdbwd_ms"] = timed(step)
     with torch.no_grad():
-        row["core_fwd_ms"] = timed(lambda: ss2d._scan_routes_fused(x))
+        row["core_fwd_ms"] = timed(lambda: ss2d._scan_routes_fused(x.detach()))
     pixels = batch * size * size
     width = ss2d.x_proj_weight.shape[1]
-    moved = pixels * ss2d.d_inner * x.element_size() * (1 + ss2d.routes) + pixels * ss2d.routes * width * x.element_size()
+    moved = pixels * x.element_size() * (ss2d.d_inner * (1 + ss2d.routes) + ss2d.routes * width)
     row["core_fwd_GBps"] = moved / row["core_fwd_ms"] / 1e6
     row["core_fwd_vs_copy"] = row["core_fwd_GBps"] / bandwidth
     return row

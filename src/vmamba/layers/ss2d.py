@@ -10,9 +10,18 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import ScanMode, cross_merge, cross_scan, selective_scan
+from ..ops.layer_norm import layer_norm_sum
 from ..ops.selective_scan import ScanBackend, resolve_backend
 from ..ops.ss2d_core import FUSED_MODES, fused_core_enabled, ss2d_core
-from .norm import LayerNorm2d, coerce_enum_fields, make_activation, make_linear, to_channel_first, to_channel_last
+from .norm import (
+    LayerNorm,
+    LayerNorm2d,
+    coerce_enum_fields,
+    make_activation,
+    make_linear,
+    to_channel_first,
+    to_channel_last,
+)
 
 
 class SSMCore(str, enum.Enum):
@@ -109,7 +118,7 @@ class _OutNorm(nn.Module):
                 to_channel_last(channel_first),
             )
         if kind is OutNormKind.CONV_NORM:
-            self.norm = LayerNorm2d(channels) if channel_first else nn.LayerNorm(channels)
+            self.norm = LayerNorm2d(channels) if channel_first else LayerNorm(channels)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind is OutNormKind.SOFTMAX:
@@ -124,7 +133,7 @@ class _OutNorm(nn.Module):
 
 def _make_out_norm(kind: OutNormKind, channels: int, channel_first: bool) -> nn.Module:
     if kind is OutNormKind.LAYERNORM:
-        return LayerNorm2d(channels) if channel_first else nn.LayerNorm(channels)
+        return LayerNorm2d(channels) if channel_first else LayerNorm(channels)
     return _OutNorm(kind, channels, channel_first)
 
 
@@ -269,6 +278,10 @@ class SS2D(nn.Module):
 
     def _merge_and_norm(self, ys: Tensor) -> Tensor:
         """Sum of the routes (K, B, H, W, di), out-activation and out-norm, in the model's layout."""
+        norm = self.out_norm
+        if isinstance(norm, nn.LayerNorm) and not self.config.out_act:  # the merge fused into the norm
+            y = layer_norm_sum(ys, norm.weight, norm.bias, norm.eps)
+            return y.permute(0, 3, 1, 2) if self.channel_first else y
         y = ys.sum(0)
         y = y.permute(0, 3, 1, 2) if self.channel_first else y
         if self.config.out_act:
