@@ -84,10 +84,11 @@ def _core_bwd(grad_y: Tensor, x: Tensor, x_proj_weight: Tensor, dt_projs_weight:
     du, ddelta, dbc, dA, dD, dbias = _kernels().ss2d_scan_bwd(
         grad_y, u, xp, dt_projs_weight, A, D, delta_bias, height, width, nseq)
     # Δ = dt_proj_k · xp[..., k, :R]: its two gradients are batched GEMMs over the routes.
-    ddelta = ddelta.view(routes, rows, channels)
-    dt_low = xp[..., :rank].reshape(rows, routes, rank).transpose(0, 1)
-    d_dt_low = torch.bmm(ddelta, dt_projs_weight.to(ddelta.dtype))
-    d_dt_weight = torch.bmm(ddelta.transpose(1, 2), dt_low.to(ddelta.dtype))
+    d_dt_low = torch.bmm(ddelta.view(routes, rows, channels), dt_projs_weight.to(ddelta.dtype))
+    # dW_k = Σ_pixels ddelta_k^T dt_low_k as one product per (route, image) summed afterwards: a
+    # single product with a (C, R) output and a batch*L reduction runs far slower on GPUs.
+    dt_low = xp[..., :rank].permute(2, 0, 1, 3).to(ddelta.dtype)  # (K, B, L, R)
+    d_dt_weight = torch.matmul(ddelta.transpose(2, 3), dt_low).sum(1)
     dxp = torch.cat((d_dt_low.transpose(0, 1).reshape(batch, height * width, routes, rank),
                      dbc.to(x.dtype)), dim=-1).view(rows, -1)
     w = x_proj_weight.to(x.dtype).reshape(dxp.shape[1], channels)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .selective_scan import _combine, _softplus, default_config
+from .selective_scan import _combine, _config, _softplus
 
 __all__ = ["ss2d_scan_fwd", "ss2d_scan_bwd", "NSEQ"]
 
@@ -74,7 +74,11 @@ def _scan_tile(a, x, h, first, last):
     return hs, tl.sum(tl.where(last, hs, 0.0), axis=0)
 
 
-@triton.jit
+# The channel strides are never specialised (they are 1): Triton would otherwise vectorise the loads
+# along the channels and spread the time steps of a tile over several lanes, turning the in-register
+# sequential scan into a cross-lane one. Unspecialised, each lane owns one channel and all its steps;
+# a warp's load of one step is still one contiguous 32-channel segment.
+@triton.jit(do_not_specialize=["su_c", "sy_c"])
 def _core_fwd_kernel(
     u_ptr, xp_ptr, w_ptr, A_ptr, D_ptr, bias_ptr, y_ptr,
     L, H, W, CH,
@@ -134,7 +138,7 @@ def _core_fwd_kernel(
         tl.store(y_base + p[:, None] * sy_l, y.to(y_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sg_c", "su_c", "sd_c"])
 def _core_bwd_kernel(
     gy_ptr, u_ptr, xp_ptr, w_ptr, A_ptr, D_ptr, bias_ptr, hws_ptr,
     du_ptr, ddt_ptr, dA_ptr, dbc_ptr, dD_ptr, dbias_ptr,
@@ -277,8 +281,7 @@ def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta
     (K, C, R) the Δ projections; A (K*C, N) float32; D, delta_bias (K*C,) (D may be None).
     """
     batch, length, channels, routes, rank, state = _shapes(u, xp, dt_weight, A, nseq)
-    cfg = default_config(channels, state, False, length, u.element_size())
-    cfg.update(config or {})
+    cfg = _config(channels, state, False, config, length, u.element_size())
     y = torch.empty(routes, batch, length, channels, device=u.device, dtype=out_dtype or u.dtype)
     if y.numel() == 0:
         return y
@@ -304,8 +307,7 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
     dA (K*C, N), dD (K*C,) or None and ddelta_bias (K*C,), float32. All reductions are deterministic.
     """
     batch, length, channels, routes, rank, state = _shapes(u, xp, dt_weight, A, nseq)
-    cfg = default_config(channels, state, True, length, u.element_size())
-    cfg.update(config or {})
+    cfg = _config(channels, state, True, config, length, u.element_size())
     dev, f32 = u.device, torch.float32
     n_blk = triton.cdiv(channels, cfg["BLOCK_D"])
     n_chunks = triton.cdiv(length, cfg["BLOCK_T"])

@@ -1,0 +1,90 @@
+"""Block-size sweep of the fused SS2D core kernels at the stage shapes of a VMamba model (CUDA).
+
+    PYTHONPATH=src python benchmarks/gpu_ss2d_sweep.py [--model vmamba_tiny_s1l8] [--dtype bfloat16]
+
+For every stage: forward and backward kernel time per configuration (BLOCK_D, BLOCK_T, num_warps,
+PREFETCH), the default configuration's time, and the best one. Used to set ``default_config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+
+
+def timed(fn, warmup=2, iters=10):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def stage_inputs(ss2d, batch, size, dtype):
+    from vmamba.ops.ss2d_core import _projections
+
+    x = torch.randn(batch, size, size, ss2d.d_inner, device="cuda", dtype=dtype)
+    u, xp = _projections(x, ss2d.x_proj_weight.detach())
+    A, D, bias = (t.detach().contiguous() for t in ss2d._scan_parameters(0, ss2d.routes))
+    return u, xp, ss2d.dt_projs_weight.detach(), A, D, bias
+
+
+def sweep_stage(ss2d, batch, size, dtype):
+    from vmamba.ops.triton import ss2d_core as k
+
+    u, xp, w, A, D, bias = stage_inputs(ss2d, batch, size, dtype)
+    args = (u, xp, w, A, D, bias, size, size, 2)
+    gy = torch.randn(ss2d.routes, *u.shape, device="cuda", dtype=dtype)
+    results = {"fwd": [], "bwd": []}
+    for block_d, block_t, warps, prefetch in itertools.product((16, 32, 64), (8, 16, 32), (1, 2), (0, 1)):
+        if block_d * ss2d.d_state < 32 * warps:
+            continue
+        cfg = {"BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": warps, "PREFETCH": prefetch}
+        try:
+            ms = timed(lambda cfg=cfg: k.ss2d_scan_fwd(*args, config=cfg))
+            results["fwd"].append((ms, cfg))
+            if not prefetch:
+                ms = timed(lambda cfg=cfg: k.ss2d_scan_bwd(gy, *args, config=cfg))
+                results["bwd"].append((ms, cfg))
+        except Exception as exc:  # noqa: BLE001 - a configuration that does not compile is skipped
+            print("skip", cfg, type(exc).__name__, str(exc)[:100], flush=True)
+    default = {"fwd": timed(lambda: k.ss2d_scan_fwd(*args)), "bwd": timed(lambda: k.ss2d_scan_bwd(gy, *args))}
+    return {name: {"default_ms": default[name], "best": sorted(rows, key=lambda r: r[0])[:4]}
+            for name, rows in results.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="vmamba_tiny_s1l8")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--stages", default="1,2,3,4")
+    parser.add_argument("--out", default="gpu_ss2d_sweep.json")
+    args = parser.parse_args()
+    import vmamba
+    from vmamba.layers.ss2d import SS2D
+
+    model = vmamba.create_model(args.model).cuda()
+    dtype = getattr(torch, args.dtype)
+    out = {}
+    for stage, layer in enumerate(model.layers):
+        if str(stage + 1) not in args.stages.split(","):
+            continue
+        ss2d = next(m for m in layer.modules() if isinstance(m, SS2D))
+        size = 56 >> stage
+        out[stage + 1] = sweep_stage(ss2d, args.batch, size, dtype)
+        print(stage + 1, json.dumps(out[stage + 1]), flush=True)
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
