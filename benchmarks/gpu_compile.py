@@ -1,0 +1,51 @@
+"""torch.compile(fullgraph=True) against eager for a VMamba model: bf16 inference throughput (CUDA).
+
+    PYTHONPATH=src python benchmarks/gpu_compile.py [--model vmamba_tiny_s1l8] [--batch 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def throughput(fn, x, warmup=3, iters=10):
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(warmup):
+            fn(x)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn(x)
+        end.record()
+        torch.cuda.synchronize()
+    return x.shape[0] * iters * 1000 / start.elapsed_time(end)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="vmamba_tiny_s1l8")
+    parser.add_argument("--batch", type=int, default=128)
+    args = parser.parse_args()
+    import vmamba
+
+    torch.backends.cudnn.benchmark = True
+    model = vmamba.create_model(args.model).cuda().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    eager = throughput(model, x)
+    compiled = torch.compile(model, fullgraph=True)
+    t0 = time.time()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        diff = (compiled(x).float() - model(x).float()).abs().max().item()
+    row = {"model": args.model, "batch": args.batch, "compile_s": time.time() - t0, "max_abs_diff": diff,
+           "eager_img_s": eager, "compiled_img_s": throughput(compiled, x)}
+    row["compiled_vs_eager"] = row["compiled_img_s"] / eager
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
