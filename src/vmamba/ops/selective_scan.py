@@ -31,12 +31,20 @@ class ScanBackend(str, enum.Enum):
 _default_backend: ScanBackend | None = None
 
 
-def triton_available() -> bool:
-    """True when the Triton package can be imported (it is never imported just to check)."""
+def _find_triton() -> bool:
     try:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):  # a broken or stubbed-out installation counts as absent
         return False
+
+
+# Looked up once at import: torch.compile then traces backend resolution as a constant.
+_TRITON_FOUND = _find_triton()
+
+
+def triton_available() -> bool:
+    """True when the Triton package can be imported (it is never imported just to check)."""
+    return _TRITON_FOUND
 
 
 def set_default_backend(backend: "ScanBackend | str | None") -> None:

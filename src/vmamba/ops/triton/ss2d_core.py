@@ -68,6 +68,22 @@ def _load_step(u_base, xp_base, w_base, t, L, H, W, rev, cols, mask_d, offs_n, m
 
 
 @triton.jit
+def _load_step_bwd(u_base, dl_base, xp_base, t, L, H, W, rev, cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l,
+                   R: tl.constexpr, N: tl.constexpr):
+    """As :func:`_load_step`, with the raw Δ read from its materialised (K, batch, L, C) tensor."""
+    mask_t = (t < L) & (t >= 0)
+    p = _pixel(t, L, H, W, rev, cols).to(tl.int64)
+    m2 = mask_t[:, None] & mask_d[None, :]
+    mtn = mask_t[:, None] & mask_n[None, :]
+    u = tl.load(u_base + p[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
+    raw = tl.load(dl_base + p[:, None] * sd_l, mask=m2, other=0.0).to(tl.float32)
+    row = xp_base + p * sxp_l
+    Bt = tl.load(row[:, None] + R + offs_n[None, :], mask=mtn, other=0.0).to(tl.float32)
+    Ct = tl.load(row[:, None] + (R + N) + offs_n[None, :], mask=mtn, other=0.0).to(tl.float32)
+    return u, raw, Bt, Ct, p, m2
+
+
+@triton.jit
 def _scan_tile(a, x, h, first, last):
     x = tl.where(first, x + a * h[None, :, :], x)
     _, hs = tl.associative_scan((a, x), 0, _combine)
@@ -141,10 +157,10 @@ def _core_fwd_kernel(
 # is faster specialised.)
 @triton.jit(do_not_specialize=["sg_c", "su_c", "sd_c"])
 def _core_bwd_kernel(
-    gy_ptr, u_ptr, xp_ptr, w_ptr, A_ptr, D_ptr, bias_ptr, hws_ptr,
+    gy_ptr, u_ptr, xp_ptr, dl_ptr, A_ptr, D_ptr, bias_ptr, hws_ptr,
     du_ptr, ddt_ptr, dA_ptr, dbc_ptr, dD_ptr, dbias_ptr,
     L, H, W, CH, KC, n_chunks,
-    sg_k, sg_b, sg_l, sg_c, su_b, su_l, su_c, sxp_b, sxp_l, sxp_k, sw_k, sw_c, sw_r,
+    sg_k, sg_b, sg_l, sg_c, su_b, su_l, su_c, sxp_b, sxp_l, sxp_k,
     sd_k, sd_b, sd_l, sd_c, sbc_blk, sbc_b, sbc_l, sbc_k,
     R: tl.constexpr, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -173,7 +189,7 @@ def _core_bwd_kernel(
     u_base = u_ptr + b * su_b + c64 * su_c
     gy_base = gy_ptr + k * sg_k + b * sg_b + c64 * sg_c
     xp_base = xp_ptr + b * sxp_b + k * sxp_k
-    w_base = w_ptr + k * sw_k + offs_c * sw_c
+    dl_base = dl_ptr + k * sd_k + b * sd_b + c64 * sd_c  # raw Δ, laid out like du and ddelta
     du_base = du_ptr + k * sd_k + b * sd_b + c64 * sd_c
     ddt_base = ddt_ptr + k * sd_k + b * sd_b + c64 * sd_c
     # dB / dC partials of this channel block: (blocks, batch, L, K, 2N) float32
@@ -186,8 +202,8 @@ def _core_bwd_kernel(
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     for c in range(0, n_chunks):
         tl.store(hws_base + c * BLOCK_N, h, mask=mdn)
-        u, raw, Bt, Ct, p, m2 = _load_step(u_base, xp_base, w_base, c * BLOCK_T + offs_t, L, H, W, rev, cols,
-                                           mask_d, offs_n, mask_n, su_l, sxp_l, sw_r, R, N)
+        u, raw, Bt, Ct, p, m2 = _load_step_bwd(u_base, dl_base, xp_base, c * BLOCK_T + offs_t, L, H, W, rev,
+                                               cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, R, N)
         dt = raw + bias[None, :]
         if SOFTPLUS:
             dt = _softplus(dt)
@@ -205,13 +221,12 @@ def _core_bwd_kernel(
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
         t = c * BLOCK_T + offs_t
-        u, raw, Bt, Ct, p, m2 = _load_step(u_base, xp_base, w_base, t, L, H, W, rev, cols, mask_d, offs_n,
-                                           mask_n, su_l, sxp_l, sw_r, R, N)
+        u, raw, Bt, Ct, p, m2 = _load_step_bwd(u_base, dl_base, xp_base, t, L, H, W, rev, cols, mask_d, offs_n,
+                                               mask_n, su_l, sd_l, sxp_l, R, N)
         tn = t + 1
-        mask_tn = tn < L
-        m2n = mask_tn[:, None] & mask_d[None, :]
+        m2n = (tn < L)[:, None] & mask_d[None, :]
         pn = _pixel(tn, L, H, W, rev, cols).to(tl.int64)
-        rawn = _raw_delta(xp_base + pn * sxp_l, w_base, mask_tn, mask_d, m2n, sw_r, R)
+        rawn = tl.load(dl_base + pn[:, None] * sd_l, mask=m2n, other=0.0).to(tl.float32)
         mtn = (t < L)[:, None] & mask_n[None, :]
         gy = tl.load(gy_base + p[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
         h0 = tl.load(hws_base + c * BLOCK_N, mask=mdn, other=0.0)
@@ -322,12 +337,16 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
     if du.numel() == 0:
         return du, ddelta, dbc.sum(0), dA.sum(0), dD.sum(0) if D is not None else None, dbias.sum(0)
     hws = torch.empty(batch, kc, n_chunks, cfg["BLOCK_N"], device=dev, dtype=f32)
+    # Δ without bias, in du's layout: one batched GEMM here is cheaper than recomputing it three
+    # times per step inside the kernel.
+    dt_low = xp[..., :rank].permute(2, 0, 1, 3).reshape(routes, batch * length, rank)
+    delta = torch.bmm(dt_low, dt_weight.to(u.dtype).transpose(1, 2)).view(du.shape)
     grid = (n_blk, routes, batch)
     _core_bwd_kernel[grid](
-        grad_y, u, xp, dt_weight, A, D if D is not None else A, delta_bias, hws,
+        grad_y, u, xp, delta, A, D if D is not None else A, delta_bias, hws,
         du, ddelta, dA, dbc, dD, dbias,
         length, height, width, channels, kc, n_chunks,
-        *grad_y.stride(), *u.stride(), xp.stride(0), xp.stride(1), xp.stride(2), *dt_weight.stride(),
+        *grad_y.stride(), *u.stride(), xp.stride(0), xp.stride(1), xp.stride(2),
         *du.stride(), dbc.stride(0), dbc.stride(1), dbc.stride(2), dbc.stride(3),
         R=rank, N=state, NSEQ=nseq, HAS_D=D is not None, SOFTPLUS=bool(delta_softplus),
         BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"],
