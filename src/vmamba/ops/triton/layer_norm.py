@@ -30,7 +30,7 @@ import triton.language as tl
 TILE_BYTES = 8192
 MAX_BLOCK_M = 128
 # Programs per streaming multiprocessor for the backward (each accumulates its own dw/db partials).
-BWD_PROGRAMS_PER_SM = 4
+BWD_PROGRAMS_PER_SM = 16
 # Without a GPU (the interpreter) a handful of programs is enough and keeps the workspace small.
 INTERPRETER_PROGRAMS = 8
 
