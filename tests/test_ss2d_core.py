@@ -166,3 +166,26 @@ def test_ss2d_fused_path_matches_unfused(monkeypatch, channel_first, core, gate,
     assert _rel(dx, dx_ref) < 1e-5
     for name, g in grads_ref.items():
         assert _rel(grads[name], g) < 1e-5, name
+
+
+def test_fused_core_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementations and autograd registration agree with the real kernels,
+    which is what torch.compile(fullgraph=True) relies on."""
+    from vmamba.ops import ss2d_core as core
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 3, 4, 6, generator=g, device="cpu").to(DEVICE)
+    wx, wdt, A, D, bias = (t.to(DEVICE) for t in _params(ScanMode.CROSS2D, 6, 2, 1, seed=11))
+    inputs = [t.requires_grad_() for t in (x, wx, wdt, A, D, bias)]
+    torch.library.opcheck(core._core_fwd, (*inputs, 2))
+    grad = torch.randn(4, 1, 3, 4, 6, generator=g).to(DEVICE)
+    torch.library.opcheck(core._core_bwd, (grad, x.detach(), wx.detach(), wdt.detach(), A.detach(), D.detach(),
+                                           bias.detach(), 2))
+
+
+def test_fused_core_only_on_cuda():
+    """On CPU tensors SS2D keeps the composition (the fused core is a CUDA path)."""
+    from vmamba.layers.ss2d import SS2D, SS2DConfig
+
+    layer = SS2D(8, SS2DConfig(), channel_first=True)
+    assert not layer._uses_fused_core(torch.randn(1, 8, 4, 4))
