@@ -258,53 +258,6 @@ def bench_cross(results, copy_gbs):
                       flush=True)
 
 
-def bench_routes(results, copy_gbs):
-    """Route-aware scan (2 sequences, reversed routes read in-kernel) vs cross_scan -> scan -> cross_merge."""
-    from vmamba.ops.triton.routes import merge_routes, route_sequences, selective_scan_routes
-
-    print("== routes mode vs materialised routes (cross2d, N=1)", flush=True)
-    for dtype in (torch.float32, torch.bfloat16):
-        for c, hw in ((96, 56), (192, 28)):
-            length, n = hw * hw, 1
-            x = torch.randn(BATCH, c, hw, hw, device=DEVICE).to(dtype)
-            _, delta, A, B, C, D, bias = make_inputs(BATCH, K * c, n, length, dtype, seed=3)
-
-            def to_route(t, per):
-                return torch.cat([p if k < 2 else p.flip(-1) for k, p in enumerate(t.split(per, 1))], 1).contiguous()
-
-            delta_r, B_r, C_r = to_route(delta, c), to_route(B, 1), to_route(C, 1)
-
-            def materialised(x, delta_r, B_r, C_r):
-                xs = cross_scan_triton(x, "cross2d").view(BATCH, K * c, length)
-                y = selective_scan(xs, delta_r, A, B_r, C_r, D, bias, True, backend="triton")
-                return cross_merge_triton(y.view(BATCH, K, c, length), hw, hw, "cross2d")
-
-            def routes(x, delta, B, C):
-                seqs = route_sequences(x, "cross2d").reshape(BATCH, 2 * c, length)
-                y = selective_scan_routes(seqs, delta, A, B, C, D, bias, True, nseq=2)
-                return merge_routes(y.view(BATCH, K, c, length), hw, hw, "cross2d")
-
-            m1 = materialised(x, delta_r, B_r, C_r)
-            m2 = routes(x, delta, B, C)
-            err = rel(m2, m1)
-            t_mat = bench(lambda: materialised(x, delta_r, B_r, C_r))
-            t_rou = bench(lambda: routes(x, delta, B, C))
-            gm = torch.randn_like(m1)
-            leaves_m = [t.detach().requires_grad_() for t in (x, delta_r, B_r, C_r)]
-            leaves_r = [t.detach().requires_grad_() for t in (x, delta, B, C)]
-            materialised(*leaves_m).backward(gm)
-            routes(*leaves_r).backward(gm)
-            gerr = max(rel(a.grad, b.grad) for a, b in zip(leaves_r[:1], leaves_m[:1]))
-            t_mat_b = bench(lambda: materialised(*leaves_m).backward(gm), grad_to_none=leaves_m)
-            t_rou_b = bench(lambda: routes(*leaves_r).backward(gm), grad_to_none=leaves_r)
-            row = {"dtype": str(dtype).replace("torch.", ""), "C": c, "HW": hw, "rel_err": err, "dx_rel_err": gerr,
-                   "materialised_fwd_ms": t_mat, "routes_fwd_ms": t_rou,
-                   "materialised_fwd_bwd_ms": t_mat_b, "routes_fwd_bwd_ms": t_rou_b}
-            results.setdefault("routes", []).append(row)
-            print(f"routes {row['dtype']} C={c} {hw}x{hw}: fwd {t_rou:.3f} ms vs materialised {t_mat:.3f} | "
-                  f"fwd+bwd {t_rou_b:.3f} vs {t_mat_b:.3f} | rel err {err:.1e}, dx {gerr:.1e}", flush=True)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="gpu_scan.json")
@@ -313,7 +266,6 @@ def main():
     parser.add_argument("--no-sweep", action="store_true", help="time the default configs only")
     parser.add_argument("--models", default="", help="comma-separated subset of " + ",".join(MODELS))
     parser.add_argument("--no-cross", action="store_true")
-    parser.add_argument("--routes", action="store_true", help="also time the route-aware scan")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -335,8 +287,6 @@ def main():
             json.dump(results, f, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else o)
 
     sections = [lambda: bench_scan(results, copy_gbs, args.quick, args.no_sweep, models)]
-    if args.routes:
-        sections.insert(0, lambda: bench_routes(results, copy_gbs))
     if not args.no_cross:
         sections.append(lambda: bench_cross(results, copy_gbs))
     if not args.skip_correctness:

@@ -69,12 +69,9 @@ def _load_delta(dt_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.conste
 
 
 @triton.jit
-def _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n, su_l, sdt_l, sB_l, sC_l,
-                REV: tl.constexpr):
+def _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n, su_l, sdt_l, sB_l, sC_l):
     """(T, D) tiles of u and raw delta, (T, N) tiles of B and C at positions t (float32, 0 outside)."""
     mask_t = t < L
-    if REV:  # a reversed route prefetches downwards, past position 0
-        mask_t = mask_t & (t >= 0)
     m2 = mask_t[:, None] & mask_d[None, :]
     mtn = mask_t[:, None] & mask_n[None, :]
     u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
@@ -88,8 +85,8 @@ def _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n, su_l, sdt
 def _scan_chunk(a, x, h, first, last, REV: tl.constexpr):
     """States of one chunk given the carried state h; returns (states, carry for the next chunk).
 
-    Forward routes run up the positions (carry enters at the first, leaves at the last position);
-    reversed routes (REV) run down them, so tiles stay in ascending address order (vector loads).
+    REV=False runs up the positions (carry enters at the first, leaves at the last position): the
+    forward recurrence. REV=True runs down them: the backward's adjoint.
     """
     if REV:
         x = tl.where(last, x + a * h[None, :, :], x)
@@ -105,30 +102,23 @@ def _scan_chunk(a, x, h, first, last, REV: tl.constexpr):
 # All register tiles are laid out (T, D, N): time is the slowest axis, so with BLOCK_D * BLOCK_N at
 # least the number of threads, every thread holds all BLOCK_T steps of its (d, n) pairs and the
 # associative scan along axis 0 runs as a plain sequential loop in registers (no shuffles).
-#
-# Routes mode (NSEQ > 0, see routes.py): u holds NSEQ sequences shared by groups k and k + NSEQ;
-# groups k >= NSEQ are launched separately with REV=True and walk their sequence backwards.
 
 
 @triton.jit
 def _ss_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr,
-    L, N, CG, k_off,
+    L, N, CG,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
     sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias, sy_b, sy_d,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
-    NSEQ: tl.constexpr, REV: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
-    k = tl.program_id(1) + k_off
+    k = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_c < CG
     d = (k * CG + offs_c).to(tl.int64)
-    ud = d
-    if NSEQ > 0:
-        ud = ((k % NSEQ) * CG + offs_c).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_t = tl.arange(0, BLOCK_T)
@@ -142,34 +132,30 @@ def _ss_fwd_kernel(
     if HAS_D:
         dskip = tl.load(D_ptr + d * sD, mask=mask_d, other=0.0).to(tl.float32)
 
-    u_base = u_ptr + b * su_b + ud[None, :] * su_d
+    u_base = u_ptr + b * su_b + d[None, :] * su_d
     dt_base = dt_ptr + b * sdt_b + d[None, :] * sdt_d
     y_base = y_ptr + b * sy_b + d[None, :] * sy_d
     B_base = B_ptr + b * sB_b + k * sB_k + offs_n[None, :] * sB_n
     C_base = C_ptr + b * sC_b + k * sC_k + offs_n[None, :] * sC_n
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
-    step: tl.constexpr = -BLOCK_T if REV else BLOCK_T
 
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    t_start = offs_t
-    if REV:  # start at the last chunk
-        t_start = (tl.cdiv(L, BLOCK_T) - 1) * BLOCK_T + offs_t
     if PREFETCH:
-        u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, t_start, L, mask_d, mask_n,
-                                               su_l, sdt_l, sB_l, sC_l, REV)
-    for t0 in range(0, L, BLOCK_T):  # cdiv(L, BLOCK_T) chunks, walked down the positions if REV
-        t = t_start - t0 if REV else t_start + t0
+        u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, offs_t, L, mask_d, mask_n,
+                                               su_l, sdt_l, sB_l, sC_l)
+    for t0 in range(0, L, BLOCK_T):
+        t = offs_t + t0
         mask_t = t < L
         m2 = mask_t[:, None] & mask_d[None, :]
         if PREFETCH:
             # software pipelining: the next chunk's loads are in flight during this chunk's scan
             u, raw, Bt, Ct = u_nx, raw_nx, B_nx, C_nx
-            u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, t + step, L, mask_d,
-                                                   mask_n, su_l, sdt_l, sB_l, sC_l, REV)
+            u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, t + BLOCK_T, L, mask_d,
+                                                   mask_n, su_l, sdt_l, sB_l, sC_l)
         else:
             u, raw, Bt, Ct = _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n,
-                                         su_l, sdt_l, sB_l, sC_l, REV)
+                                         su_l, sdt_l, sB_l, sC_l)
         if HAS_BIAS:
             raw = raw + bias[None, :]
         dt = raw
@@ -178,7 +164,7 @@ def _ss_fwd_kernel(
         dt = tl.where(m2, dt, 0.0)
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         x = (dt * u)[:, :, None] * Bt[:, None, :]
-        hs, h = _scan_chunk(a, x, h, first, last, REV)
+        hs, h = _scan_chunk(a, x, h, first, last, False)
         y = tl.sum(hs * Ct[:, None, :], axis=2)
         if HAS_D:
             y += dskip[None, :] * u
@@ -189,23 +175,19 @@ def _ss_fwd_kernel(
 def _ss_bwd_kernel(
     gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, hws_ptr,
     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-    L, N, CG, n_chunks, KC, k_off,
+    L, N, CG, n_chunks, KC,
     sg_b, sg_d, sg_l, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
     sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias,
     sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, NSEQ: tl.constexpr,
-    REV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
-    k = tl.program_id(1) + k_off
+    k = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_c < CG
     d = (k * CG + offs_c).to(tl.int64)
-    ud = d
-    if NSEQ > 0:
-        ud = ((k % NSEQ) * CG + offs_c).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     mdn = mask_d[:, None] & mask_n[None, :]
@@ -220,7 +202,7 @@ def _ss_bwd_kernel(
     if HAS_D:
         dskip = tl.load(D_ptr + d * sD, mask=mask_d, other=0.0).to(tl.float32)
 
-    u_base = u_ptr + b * su_b + ud[None, :] * su_d
+    u_base = u_ptr + b * su_b + d[None, :] * su_d
     dt_base = dt_ptr + b * sdt_b + d[None, :] * sdt_d
     gy_base = gy_ptr + b * sg_b + d[None, :] * sg_d
     du_base = du_ptr + b * sdu_b + d[None, :] * sdu_d
@@ -234,12 +216,9 @@ def _ss_bwd_kernel(
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
 
-    # Pass 1: along the route, storing the state entering each chunk.
+    # Pass 1: forwards along L, storing the state entering each chunk.
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    for i in range(0, n_chunks):
-        c = i
-        if REV:
-            c = n_chunks - 1 - i
+    for c in range(0, n_chunks):
         tl.store(hws_base + c * BLOCK_N, h, mask=mdn)
         t = c * BLOCK_T + offs_t
         mask_t = t < L
@@ -250,29 +229,22 @@ def _ss_bwd_kernel(
         Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         x = (dt * u)[:, :, None] * Bt[:, None, :]
-        _, h = _scan_chunk(a, x, h, first, last, REV)
+        _, h = _scan_chunk(a, x, h, first, last, False)
     tl.debug_barrier()
 
-    # Pass 2: chunks against the route; adjoint state g carried in registers.
-    # Adjoint: g_t = C_t gy_t + a_{t'} g_{t'} with t' the route's next step (t + 1, or t - 1 if REV).
+    # Pass 2: chunks in reverse; adjoint state g_t = C_t gy_t + a_{t+1} g_{t+1} carried in registers.
     g = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
-        if REV:
-            c = i
         t = c * BLOCK_T + offs_t
         mask_t = t < L
         m2 = mask_t[:, None] & mask_d[None, :]
         mtn = mask_t[:, None] & mask_n[None, :]
-        if REV:
-            tn = t - 1
-            m2n = (mask_t & (tn >= 0))[:, None] & mask_d[None, :]
-        else:
-            tn = t + 1
-            m2n = (tn < L)[:, None] & mask_d[None, :]
+        tn = t + 1
+        m2n = (tn < L)[:, None] & mask_d[None, :]
         u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
         gy = tl.load(gy_base + t[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
         raw, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
@@ -284,12 +256,12 @@ def _ss_bwd_kernel(
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         dtu = dt * u
         x = dtu[:, :, None] * Bt[:, None, :]
-        hs, _ = _scan_chunk(a, x, h0, first, last, REV)
+        hs, _ = _scan_chunk(a, x, h0, first, last, False)
 
         an = tl.where(m2n[:, :, None], tl.exp2(dtn[:, :, None] * A2[None, :, :]), 0.0)
         cg = Ct[:, None, :] * gy[:, :, None]
-        # the adjoint runs against the route: the mirror image of _scan_chunk
-        gs, g = _scan_chunk(an, cg, g, first, last, not REV)
+        # the adjoint runs down the positions
+        gs, g = _scan_chunk(an, cg, g, first, last, True)
 
         gl = gs * (hs - x)  # g_t a_t h_{t-1}: gradient with respect to Δ_t A
         dA_acc += tl.sum(gl * dt[:, :, None], axis=0)
@@ -365,7 +337,7 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
             "PREFETCH": prefetch}
 
 
-def _check(u, delta, A, B, C, nseq=0):
+def _check(u, delta, A, B, C):
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         if t.dtype == torch.float64:
             raise TypeError(f"the triton selective scan does not take float64 inputs ({name})")
@@ -374,11 +346,7 @@ def _check(u, delta, A, B, C, nseq=0):
     if channels % groups:
         raise ValueError("channels must split evenly into the groups of B and C")
     cg = channels // groups
-    if nseq:
-        if groups != 2 * nseq or tuple(u.shape) != (batch, nseq * cg, length):
-            raise ValueError(f"routes mode: expected K = 2*nseq = {2 * nseq} groups and u of shape "
-                             f"{(batch, nseq * cg, length)}, got K={groups}, u {tuple(u.shape)}")
-    elif tuple(u.shape) != tuple(delta.shape):
+    if tuple(u.shape) != tuple(delta.shape):
         raise ValueError(f"u shape {tuple(u.shape)} != delta shape {tuple(delta.shape)}")
     return batch, channels, length, groups, cg, A.shape[1]
 
@@ -394,14 +362,9 @@ def _config(cg, state, backward, overrides, length=None, elem_size=4):
     return cfg
 
 
-def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, config=None, nseq=0):
-    """Forward selective scan; returns y (batch, KC, L) float32. See the module docstring.
-
-    ``nseq > 0`` selects routes mode (see :func:`selective_scan_routes`): K = 2*nseq groups, u holds
-    only the nseq distinct sequences (batch, nseq*C, L) and group k >= nseq scans sequence k - nseq
-    backwards; delta, B, C and y stay in sequence order.
-    """
-    batch, channels, length, groups, cg, state = _check(u, delta, A, B, C, nseq)
+def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, config=None):
+    """Forward selective scan; returns y (batch, KC, L) float32. See the module docstring."""
+    batch, channels, length, groups, cg, state = _check(u, delta, A, B, C)
     cfg = _config(cg, state, False, config, length, u.element_size())
     y = torch.empty(batch, channels, length, device=u.device, dtype=torch.float32)
     if y.numel() == 0:
@@ -409,34 +372,29 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     dummy = y
     Dt = D if D is not None else dummy
     bt = delta_bias if delta_bias is not None else dummy
-    # routes mode: groups [0, nseq) walk their sequence forwards, [nseq, 2 nseq) backwards (REV)
-    launches = [(0, groups, False)] if not nseq else [(0, nseq, False), (nseq, nseq, True)]
-    for k_off, n_groups, rev in launches:
-        grid = (triton.cdiv(cg, cfg["BLOCK_D"]), n_groups, batch)
-        _ss_fwd_kernel[grid](
-            u, delta, A, B, C, Dt, bt, y,
-            length, state, cg, k_off,
-            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
-            Dt.stride(0), bt.stride(0), y.stride(0), y.stride(1),
-            HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
-            PREFETCH=bool(cfg.get("PREFETCH", 0)), NSEQ=int(nseq), REV=rev, num_warps=cfg["num_warps"],
-        )
+    grid = (triton.cdiv(cg, cfg["BLOCK_D"]), groups, batch)
+    _ss_fwd_kernel[grid](
+        u, delta, A, B, C, Dt, bt, y,
+        length, state, cg,
+        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
+        Dt.stride(0), bt.stride(0), y.stride(0), y.stride(1),
+        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
+        PREFETCH=bool(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"],
+    )
     return y
 
 
 def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True,
-                       deterministic=None, config=None, nseq=0):
+                       deterministic=None, config=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias), float32; dD / ddelta_bias None if absent.
 
     dB / dC partials of the channel blocks of a group go to a workspace summed afterwards (deterministic);
     only when that workspace would exceed ``WORKSPACE_LIMIT_BYTES`` and ``deterministic`` is false
     (default: the ``VMAMBA_DETERMINISTIC`` environment variable or
     ``torch.are_deterministic_algorithms_enabled()``) are they reduced with atomics instead.
-    ``nseq > 0``: routes mode (see :func:`selective_scan_fwd`); du then has u's shape (the two routes
-    reading each sequence are summed).
     """
-    batch, channels, length, groups, cg, state = _check(u, delta, A, B, C, nseq)
+    batch, channels, length, groups, cg, state = _check(u, delta, A, B, C)
     cfg = _config(cg, state, True, config, length, u.element_size())
     dev = u.device
     f32 = torch.float32
@@ -472,23 +430,19 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
     dummy = du
     Dt = D if D is not None else dummy
     bt = delta_bias if delta_bias is not None else dummy
-    launches = [(0, groups, False)] if not nseq else [(0, nseq, False), (nseq, nseq, True)]
-    for k_off, n_groups, rev in launches:
-        grid = (n_blk, n_groups, batch)
-        _ss_bwd_kernel[grid](
-            grad_out, u, delta, A, B, C, Dt, bt, hws,
-            du, ddelta, dA_part, dB_ws, dC_ws,
-            dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
-            length, state, cg, n_chunks, channels, k_off,
-            *grad_out.stride(), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
-            Dt.stride(0), bt.stride(0),
-            du.stride(0), du.stride(1), dB_ws.stride(0), dB_ws.stride(1), blk_stride, dB_ws.stride(-2),
-            HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
-            BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], NSEQ=int(nseq), REV=rev,
-            num_warps=cfg["num_warps"],
-        )
-    if nseq:
-        du = du.view(batch, 2, nseq * cg, length).sum(1)
+    grid = (n_blk, groups, batch)
+    _ss_bwd_kernel[grid](
+        grad_out, u, delta, A, B, C, Dt, bt, hws,
+        du, ddelta, dA_part, dB_ws, dC_ws,
+        dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
+        length, state, cg, n_chunks, channels,
+        *grad_out.stride(), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
+        Dt.stride(0), bt.stride(0),
+        du.stride(0), du.stride(1), dB_ws.stride(0), dB_ws.stride(1), blk_stride, dB_ws.stride(-2),
+        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
+        num_warps=cfg["num_warps"],
+    )
     if atomic:
         dB, dC = dB_ws, dC_ws
     elif n_blk == 1:
