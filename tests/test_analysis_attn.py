@@ -111,6 +111,20 @@ def test_route_orders_match_reference_file():
         assert orders[k].tolist() == visited
 
 
+def test_attention_map_through_the_fused_core(monkeypatch):
+    """On CUDA, SS2D runs the fused core instead of _scan_2d: the map is captured all the same
+    (forced here on the CPU under the Triton interpreter)."""
+    pytest.importorskip("triton")
+    from vmamba import create_model
+
+    model = create_model("vmamba_tiny_s1l8", dims=8, depths=(1, 1, 1, 1), num_classes=0)
+    image = torch.randn(3, 32, 32)
+    reference = attention_map(model, image, stage=1, block=0)
+    monkeypatch.setattr(SS2D, "_uses_fused_core", lambda self, x: True)
+    fused = attention_map(model, image, stage=1, block=0)
+    torch.testing.assert_close(fused.map, reference.map)
+
+
 def test_attention_map_on_model_and_cascade_refused(tmp_path):
     from vmamba import create_model
 

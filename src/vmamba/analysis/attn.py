@@ -227,19 +227,25 @@ def find_ss2d(model: nn.Module, stage: int, block: int) -> SS2D:
 
 @contextlib.contextmanager
 def capture_scan_input(module: SS2D) -> Iterator[dict[str, Tensor]]:
-    """Within the context, ``store["x"]`` receives the map (b, di, H, W) fed to ``module``'s 2D scan."""
+    """Within the context, ``store["x"]`` receives the map (b, di, H, W) fed to ``module``'s 2D scan,
+    whether it runs as the composition (``_scan_2d``) or as the fused CUDA core."""
     store: dict[str, Tensor] = {}
-    original = module._scan_2d
+    names = ("_scan_2d", "_scan_routes_fused")
 
-    def wrapper(x: Tensor) -> Tensor:
-        store["x"] = x.detach()
-        return original(x)
+    def capturing(original):
+        def wrapper(x: Tensor) -> Tensor:
+            store["x"] = x.detach()
+            return original(x)
 
-    module._scan_2d = wrapper  # instance attribute shadows the method; removed on exit
+        return wrapper
+
+    for name in names:  # instance attributes shadow the methods; removed on exit
+        setattr(module, name, capturing(getattr(module, name)))
     try:
         yield store
     finally:
-        del module._scan_2d
+        for name in names:
+            delattr(module, name)
 
 
 @dataclasses.dataclass
