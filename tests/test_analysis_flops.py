@@ -67,6 +67,21 @@ def test_meta_count_equals_cpu_count_and_scales_with_batch():
     assert count_model_flops("vmamba_tiny_s1l8", 64, batch=3, **overrides).flops == 3 * meta.flops
 
 
+def test_cuda_kernel_paths_are_counted_as_the_composition(monkeypatch):
+    """On CUDA the fused SS2D core and the Triton LayerNorm are custom ops the counter cannot see
+    into; counting switches them off, so the count is the same as on the CPU (paths forced here)."""
+    import vmamba.ops.layer_norm as layer_norm
+    from vmamba import create_model
+    from vmamba.layers.ss2d import SS2D
+    from vmamba.ops.ss2d_core import fused_core_enabled
+
+    model = create_model("vmamba_tiny_s1l8", dims=16, depths=(1, 1, 1, 1), num_classes=10)
+    expected = count_flops(model, 64)
+    monkeypatch.setattr(SS2D, "_uses_fused_core", lambda self, x: fused_core_enabled())
+    monkeypatch.setattr(layer_norm, "_FORCE_TRITON", True)
+    assert count_flops(model, 64).flops == expected.flops
+
+
 def test_fvcore_einsum_rounding():
     # numpy prints the FLOP count with 4 significant digits, fvcore halves what it reads back.
     assert fvcore_einsum_flops("bkdl,kcd->bkcl", [(1, 4, 192, 3136), (4, 38, 192)]) == 91_500_000

@@ -32,6 +32,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from ..ops.layer_norm import use_triton_layer_norm
+from ..ops.ss2d_core import use_fused_core
+
 aten = torch.ops.aten
 SCAN_OPS = (torch.ops.vmamba.selective_scan_fwd, torch.ops.vmamba.selective_scan_bwd)
 CONVENTIONS = ("fvcore", "torch")
@@ -300,6 +303,10 @@ def count_flops(model: nn.Module, input_size: int | tuple[int, int] = 224, batch
     model.eval()
     try:
         with FlopCounterMode(display=False, custom_mapping=mapping) as counter, contextlib.ExitStack() as stack:
+            # The fused CUDA kernels compute the same arithmetic as the composition, but the counter
+            # cannot see inside custom ops: count the composition on every device.
+            stack.enter_context(use_fused_core(False))
+            stack.enter_context(use_triton_layer_norm(False))
             if einsum_rounding is None:
                 einsum_rounding = not _has_core(model, "v05")
             if convention == "fvcore" and einsum_rounding and not backward:
