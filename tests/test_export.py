@@ -61,6 +61,19 @@ def test_torch_export_dynamic_batch():
             assert relative_error(portable.module()(xb), expected) < TOL
 
 
+def test_export_never_traces_the_cuda_kernels(monkeypatch):
+    """On CUDA the LayerNorms would run as Triton custom ops; exported programs must hold aten's
+    layer norm instead (forced here on the CPU)."""
+    import vmamba.ops.layer_norm as layer_norm
+
+    monkeypatch.setattr(layer_norm, "_FORCE_TRITON", True)
+    model = vmamba.create_model("vmamba_tiny_s1l8", num_classes=5, **TINY).eval()
+    program = export_program(model, torch.randn(2, 3, 32, 32))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("vmamba" in t for t in targets), sorted(t for t in targets if "vmamba" in t)
+    assert any("layer_norm" in t for t in targets)
+
+
 def test_torch_export_backbone_and_saved_program(tmp_path):
     model = vmamba.create_model("vmamba_tiny_m2", features_only=True, out_indices=(0, 1), **TINY).eval()
     x = torch.randn(2, 3, 32, 32)

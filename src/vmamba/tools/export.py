@@ -2,7 +2,8 @@
 
 The selective scan is a custom op (with GPU kernels) that other runtimes do not know; exported
 programs are rewritten to the pure-tensor scan of :mod:`vmamba.ops.export` (unless asked to keep the
-op), so they run anywhere. Tracing always uses the torch backend's custom op, whatever the device.
+op), so they run anywhere. Tracing always uses the torch backend's custom op and aten's LayerNorm,
+whatever the device (the fused CUDA core and the Triton LayerNorm are never traced).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from ..ops import use_backend
 from ..ops.export import decompose_scans
+from ..ops.layer_norm import use_triton_layer_norm
 
 MAX_BATCH = 4096
 
@@ -36,7 +38,8 @@ def export_program(model: nn.Module, example: Tensor, dynamic_batch: bool = True
     """
     model.eval()
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},) if dynamic_batch else None
-    with use_backend("torch"), torch.no_grad():
+    # the torch scan backend also keeps SS2D off the fused CUDA core; LayerNorm stays aten's
+    with use_backend("torch"), use_triton_layer_norm(False), torch.no_grad():
         program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
     return decompose_scans(program) if decompose else program
 
