@@ -3,7 +3,8 @@
     PYTHONPATH=src python benchmarks/gpu_ss2d_sweep.py [--model vmamba_tiny_s1l8] [--dtype bfloat16]
 
 For every stage: forward and backward kernel time per configuration (BLOCK_D, BLOCK_T, num_warps,
-PREFETCH), the default configuration's time, and the best one. Used to set ``default_config``.
+PREFETCH, and for the forward DELTA_GEMM: Δ from one batched GEMM, timed with the GEMM), the default
+configuration's time, and the best one. Used to set ``default_config``.
 """
 
 from __future__ import annotations
@@ -44,14 +45,16 @@ def sweep_stage(ss2d, batch, size, dtype):
     args = (u, xp, w, A, D, bias, size, size, 2)
     gy = torch.randn(ss2d.routes, *u.shape, device="cuda", dtype=dtype)
     results = {"fwd": [], "bwd": []}
-    for block_d, block_t, warps, prefetch in itertools.product((16, 32, 64), (8, 16, 32), (1, 2), (0, 1)):
+    grid = itertools.product((16, 32, 64), (8, 16, 32), (1, 2), (0, 1), (0, 1))
+    for block_d, block_t, warps, prefetch, delta_gemm in grid:
         if block_d * ss2d.d_state < 32 * warps:
             continue
-        cfg = {"BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": warps, "PREFETCH": prefetch}
+        cfg = {"BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": warps, "PREFETCH": prefetch,
+               "DELTA_GEMM": delta_gemm}
         try:
             ms = timed(lambda cfg=cfg: k.ss2d_scan_fwd(*args, config=cfg))
             results["fwd"].append((ms, cfg))
-            if not prefetch:
+            if not prefetch and not delta_gemm:
                 ms = timed(lambda cfg=cfg: k.ss2d_scan_bwd(gy, *args, config=cfg))
                 results["bwd"].append((ms, cfg))
         except Exception as exc:  # noqa: BLE001 - a configuration that does not compile is skipped

@@ -8,8 +8,9 @@ Here every tensor stays in *pixel order* with channels contiguous (a channels-la
 * xp = u @ x_proj.T for all routes at once: (batch, L, K, R + 2N), holding per route the low-rank
   Δ input (R values), B (N) and C (N) of each pixel: a projection of a pixel does not depend on the
   order in which a route visits it, so one GEMM serves every route.
-* Δ = dt_proj_k · xp[..., :R] is computed inside the scan kernel (R multiply-adds per element) and
-  never stored.
+* Δ = dt_proj_k · xp[..., :R]: the forward computes it inside the scan kernel (R multiply-adds per
+  element, nothing stored) by default, or reads it from one batched GEMM's output (config
+  ``DELTA_GEMM=1``: benchmarks/gpu_ss2d_sweep.py times both); the backward always uses the GEMM.
 * y: (K, batch, L, C) in pixel order; the merge is then a sum over K (fused into the out-norm by
   :func:`vmamba.ops.layer_norm.layer_norm_sum`).
 
@@ -52,32 +53,23 @@ def _raw_delta(row, w_base, mask_t, mask_d, m2, sw_r, R: tl.constexpr):
 
 
 @triton.jit
-def _load_step(u_base, xp_base, w_base, t, L, H, W, rev, cols, mask_d, offs_n, mask_n, su_l, sxp_l, sw_r,
-               R: tl.constexpr, N: tl.constexpr):
-    """u and raw Δ (= dt_proj·xp[:R], no bias) as (T, D) tiles, B and C as (T, N) tiles, at steps t."""
+def _load_step(u_base, dl_base, xp_base, w_base, t, L, H, W, rev, cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l,
+               sw_r, R: tl.constexpr, N: tl.constexpr, DELTA_IN: tl.constexpr):
+    """u and raw Δ (no bias) as (T, D) tiles, B and C as (T, N) tiles, at route steps t; the pixels p(t).
+
+    Raw Δ is read from its materialised (K, batch, L, C) tensor (DELTA_IN), or computed here as
+    dt_proj · xp[:R] from the pixel's projections.
+    """
     mask_t = (t < L) & (t >= 0)
     p = _pixel(t, L, H, W, rev, cols).to(tl.int64)
     m2 = mask_t[:, None] & mask_d[None, :]
     mtn = mask_t[:, None] & mask_n[None, :]
     u = tl.load(u_base + p[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
     row = xp_base + p * sxp_l
-    raw = _raw_delta(row, w_base, mask_t, mask_d, m2, sw_r, R)
-    Bt = tl.load(row[:, None] + R + offs_n[None, :], mask=mtn, other=0.0).to(tl.float32)
-    Ct = tl.load(row[:, None] + (R + N) + offs_n[None, :], mask=mtn, other=0.0).to(tl.float32)
-    return u, raw, Bt, Ct, p, m2
-
-
-@triton.jit
-def _load_step_bwd(u_base, dl_base, xp_base, t, L, H, W, rev, cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l,
-                   R: tl.constexpr, N: tl.constexpr):
-    """As :func:`_load_step`, with the raw Δ read from its materialised (K, batch, L, C) tensor."""
-    mask_t = (t < L) & (t >= 0)
-    p = _pixel(t, L, H, W, rev, cols).to(tl.int64)
-    m2 = mask_t[:, None] & mask_d[None, :]
-    mtn = mask_t[:, None] & mask_n[None, :]
-    u = tl.load(u_base + p[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
-    raw = tl.load(dl_base + p[:, None] * sd_l, mask=m2, other=0.0).to(tl.float32)
-    row = xp_base + p * sxp_l
+    if DELTA_IN:
+        raw = tl.load(dl_base + p[:, None] * sd_l, mask=m2, other=0.0).to(tl.float32)
+    else:
+        raw = _raw_delta(row, w_base, mask_t, mask_d, m2, sw_r, R)
     Bt = tl.load(row[:, None] + R + offs_n[None, :], mask=mtn, other=0.0).to(tl.float32)
     Ct = tl.load(row[:, None] + (R + N) + offs_n[None, :], mask=mtn, other=0.0).to(tl.float32)
     return u, raw, Bt, Ct, p, m2
@@ -92,11 +84,12 @@ def _scan_tile(a, x, h, first, last):
 
 @triton.jit
 def _core_fwd_kernel(
-    u_ptr, xp_ptr, w_ptr, A_ptr, D_ptr, bias_ptr, y_ptr,
+    u_ptr, xp_ptr, w_ptr, dl_ptr, A_ptr, D_ptr, bias_ptr, y_ptr,
     L, H, W, CH,
     su_b, su_l, su_c, sxp_b, sxp_l, sxp_k, sw_k, sw_c, sw_r, sy_k, sy_b, sy_l, sy_c,
     R: tl.constexpr, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
+    DELTA_IN: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     k = tl.program_id(1)
@@ -121,22 +114,23 @@ def _core_fwd_kernel(
     xp_base = xp_ptr + b * sxp_b + k * sxp_k
     w_base = w_ptr + k * sw_k + offs_c * sw_c
     y_base = y_ptr + k * sy_k + b * sy_b + offs_c[None, :].to(tl.int64) * sy_c
+    dl_base = dl_ptr + k * sy_k + b * sy_b + offs_c[None, :].to(tl.int64) * sy_c  # raw Δ, laid out like y
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
 
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     if PREFETCH:
-        nx = _load_step(u_base, xp_base, w_base, offs_t, L, H, W, rev, cols, mask_d, offs_n, mask_n,
-                        su_l, sxp_l, sw_r, R, N)
+        nx = _load_step(u_base, dl_base, xp_base, w_base, offs_t, L, H, W, rev, cols, mask_d, offs_n, mask_n,
+                        su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN)
     for t0 in range(0, L, BLOCK_T):
         if PREFETCH:
             # software pipelining: the next chunk's loads are in flight during this chunk's scan
             u, raw, Bt, Ct, p, m2 = nx
-            nx = _load_step(u_base, xp_base, w_base, t0 + BLOCK_T + offs_t, L, H, W, rev, cols, mask_d, offs_n,
-                            mask_n, su_l, sxp_l, sw_r, R, N)
+            nx = _load_step(u_base, dl_base, xp_base, w_base, t0 + BLOCK_T + offs_t, L, H, W, rev, cols, mask_d,
+                            offs_n, mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN)
         else:
-            u, raw, Bt, Ct, p, m2 = _load_step(u_base, xp_base, w_base, t0 + offs_t, L, H, W, rev, cols,
-                                               mask_d, offs_n, mask_n, su_l, sxp_l, sw_r, R, N)
+            u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, w_base, t0 + offs_t, L, H, W, rev, cols,
+                                               mask_d, offs_n, mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN)
         dt = raw + bias[None, :]
         if SOFTPLUS:
             dt = _softplus(dt)
@@ -202,8 +196,8 @@ def _core_bwd_kernel(
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     for c in range(0, n_chunks):
         tl.store(hws_base + c * BLOCK_N, h, mask=mdn)
-        u, raw, Bt, Ct, p, m2 = _load_step_bwd(u_base, dl_base, xp_base, c * BLOCK_T + offs_t, L, H, W, rev,
-                                               cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, R, N)
+        u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, dl_base, c * BLOCK_T + offs_t, L, H, W, rev,
+                                           cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, 0, R, N, True)
         dt = raw + bias[None, :]
         if SOFTPLUS:
             dt = _softplus(dt)
@@ -221,8 +215,8 @@ def _core_bwd_kernel(
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
         t = c * BLOCK_T + offs_t
-        u, raw, Bt, Ct, p, m2 = _load_step_bwd(u_base, dl_base, xp_base, t, L, H, W, rev, cols, mask_d, offs_n,
-                                               mask_n, su_l, sd_l, sxp_l, R, N)
+        u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, dl_base, t, L, H, W, rev, cols, mask_d,
+                                           offs_n, mask_n, su_l, sd_l, sxp_l, 0, R, N, True)
         tn = t + 1
         m2n = (tn < L)[:, None] & mask_d[None, :]
         pn = _pixel(tn, L, H, W, rev, cols).to(tl.int64)
@@ -289,26 +283,36 @@ def _shapes(u, xp, dt_weight, A, nseq):
     return batch, length, channels, routes, rank, state
 
 
+def _delta_gemm(xp, dt_weight, rank, dtype):
+    """Δ before bias, (K, batch*L, C) in route-major pixel order: one batched GEMM over the routes."""
+    routes = xp.shape[2]
+    dt_low = xp[..., :rank].permute(2, 0, 1, 3).reshape(routes, -1, rank)
+    return torch.bmm(dt_low, dt_weight.to(dtype).transpose(1, 2))
+
+
 def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta_softplus=True,
                   out_dtype=None, config=None):
     """Scan the K routes of the map u (batch, H*W, C); returns y (K, batch, H*W, C) in pixel order.
 
     xp (batch, L, K, R + 2N) holds each pixel's per-route projections (Δ input, B, C); dt_weight
     (K, C, R) the Δ projections; A (K*C, N) float32; D, delta_bias (K*C,) (D may be None).
+    ``config`` overrides block sizes and ``DELTA_GEMM`` (see the module docstring).
     """
     batch, length, channels, routes, rank, state = _shapes(u, xp, dt_weight, A, nseq)
     cfg = _config(channels, state, False, config, length, u.element_size())
     y = torch.empty(routes, batch, length, channels, device=u.device, dtype=out_dtype or u.dtype)
     if y.numel() == 0:
         return y
+    delta_in = bool(cfg.get("DELTA_GEMM", 0))
+    delta = _delta_gemm(xp, dt_weight, rank, u.dtype).view(y.shape) if delta_in else y
     grid = (triton.cdiv(channels, cfg["BLOCK_D"]), routes, batch)
     _core_fwd_kernel[grid](
-        u, xp, dt_weight, A, D if D is not None else A, delta_bias, y,
+        u, xp, dt_weight, delta, A, D if D is not None else A, delta_bias, y,
         length, height, width, channels,
         *u.stride(), xp.stride(0), xp.stride(1), xp.stride(2), *dt_weight.stride(), *y.stride(),
         R=rank, N=state, NSEQ=nseq, HAS_D=D is not None, SOFTPLUS=bool(delta_softplus),
         BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
-        PREFETCH=bool(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"],
+        PREFETCH=bool(cfg.get("PREFETCH", 0)), DELTA_IN=delta_in, num_warps=cfg["num_warps"],
     )
     return y
 
@@ -337,10 +341,9 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
     if du.numel() == 0:
         return du, ddelta, dbc.sum(0), dA.sum(0), dD.sum(0) if D is not None else None, dbias.sum(0)
     hws = torch.empty(batch, kc, n_chunks, cfg["BLOCK_N"], device=dev, dtype=f32)
-    # Δ without bias, in du's layout: one batched GEMM here is cheaper than recomputing it three
-    # times per step inside the kernel.
-    dt_low = xp[..., :rank].permute(2, 0, 1, 3).reshape(routes, batch * length, rank)
-    delta = torch.bmm(dt_low, dt_weight.to(u.dtype).transpose(1, 2)).view(du.shape)
+    # Δ without bias, in du's layout: one batched GEMM here instead of computing it three times per
+    # step inside the kernel.
+    delta = _delta_gemm(xp, dt_weight, rank, u.dtype).view(du.shape)
     grid = (n_blk, routes, batch)
     _core_bwd_kernel[grid](
         grad_y, u, xp, delta, A, D if D is not None else A, delta_bias, hws,
