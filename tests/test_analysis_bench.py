@@ -48,6 +48,8 @@ def test_bench_errors_and_flags():
         BenchSettings(dtype="fp8")
     with pytest.raises(ValueError):
         BenchSettings(modes=("fly",))
+    with pytest.raises(ValueError, match="compile mode"):
+        BenchSettings(compile_mode="fastest")
     previous = torch.backends.cuda.matmul.allow_tf32
     with tf32_enabled(not previous):
         assert torch.backends.cuda.matmul.allow_tf32 is (not previous)

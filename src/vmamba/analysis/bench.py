@@ -28,6 +28,7 @@ from torch import nn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("infer", "train")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclasses.dataclass
@@ -38,6 +39,7 @@ class BenchSettings:
     channels_last: bool = False
     compile: bool = False
     compile_backend: str = "inductor"
+    compile_mode: str = "default"  # "reduce-overhead" replays CUDA graphs: no per-kernel launch cost
     warmup: int = 5
     iters: int = 20
     device: str = "auto"
@@ -47,6 +49,8 @@ class BenchSettings:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {self.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
         bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise ValueError(f"unknown bench mode(s) {bad}; choose from {', '.join(MODES)}")
@@ -110,7 +114,10 @@ def run_one(model: nn.Module, size: tuple[int, int], mode: str, settings: BenchS
     x = torch.randn(settings.batch_size, in_chans, *size, device=device)
     if settings.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    runner: nn.Module = torch.compile(model, backend=settings.compile_backend) if settings.compile else model
+    runner: nn.Module = model
+    if settings.compile:
+        mode = None if settings.compile_mode == "default" else settings.compile_mode
+        runner = torch.compile(model, backend=settings.compile_backend, mode=mode)
     if mode == "infer":
         model.eval()
 

@@ -216,6 +216,9 @@ def _add_bench_options(p: argparse.ArgumentParser, batch: int = 32, warmup: int 
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode: default, reduce-overhead (replays CUDA graphs: no launch "
+                        "overhead), max-autotune, max-autotune-no-cudagraphs")
     p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--iters", type=int, default=iters)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -246,7 +249,8 @@ def _bench_settings(args: argparse.Namespace, modes: tuple[str, ...], with_flops
         torch.set_num_threads(args.threads)
     return BenchSettings(batch_size=args.batch_size, dtype=args.dtype, tf32=args.tf32,
                          channels_last=args.channels_last, compile=args.compile,
-                         compile_backend=args.compile_backend, warmup=args.warmup, iters=args.iters,
+                         compile_backend=args.compile_backend, compile_mode=args.compile_mode,
+                         warmup=args.warmup, iters=args.iters,
                          device=args.device, modes=modes, with_flops=with_flops)
 
 
