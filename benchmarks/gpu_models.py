@@ -22,6 +22,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import timed
 
 VMAMBA = ["vmamba_tiny_s1l8", "vmamba_small_s2l15", "vmamba_base_s2l15"]
 TIMM = ["swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224", "swin_base_patch4_window7_224",
@@ -41,19 +42,6 @@ def build(name):
 def set_tf32(on):
     torch.backends.cuda.matmul.allow_tf32 = on
     torch.backends.cudnn.allow_tf32 = on
-
-
-def timed(fn, warmup, iters):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters  # ms per iteration
 
 
 def bench_model(name, batch, warmup, iters):

@@ -14,6 +14,7 @@ import datetime
 import json
 
 import torch
+from cuda_timing import timed
 
 PAIRS = ("vmamba_tiny_s1l8", "swin_tiny_patch4_window7_224")
 
@@ -31,16 +32,7 @@ def build(name, size):
 def images_per_second(model, batch, size, warmup=2, iters=6):
     x = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        for _ in range(warmup):
-            model(x)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            model(x)
-        end.record()
-        torch.cuda.synchronize()
-    return batch * iters * 1000 / start.elapsed_time(end)
+        return batch * 1000 / timed(lambda: model(x), warmup, iters)
 
 
 def main():

@@ -17,27 +17,7 @@ import datetime
 import json
 
 import torch
-
-
-def timed(fn, warmup=3, iters=20):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
-def copy_bandwidth() -> float:
-    """GB/s of a 1 GiB device-to-device copy (read + write counted)."""
-    src = torch.empty(2**28, device="cuda")
-    dst = torch.empty_like(src)
-    ms = timed(lambda: dst.copy_(src), 3, 20)
-    return 2 * src.numel() * 4 / ms / 1e6
+from cuda_timing import copy_bandwidth, timed
 
 
 def bench_layer(ss2d, batch, size, dtype, bandwidth) -> dict:
@@ -58,7 +38,7 @@ def bench_layer(ss2d, batch, size, dtype, bandwidth) -> dict:
 
     for name, fn in (("fused", fused), ("unfused", unfused)):
         with torch.no_grad():
-            row[f"{name}_fwd_ms"] = timed(fn)
+            row[f"{name}_fwd_ms"] = timed(fn, iters=20)
         grad = torch.randn_like(fn().float()).to(dtype)
 
         def step(fn=fn, grad=grad):
@@ -66,9 +46,9 @@ def bench_layer(ss2d, batch, size, dtype, bandwidth) -> dict:
             x.grad = None
             ss2d.zero_grad(set_to_none=True)
 
-        row[f"{name}_fwdbwd_ms"] = timed(step)
+        row[f"{name}_fwdbwd_ms"] = timed(step, iters=20)
     with torch.no_grad():
-        row["core_fwd_ms"] = timed(lambda: ss2d._scan_routes_fused(x.detach()))
+        row["core_fwd_ms"] = timed(lambda: ss2d._scan_routes_fused(x.detach()), iters=20)
     pixels = batch * size * size
     width = ss2d.x_proj_weight.shape[1]
     moved = pixels * x.element_size() * (ss2d.d_inner * (1 + ss2d.routes) + ss2d.routes * width)

@@ -14,19 +14,7 @@ import itertools
 import json
 
 import torch
-
-
-def timed(fn, warmup=2, iters=10):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+from cuda_timing import timed
 
 
 def stage_inputs(ss2d, batch, size, dtype):

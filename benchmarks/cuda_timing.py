@@ -1,0 +1,29 @@
+"""Timing helpers shared by the GPU benchmark scripts (imported as a sibling module)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def timed(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
+    """Milliseconds per call of ``fn``: ``warmup`` untimed calls, then ``iters`` between CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def copy_bandwidth(nbytes: int = 2**30) -> float:
+    """GB/s of a device-to-device copy of ``nbytes`` (read + write counted)."""
+    src = torch.empty(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), 3, 20)
+    return 2 * nbytes / ms / 1e6
