@@ -99,6 +99,31 @@ def _scan_chunk(a, x, h, first, last, REV: tl.constexpr):
     return hs, h
 
 
+@triton.jit
+def _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2, HAS_D: tl.constexpr,
+                     SOFTPLUS: tl.constexpr):
+    """Gradient terms of one chunk from its adjoint states gs and states hs (module docstring).
+
+    Returns the chunk's dA and dD partial sums, the (T, D) tiles du and ddelta (with respect to the
+    raw delta + bias, masked) and the (T, N) dB and dC summed over the block's channels.
+    """
+    gl = gs * (hs - x)  # g_t a_t h_{t-1}: gradient with respect to Δ_t A
+    dA = tl.sum(gl * dt[:, :, None], axis=0)
+    gB = tl.sum(gs * Bt[:, None, :], axis=2)
+    ddt = tl.sum(gl * A[None, :, :], axis=2) + gB * u
+    du = gB * dt
+    dD = tl.zeros_like(dskip)
+    if HAS_D:
+        du += dskip[None, :] * gy
+        dD = tl.sum(gy * u, axis=0)
+    if SOFTPLUS:
+        ddt = ddt / (1.0 + tl.exp(-raw))
+    ddt = tl.where(m2, ddt, 0.0)
+    dB = tl.sum(gs * dtu[:, :, None], axis=1)
+    dC = tl.sum(hs * gy[:, :, None], axis=1)
+    return dA, dD, du, ddt, dB, dC
+
+
 # All register tiles are laid out (T, D, N): time is the slowest axis, so with BLOCK_D * BLOCK_N at
 # least the number of threads, every thread holds all BLOCK_T steps of its (d, n) pairs and the
 # associative scan along axis 0 runs as a plain sequential loop in registers (no shuffles).
@@ -263,24 +288,16 @@ def _ss_bwd_kernel(
         # the adjoint runs down the positions
         gs, g = _scan_chunk(an, cg, g, first, last, True)
 
-        gl = gs * (hs - x)  # g_t a_t h_{t-1}: gradient with respect to Δ_t A
-        dA_acc += tl.sum(gl * dt[:, :, None], axis=0)
-        gB = tl.sum(gs * Bt[:, None, :], axis=2)
-        ddt = tl.sum(gl * A[None, :, :], axis=2) + gB * u
-        du = gB * dt
+        dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2,
+                                                         HAS_D, SOFTPLUS)
+        dA_acc += dA_p
         if HAS_D:
-            du += dskip[None, :] * gy
-            dD_acc += tl.sum(gy * u, axis=0)
-        if SOFTPLUS:
-            ddt = ddt / (1.0 + tl.exp(-raw))
-        ddt = tl.where(m2, ddt, 0.0)
+            dD_acc += dD_p
         if HAS_BIAS:
             dbias_acc += tl.sum(ddt, axis=0)
         tl.store(du_base + t[:, None], du, mask=m2)
         tl.store(ddt_base + t[:, None], ddt, mask=m2)
 
-        dBp = tl.sum(gs * dtu[:, :, None], axis=1)
-        dCp = tl.sum(hs * gy[:, :, None], axis=1)
         if ATOMIC:
             tl.atomic_add(dB_base + t[:, None], dBp, mask=mtn)
             tl.atomic_add(dC_base + t[:, None], dCp, mask=mtn)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .selective_scan import _combine, _config, _softplus
+from .selective_scan import _chunk_gradients, _config, _scan_chunk, _softplus
 
 __all__ = ["ss2d_scan_fwd", "ss2d_scan_bwd", "NSEQ"]
 
@@ -76,10 +76,24 @@ def _load_step(u_base, dl_base, xp_base, w_base, t, L, H, W, rev, cols, mask_d, 
 
 
 @triton.jit
-def _scan_tile(a, x, h, first, last):
-    x = tl.where(first, x + a * h[None, :, :], x)
-    _, hs = tl.associative_scan((a, x), 0, _combine)
-    return hs, tl.sum(tl.where(last, hs, 0.0), axis=0)
+def _route_program(A_ptr, bias_ptr, D_ptr, CH, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's channel block, route k (reversed? column-major?), image b and its parameters."""
+    pid_d = tl.program_id(0)
+    k = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_c < CH
+    kd = (k * CH + offs_c).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mdn = mask_d[:, None] & mask_n[None, :]
+    A = tl.load(A_ptr + kd[:, None] * N + offs_n[None, :], mask=mdn, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
+    dskip = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_D:
+        dskip = tl.load(D_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
+    return pid_d, k, b, k >= NSEQ, (k % NSEQ) == 1, offs_c, mask_d, kd, offs_n, mask_n, mdn, A, bias, dskip
 
 
 @triton.jit
@@ -91,24 +105,10 @@ def _core_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
     DELTA_IN: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    k = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    rev = k >= NSEQ
-    cols = (k % NSEQ) == 1
-    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_c < CH
-    kd = (k * CH + offs_c).to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    pid_d, k, b, rev, cols, offs_c, mask_d, kd, offs_n, mask_n, mdn, A, bias, dskip = _route_program(
+        A_ptr, bias_ptr, D_ptr, CH, N, NSEQ, HAS_D, BLOCK_D, BLOCK_N)
+    A2 = A * 1.4426950408889634
     offs_t = tl.arange(0, BLOCK_T)
-
-    A2 = tl.load(A_ptr + kd[:, None] * N + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :],
-                 other=0.0).to(tl.float32) * 1.4426950408889634
-    bias = tl.load(bias_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
-    dskip = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_D:
-        dskip = tl.load(D_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
 
     u_base = u_ptr + b * su_b + offs_c[None, :].to(tl.int64) * su_c
     xp_base = xp_ptr + b * sxp_b + k * sxp_k
@@ -137,7 +137,7 @@ def _core_fwd_kernel(
         dt = tl.where(m2, dt, 0.0)
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         x = (dt * u)[:, :, None] * Bt[:, None, :]
-        hs, h = _scan_tile(a, x, h, first, last)
+        hs, h = _scan_chunk(a, x, h, first, last, False)
         y = tl.sum(hs * Ct[:, None, :], axis=2)
         if HAS_D:
             y += dskip[None, :] * u
@@ -159,25 +159,10 @@ def _core_bwd_kernel(
     R: tl.constexpr, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    k = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    rev = k >= NSEQ
-    cols = (k % NSEQ) == 1
-    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_c < CH
-    kd = (k * CH + offs_c).to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    mdn = mask_d[:, None] & mask_n[None, :]
-    offs_t = tl.arange(0, BLOCK_T)
-
-    A = tl.load(A_ptr + kd[:, None] * N + offs_n[None, :], mask=mdn, other=0.0).to(tl.float32)
+    pid_d, k, b, rev, cols, offs_c, mask_d, kd, offs_n, mask_n, mdn, A, bias, dskip = _route_program(
+        A_ptr, bias_ptr, D_ptr, CH, N, NSEQ, HAS_D, BLOCK_D, BLOCK_N)
     A2 = A * 1.4426950408889634
-    bias = tl.load(bias_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
-    dskip = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_D:
-        dskip = tl.load(D_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
+    offs_t = tl.arange(0, BLOCK_T)
 
     c64 = offs_c[None, :].to(tl.int64)
     u_base = u_ptr + b * su_b + c64 * su_c
@@ -204,7 +189,7 @@ def _core_bwd_kernel(
         dt = tl.where(m2, dt, 0.0)
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         x = (dt * u)[:, :, None] * Bt[:, None, :]
-        _, h = _scan_tile(a, x, h, first, last)
+        _, h = _scan_chunk(a, x, h, first, last, False)
     tl.debug_barrier()
 
     # Pass 2: chunks in reverse; adjoint g_t = C_t gy_t + a_{t+1} g_{t+1} carried in registers.
@@ -236,31 +221,23 @@ def _core_bwd_kernel(
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         dtu = dt * u
         x = dtu[:, :, None] * Bt[:, None, :]
-        hs, _ = _scan_tile(a, x, h0, first, last)
+        hs, _ = _scan_chunk(a, x, h0, first, last, False)
 
         an = tl.where(m2n[:, :, None], tl.exp2(dtn[:, :, None] * A2[None, :, :]), 0.0)
         cg = Ct[:, None, :] * gy[:, :, None]
-        cg = tl.where(last, cg + an * g[None, :, :], cg)
-        _, gs = tl.associative_scan((an, cg), 0, _combine, reverse=True)
-        g = tl.sum(tl.where(first, gs, 0.0), axis=0)
+        gs, g = _scan_chunk(an, cg, g, first, last, True)  # the adjoint runs down the route
 
-        gl = gs * (hs - x)  # g_t a_t h_{t-1}: gradient with respect to Δ_t A
-        dA_acc += tl.sum(gl * dt[:, :, None], axis=0)
-        gB = tl.sum(gs * Bt[:, None, :], axis=2)
-        ddt = tl.sum(gl * A[None, :, :], axis=2) + gB * u
-        du = gB * dt
+        dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2,
+                                                         HAS_D, SOFTPLUS)
+        dA_acc += dA_p
         if HAS_D:
-            du += dskip[None, :] * gy
-            dD_acc += tl.sum(gy * u, axis=0)
-        if SOFTPLUS:
-            ddt = ddt / (1.0 + tl.exp(-raw))
-        ddt = tl.where(m2, ddt, 0.0)
+            dD_acc += dD_p
         dbias_acc += tl.sum(ddt, axis=0)
         tl.store(du_base + p[:, None] * sd_l, du.to(du_ptr.dtype.element_ty), mask=m2)
         tl.store(ddt_base + p[:, None] * sd_l, ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
         bc_ptrs = bc_base + p[:, None] * sbc_l
-        tl.store(bc_ptrs, tl.sum(gs * dtu[:, :, None], axis=1), mask=mtn)
-        tl.store(bc_ptrs + N, tl.sum(hs * gy[:, :, None], axis=1), mask=mtn)
+        tl.store(bc_ptrs, dBp, mask=mtn)
+        tl.store(bc_ptrs + N, dCp, mask=mtn)
 
     # per-batch partials, reduced over the batch on the host side
     tl.store(dA_ptr + (b * KC + kd[:, None]) * N + offs_n[None, :], dA_acc, mask=mdn)
