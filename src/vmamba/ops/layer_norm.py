@@ -13,19 +13,20 @@ rows, no Triton) takes ``F.layer_norm``, bit-identical to ``nn.LayerNorm``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._toggle import Toggle
 from .selective_scan import triton_available
 
 # Read once: a module constant is free for torch.compile to trace (importlib lookups are not).
 _TRITON = triton_available()
 # Tests set this to run the Triton ops on CPU tensors under TRITON_INTERPRET=1.
 _FORCE_TRITON = False
-_enabled = True
+_TRITON_LAYER_NORM = Toggle()
 # Wider rows would not fit a single register tile.
 MAX_TRITON_CHANNELS = 16384
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -33,16 +34,10 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 __all__ = ["layer_norm", "layer_norm_sum", "use_triton_layer_norm"]
 
 
-@contextlib.contextmanager
-def use_triton_layer_norm(enabled: bool) -> Iterator[None]:
+def use_triton_layer_norm(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Allow (default) or forbid the Triton kernels inside a block; forbidden, every call is
     ``F.layer_norm`` (e.g. for FLOP counting, which sees aten's layer norm but not custom ops)."""
-    global _enabled
-    previous, _enabled = _enabled, bool(enabled)
-    try:
-        yield
-    finally:
-        _enabled = previous
+    return _TRITON_LAYER_NORM.scoped(enabled)
 
 
 def _kernels():
@@ -125,7 +120,7 @@ def _mergeable(sizes: Sequence[int], strides: Sequence[int]) -> bool:
 
 def _use_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None, leading: int) -> bool:
     """Whether the kernels apply to x, whose dims from ``leading`` to -2 are the rows."""
-    if not _enabled or not (_FORCE_TRITON or (_TRITON and x.is_cuda)):
+    if not _TRITON_LAYER_NORM.enabled or not (_FORCE_TRITON or (_TRITON and x.is_cuda)):
         return False
     c = x.shape[-1]
     if x.dim() <= leading or x.numel() == 0 or not 0 < c <= MAX_TRITON_CHANNELS or x.stride(-1) != 1:

@@ -15,33 +15,27 @@ one opaque node for ``torch.compile``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
+from ._toggle import Toggle
 from .cross_scan import ScanMode
 
 __all__ = ["fused_core_enabled", "ss2d_core", "use_fused_core", "FUSED_MODES"]
 
 FUSED_MODES = {ScanMode.CROSS2D: 2, ScanMode.BIDI: 1, ScanMode.UNIDI: 1}  # mode → distinct visiting orders
-_enabled = True
+_FUSED = Toggle()
 
 
 def fused_core_enabled() -> bool:
     """Whether SS2D uses the fused core on CUDA (default True; see :func:`use_fused_core`)."""
-    return _enabled
+    return _FUSED.enabled
 
 
-@contextlib.contextmanager
-def use_fused_core(enabled: bool) -> Iterator[None]:
+def use_fused_core(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Switch the fused core on or off inside a block (benchmarks compare it with the composition)."""
-    global _enabled
-    previous, _enabled = _enabled, bool(enabled)
-    try:
-        yield
-    finally:
-        _enabled = previous
+    return _FUSED.scoped(enabled)
 
 
 def _kernels():
