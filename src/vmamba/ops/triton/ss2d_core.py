@@ -76,6 +76,18 @@ def _load_step(u_base, dl_base, xp_base, w_base, t, L, H, W, rev, cols, mask_d, 
 
 
 @triton.jit
+def _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS: tl.constexpr):
+    """Δ = softplus(raw + bias) (0 outside the mask), the decays a = exp(Δ A) and inputs x = Δ u B."""
+    dt = raw + bias[None, :]
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    dt = tl.where(m2, dt, 0.0)
+    a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+    x = (dt * u)[:, :, None] * Bt[:, None, :]
+    return dt, a, x
+
+
+@triton.jit
 def _route_program(A_ptr, bias_ptr, D_ptr, CH, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's channel block, route k (reversed? column-major?), image b and its parameters."""
@@ -131,12 +143,7 @@ def _core_fwd_kernel(
         else:
             u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, w_base, t0 + offs_t, L, H, W, rev, cols,
                                                mask_d, offs_n, mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN)
-        dt = raw + bias[None, :]
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        dt = tl.where(m2, dt, 0.0)
-        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
-        x = (dt * u)[:, :, None] * Bt[:, None, :]
+        dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS)
         hs, h = _scan_chunk(a, x, h, first, last, False)
         y = tl.sum(hs * Ct[:, None, :], axis=2)
         if HAS_D:
@@ -183,12 +190,7 @@ def _core_bwd_kernel(
         tl.store(hws_base + c * BLOCK_N, h, mask=mdn)
         u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, dl_base, c * BLOCK_T + offs_t, L, H, W, rev,
                                            cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, 0, R, N, True)
-        dt = raw + bias[None, :]
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        dt = tl.where(m2, dt, 0.0)
-        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
-        x = (dt * u)[:, :, None] * Bt[:, None, :]
+        dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS)
         _, h = _scan_chunk(a, x, h, first, last, False)
     tl.debug_barrier()
 
@@ -209,18 +211,13 @@ def _core_bwd_kernel(
         mtn = (t < L)[:, None] & mask_n[None, :]
         gy = tl.load(gy_base + p[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
         h0 = tl.load(hws_base + c * BLOCK_N, mask=mdn, other=0.0)
-        raw = raw + bias[None, :]
-        dt = raw
+        dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS)
+        raw = raw + bias[None, :]  # softplus' derivative is taken at raw + bias
+        dtu = dt * u
         dtn = rawn + bias[None, :]
         if SOFTPLUS:
-            dt = _softplus(raw)
             dtn = _softplus(dtn)
-        dt = tl.where(m2, dt, 0.0)
         dtn = tl.where(m2n, dtn, 0.0)
-
-        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
-        dtu = dt * u
-        x = dtu[:, :, None] * Bt[:, None, :]
         hs, _ = _scan_chunk(a, x, h0, first, last, False)
 
         an = tl.where(m2n[:, :, None], tl.exp2(dtn[:, :, None] * A2[None, :, :]), 0.0)
@@ -311,12 +308,15 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
     kc = routes * channels
     du = torch.empty(routes, batch, length, channels, device=dev, dtype=u.dtype)
     ddelta = torch.empty_like(du)
-    dbc = torch.zeros(n_blk, batch, length, routes, 2 * state, device=dev, dtype=f32)
-    dA = torch.zeros(batch, kc, state, device=dev, dtype=f32)
-    dD = torch.zeros(batch, kc, device=dev, dtype=f32)
-    dbias = torch.zeros(batch, kc, device=dev, dtype=f32)
-    if du.numel() == 0:
-        return du, ddelta, dbc.sum(0), dA.sum(0), dD.sum(0) if D is not None else None, dbias.sum(0)
+    # the kernel writes every element of these partials (dD only with D): no fills
+    dbc = torch.empty(n_blk, batch, length, routes, 2 * state, device=dev, dtype=f32)
+    dA = torch.empty(batch, kc, state, device=dev, dtype=f32)
+    dD = torch.empty(batch, kc, device=dev, dtype=f32)
+    dbias = torch.empty(batch, kc, device=dev, dtype=f32)
+    if du.numel() == 0:  # nothing to scan: every gradient is zero
+        zeros = dA.new_zeros
+        return (du, ddelta, zeros(batch, length, routes, 2 * state), zeros(kc, state),
+                zeros(kc) if D is not None else None, zeros(kc))
     hws = torch.empty(batch, kc, n_chunks, cfg["BLOCK_N"], device=dev, dtype=f32)
     # Δ without bias, in du's layout: one batched GEMM here instead of computing it three times per
     # step inside the kernel.
