@@ -20,6 +20,20 @@ REPO = Path(__file__).resolve().parent.parent
 REFERENCE = Path(os.environ.get("VMAMBA_REFERENCE", REPO.parent / "shared" / "reference"))
 
 
+def triton_test_device() -> str:
+    """Device for the Triton kernel tests; call it at module top, before importing kernel modules.
+
+    With VMAMBA_TEST_CUDA=1 the compiled kernels run on the GPU ("cuda"; the module is skipped if
+    there is none); otherwise they run on the CPU under Triton's interpreter ("cpu").
+    """
+    if os.environ.get("VMAMBA_TEST_CUDA", "0") == "1":
+        if not torch.cuda.is_available():
+            pytest.skip("VMAMBA_TEST_CUDA=1 but no CUDA device", allow_module_level=True)
+        return "cuda"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    return "cpu"
+
+
 def reference_path(*parts: str) -> Path:
     path = REFERENCE.joinpath(*parts)
     if not path.exists():

@@ -4,14 +4,10 @@ Runs on the CPU under the Triton interpreter (TRITON_INTERPRET=1) at small shape
 VMAMBA_TEST_CUDA=1 on a CUDA machine it runs the compiled kernels.
 """
 
-import os
-
 import pytest
+from conftest import triton_test_device
 
-_USE_CUDA = os.environ.get("VMAMBA_TEST_CUDA", "0") == "1"
-if not _USE_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+DEVICE = triton_test_device()  # before any kernel module is imported
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
@@ -19,10 +15,6 @@ import torch  # noqa: E402
 from vmamba.ops import ScanMode  # noqa: E402
 from vmamba.ops.selective_scan_ref import selective_scan_reference  # noqa: E402
 from vmamba.ops.ss2d_core import ss2d_core  # noqa: E402
-
-DEVICE = "cuda" if _USE_CUDA else "cpu"
-if _USE_CUDA and not torch.cuda.is_available():
-    pytest.skip("VMAMBA_TEST_CUDA=1 but no CUDA device", allow_module_level=True)
 
 
 def _route_orders(mode: ScanMode, height: int, width: int) -> list[torch.Tensor]:

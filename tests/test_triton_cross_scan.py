@@ -4,24 +4,16 @@ CPU under the Triton interpreter (TRITON_INTERPRET=1, set before Triton is impor
 machine with VMAMBA_TEST_CUDA=1 the compiled kernels run instead.
 """
 
-import os
-
 import pytest
+from conftest import triton_test_device
 
-_USE_CUDA = os.environ.get("VMAMBA_TEST_CUDA", "0") == "1"
-if not _USE_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+DEVICE = triton_test_device()  # before any kernel module is imported
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
 from vmamba.ops.cross_scan import cross_merge, cross_scan  # noqa: E402
 from vmamba.ops.triton.cross_scan import cross_merge_triton, cross_scan_triton  # noqa: E402
-
-DEVICE = "cuda" if _USE_CUDA else "cpu"
-if _USE_CUDA and not torch.cuda.is_available():
-    pytest.skip("VMAMBA_TEST_CUDA=1 but no CUDA device", allow_module_level=True)
 
 MODES = ["cross2d", "bidi", "unidi"]
 

@@ -4,14 +4,10 @@ Runs on the CPU under the Triton interpreter (TRITON_INTERPRET=1, set before Tri
 small shapes; on a CUDA machine with VMAMBA_TEST_CUDA=1 it runs the compiled kernels instead.
 """
 
-import os
-
 import pytest
+from conftest import triton_test_device
 
-_USE_CUDA = os.environ.get("VMAMBA_TEST_CUDA", "0") == "1"
-if not _USE_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+DEVICE = triton_test_device()  # before any kernel module is imported
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
@@ -22,10 +18,6 @@ from vmamba.ops.triton.selective_scan import (  # noqa: E402
     selective_scan_bwd,
     selective_scan_fwd,
 )
-
-DEVICE = "cuda" if _USE_CUDA else "cpu"
-if _USE_CUDA and not torch.cuda.is_available():
-    pytest.skip("VMAMBA_TEST_CUDA=1 but no CUDA device", allow_module_level=True)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 
