@@ -26,23 +26,43 @@ def stage_inputs(ss2d, batch, size, dtype):
     return u, xp, ss2d.dt_projs_weight.detach(), A, D, bias
 
 
-def sweep_stage(ss2d, batch, size, dtype):
+FORWARD = [  # (BLOCK_D, BLOCK_T, num_warps, PREFETCH): the short list, from session-3 sweeps
+    (64, 8, 1, 1), (32, 8, 1, 1), (32, 16, 1, 1), (64, 16, 2, 1), (32, 8, 1, 0), (128, 8, 4, 1)]
+BACKWARD = [(32, 8, 1), (32, 16, 1), (64, 8, 2), (32, 4, 1), (64, 8, 1)]
+
+
+def configs(state, full):
+    """Forward configurations (each with and without DELTA_GEMM), then backward ones."""
+    if full:
+        grid = itertools.product((16, 32, 64), (8, 16, 32), (1, 2), (0, 1), (0, 1))
+        for block_d, block_t, warps, prefetch, delta_gemm in grid:
+            yield {"BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": warps, "PREFETCH": prefetch,
+                   "DELTA_GEMM": delta_gemm, "forward": True, "backward": not prefetch and not delta_gemm}
+        return
+    for block_d, block_t, warps, prefetch in FORWARD:
+        for delta_gemm in (0, 1):
+            yield {"BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": warps, "PREFETCH": prefetch,
+                   "DELTA_GEMM": delta_gemm, "forward": True, "backward": False}
+    for block_d, block_t, warps in BACKWARD:
+        yield {"BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": warps, "forward": False, "backward": True}
+
+
+def sweep_stage(ss2d, batch, size, dtype, full=False):
     from vmamba.ops.triton import ss2d_core as k
 
     u, xp, w, A, D, bias = stage_inputs(ss2d, batch, size, dtype)
     args = (u, xp, w, A, D, bias, size, size, 2)
     gy = torch.randn(ss2d.routes, *u.shape, device="cuda", dtype=dtype)
     results = {"fwd": [], "bwd": []}
-    grid = itertools.product((16, 32, 64), (8, 16, 32), (1, 2), (0, 1), (0, 1))
-    for block_d, block_t, warps, prefetch, delta_gemm in grid:
+    for cfg in configs(ss2d.d_state, full):
+        block_d, warps = cfg["BLOCK_D"], cfg["num_warps"]
         if block_d * ss2d.d_state < 32 * warps:
             continue
-        cfg = {"BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": warps, "PREFETCH": prefetch,
-               "DELTA_GEMM": delta_gemm}
         try:
-            ms = timed(lambda cfg=cfg: k.ss2d_scan_fwd(*args, config=cfg))
-            results["fwd"].append((ms, cfg))
-            if not prefetch and not delta_gemm:
+            if cfg["forward"]:
+                ms = timed(lambda cfg=cfg: k.ss2d_scan_fwd(*args, config=cfg))
+                results["fwd"].append((ms, cfg))
+            if cfg["backward"]:
                 ms = timed(lambda cfg=cfg: k.ss2d_scan_bwd(gy, *args, config=cfg))
                 results["bwd"].append((ms, cfg))
         except Exception as exc:  # noqa: BLE001 - a configuration that does not compile is skipped
@@ -59,6 +79,7 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--stages", default="1,2,3,4")
     parser.add_argument("--out", default="gpu_ss2d_sweep.json")
+    parser.add_argument("--full", action="store_true", help="the full grid instead of the short list")
     args = parser.parse_args()
     import vmamba
     from vmamba.layers.ss2d import SS2D
@@ -71,7 +92,7 @@ def main():
             continue
         ss2d = next(m for m in layer.modules() if isinstance(m, SS2D))
         size = 56 >> stage
-        out[stage + 1] = sweep_stage(ss2d, args.batch, size, dtype)
+        out[stage + 1] = sweep_stage(ss2d, args.batch, size, dtype, args.full)
         print(stage + 1, json.dumps(out[stage + 1]), flush=True)
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)

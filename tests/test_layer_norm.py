@@ -1,17 +1,31 @@
-"""Triton LayerNorm kernels (run by Triton's interpreter on the CPU) and the layer_norm interface."""
+"""Triton LayerNorm kernels and the layer_norm interface.
+
+The kernel tests run under Triton's interpreter on the CPU, or compiled on the GPU with
+VMAMBA_TEST_CUDA=1 (the ``on_device`` fixture makes their tensors there); the ``*_on_cpu`` tests check
+the CPU fallback and always run on the CPU.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from conftest import rel_err, triton_test_device
 
-import vmamba.ops.layer_norm as ln
-from vmamba.layers.norm import LayerNorm, LayerNorm2d
-from vmamba.ops.layer_norm import layer_norm, layer_norm_sum
+DEVICE = triton_test_device()  # before any kernel module is imported
+
+import vmamba.ops.layer_norm as ln  # noqa: E402
+from vmamba.layers.norm import LayerNorm, LayerNorm2d  # noqa: E402
+from vmamba.ops.layer_norm import layer_norm, layer_norm_sum  # noqa: E402
 
 kernels = pytest.importorskip("vmamba.ops.triton.layer_norm")
+
+
+@pytest.fixture
+def on_device():
+    """Tensor factories inside the test make their tensors on the kernel test device."""
+    with torch.device(DEVICE):
+        yield
 
 M = 45  # not a multiple of the tile rows used below
 EPS = 1e-5
@@ -58,7 +72,7 @@ def _run_kernels(x, w, b, dy, dtype, out_dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("c", [96, 37])
-def test_kernels_match_float64_reference(c, k, dtype):
+def test_kernels_match_float64_reference(c, k, dtype, on_device):
     x = _strided_inputs(k, c, dtype)
     w, b = _params(c, True, True)
     dy = torch.randn(M, c, dtype=torch.float64).to(dtype).double()
@@ -74,7 +88,7 @@ def test_kernels_match_float64_reference(c, k, dtype):
 
 
 @pytest.mark.parametrize("weight", [True, False])
-def test_kernels_without_bias(weight):
+def test_kernels_without_bias(weight, on_device):
     c, k = 37, 3
     x = _strided_inputs(k, c, torch.float32)
     w, b = _params(c, weight, False)
@@ -88,7 +102,7 @@ def test_kernels_without_bias(weight):
         assert rel_err(dw, r_dw) < TOL[torch.float32]
 
 
-def test_kernels_bfloat16_output_from_float32():
+def test_kernels_bfloat16_output_from_float32(on_device):
     c = 96
     x = _strided_inputs(1, c, torch.float32)
     w, b = _params(c, True, True)
@@ -102,13 +116,13 @@ def test_kernels_bfloat16_output_from_float32():
     torch.testing.assert_close(out.float(), out32, rtol=2**-7, atol=0)
 
 
-def test_kernels_single_input_sum_is_a_view():
+def test_kernels_single_input_sum_is_a_view(on_device):
     x = _strided_inputs(1, 37, torch.float32)
     xsum = kernels.layer_norm_fwd(x, None, None, EPS, torch.float32, return_sum=True)[3]
     assert xsum.data_ptr() == x.data_ptr() and xsum.shape == (M, 37)
 
 
-def test_cpu_falls_back_to_f_layer_norm_bit_identical():
+def test_falls_back_to_f_layer_norm_bit_identical_on_cpu():
     c = 96
     x = torch.randn(2, 5, 7, c)
     ours, torchs = LayerNorm(c), torch.nn.LayerNorm(c)
@@ -157,7 +171,7 @@ class _KernelSpy:
 
 
 @pytest.fixture
-def forced_triton(monkeypatch):
+def forced_triton(monkeypatch, on_device):
     spy = _KernelSpy()
     monkeypatch.setattr(ln, "_FORCE_TRITON", True)
     monkeypatch.setattr(ln, "_kernels", spy)
@@ -195,7 +209,7 @@ def test_interface_triton_sum_gradient_and_dtypes(forced_triton):
     xs = torch.randn(3, 2, 4, c, requires_grad=True)
     w = torch.randn(c, dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(c, dtype=torch.bfloat16, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         out = layer_norm_sum(xs, w, b, EPS)
     assert out.dtype == torch.bfloat16  # the autocast dtype
     out.float().sum().backward()
@@ -206,7 +220,7 @@ def test_interface_triton_sum_gradient_and_dtypes(forced_triton):
     assert layer_norm_sum(xs, w.float(), None, EPS, torch.float16).dtype == torch.float16
 
 
-def test_custom_ops_opcheck():
+def test_custom_ops_opcheck(on_device):
     c = 37
     x = _strided_inputs(3, c, torch.float32).requires_grad_()
     w = torch.randn(c, requires_grad=True)
