@@ -3,8 +3,9 @@
     PYTHONPATH=src python benchmarks/gpu_ss2d_sweep.py [--model vmamba_tiny_s1l8] [--dtype bfloat16]
 
 For every stage: forward and backward kernel time per configuration (BLOCK_D, BLOCK_T, num_warps,
-PREFETCH, and for the forward DELTA_GEMM: Δ from one batched GEMM, timed with the GEMM), the default
-configuration's time, and the best one. Used to set ``default_config``.
+PREFETCH, maxnreg, and for the forward DELTA_GEMM: Δ from one batched GEMM, timed with the GEMM), the
+default configuration's time, the default training pair (forward saving its chunk states, backward
+using them) and the four best. Used to set ``core_config``.
 """
 
 from __future__ import annotations
@@ -26,9 +27,15 @@ def stage_inputs(ss2d, batch, size, dtype):
     return u, xp, ss2d.dt_projs_weight.detach(), A, D, bias
 
 
-FORWARD = [  # (BLOCK_D, BLOCK_T, num_warps, PREFETCH): the short list, from session-3 sweeps
-    (64, 8, 1, 1), (32, 8, 1, 1), (32, 16, 1, 1), (64, 16, 2, 1), (32, 8, 1, 0), (128, 8, 4, 1)]
-BACKWARD = [(32, 8, 1), (32, 16, 1), (64, 8, 2), (32, 4, 1), (64, 8, 1)]
+FORWARD = [  # the short list, from the session-3 and session-4 sweeps
+    dict(BLOCK_D=32, BLOCK_T=8, num_warps=1, PREFETCH=1), dict(BLOCK_D=64, BLOCK_T=8, num_warps=1, PREFETCH=1),
+    dict(BLOCK_D=32, BLOCK_T=8, num_warps=1, PREFETCH=0), dict(BLOCK_D=64, BLOCK_T=4, num_warps=1, PREFETCH=1),
+    dict(BLOCK_D=32, BLOCK_T=8, num_warps=1, PREFETCH=1, maxnreg=128),
+    dict(BLOCK_D=64, BLOCK_T=8, num_warps=1, PREFETCH=1, maxnreg=128)]
+BACKWARD = [
+    dict(BLOCK_D=32, BLOCK_T=4, num_warps=1), dict(BLOCK_D=32, BLOCK_T=8, num_warps=1),
+    dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=128), dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=96),
+    dict(BLOCK_D=32, BLOCK_T=2, num_warps=1), dict(BLOCK_D=64, BLOCK_T=4, num_warps=2)]
 
 
 def configs(state, full):
@@ -39,12 +46,11 @@ def configs(state, full):
             yield {"BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": warps, "PREFETCH": prefetch,
                    "DELTA_GEMM": delta_gemm, "forward": True, "backward": not prefetch and not delta_gemm}
         return
-    for block_d, block_t, warps, prefetch in FORWARD:
+    for cfg in FORWARD:
         for delta_gemm in (0, 1):
-            yield {"BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": warps, "PREFETCH": prefetch,
-                   "DELTA_GEMM": delta_gemm, "forward": True, "backward": False}
-    for block_d, block_t, warps in BACKWARD:
-        yield {"BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": warps, "forward": False, "backward": True}
+            yield {**cfg, "DELTA_GEMM": delta_gemm, "forward": True, "backward": False}
+    for cfg in BACKWARD:
+        yield {**cfg, "forward": False, "backward": True}
 
 
 def sweep_stage(ss2d, batch, size, dtype, full=False):
@@ -67,9 +73,14 @@ def sweep_stage(ss2d, batch, size, dtype, full=False):
                 results["bwd"].append((ms, cfg))
         except Exception as exc:  # noqa: BLE001 - a configuration that does not compile is skipped
             print("skip", cfg, type(exc).__name__, str(exc)[:100], flush=True)
+    _, states = k.ss2d_scan_fwd(*args, save_states=True)
     default = {"fwd": timed(lambda: k.ss2d_scan_fwd(*args)), "bwd": timed(lambda: k.ss2d_scan_bwd(gy, *args))}
-    return {name: {"default_ms": default[name], "best": sorted(rows, key=lambda r: r[0])[:4]}
-            for name, rows in results.items()}
+    out = {name: {"default_ms": default[name], "best": sorted(rows, key=lambda r: r[0])[:4]}
+           for name, rows in results.items()}
+    # training pair: the forward saving its chunk states, and the backward that uses them
+    out["fwd"]["default_saving_states_ms"] = timed(lambda: k.ss2d_scan_fwd(*args, save_states=True))
+    out["bwd"]["default_with_saved_states_ms"] = timed(lambda: k.ss2d_scan_bwd(gy, *args, states=states))
+    return out
 
 
 def main():

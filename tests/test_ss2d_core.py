@@ -109,9 +109,64 @@ def test_forward_kernel_options_agree(config):
     x = torch.randn(2, 5, 7, 40, generator=g).to(DEVICE)
     wx, wdt, A, D, bias = (t.to(DEVICE) for t in _params(ScanMode.CROSS2D, 40, 3, 2, seed=4))
     u, xp = _projections(x, wx)
-    default = ss2d_scan_fwd(u, xp, wdt, A, D, bias, 5, 7, 2)
-    other = ss2d_scan_fwd(u, xp, wdt, A, D, bias, 5, 7, 2, config=config)
+    default, _ = ss2d_scan_fwd(u, xp, wdt, A, D, bias, 5, 7, 2)
+    other, _ = ss2d_scan_fwd(u, xp, wdt, A, D, bias, 5, 7, 2, config=config)
     assert _rel(other, default) < 1e-6
+
+
+@pytest.mark.parametrize(("state", "config"), [(1, None), (1, {"BLOCK_T": 16, "PREFETCH": 1}), (4, None)])
+def test_states_saved_by_the_forward_replace_the_backward_first_pass(state, config):
+    """The forward's saved chunk states (taken at sub-chunk steps when its chunks are longer) give the
+    backward the same gradients as its own first pass, and leave the outputs unchanged."""
+    from vmamba.ops.ss2d_core import _projections
+    from vmamba.ops.triton import ss2d_core as k
+
+    g = torch.Generator().manual_seed(5)
+    height, width, channels = 3, 5, 12  # 15 steps: the last chunk is partial
+    x = torch.randn(2, height, width, channels, generator=g).to(DEVICE)
+    wx, wdt, A, D, bias = (t.to(DEVICE) for t in _params(ScanMode.CROSS2D, channels, 3, state, seed=5))
+    u, xp = _projections(x, wx)
+    args = (u, xp, wdt, A, D, bias, height, width, 2)
+    y, none = k.ss2d_scan_fwd(*args, config=config)
+    y_saving, states = k.ss2d_scan_fwd(*args, config=config, save_states=True)
+    assert none.numel() == 0 and torch.equal(y, y_saving)
+    assert tuple(states.shape) == k.saved_states_shape(2, 4, channels, height * width, state)
+    gy = torch.randn(4, 2, height * width, channels, generator=g).to(DEVICE)
+    recomputed = k.ss2d_scan_bwd(gy, *args)
+    saved = k.ss2d_scan_bwd(gy, *args, states=states)
+    for ours, theirs in zip(saved, recomputed):
+        assert _rel(ours, theirs) < 1e-5
+    with pytest.raises(ValueError, match="states must be"):
+        k.ss2d_scan_bwd(gy, *args, states=states[:1])
+
+
+def test_wide_offsets_path_agrees(monkeypatch):
+    """The int64 pixel-offset variant (maps whose offsets could pass 2**31) computes the same thing."""
+    from vmamba.ops.ss2d_core import _projections
+    from vmamba.ops.triton import ss2d_core as k
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 4, 6, 16, generator=g).to(DEVICE)
+    wx, wdt, A, D, bias = (t.to(DEVICE) for t in _params(ScanMode.CROSS2D, 16, 2, 1, seed=6))
+    u, xp = _projections(x, wx)
+    args = (u, xp, wdt, A, D, bias, 4, 6, 2)
+    gy = torch.randn(4, 1, 24, 16, generator=g).to(DEVICE)
+    narrow = (k.ss2d_scan_fwd(*args)[0], *k.ss2d_scan_bwd(gy, *args))
+    monkeypatch.setattr(k, "_wide", lambda *_: True)
+    wide = (k.ss2d_scan_fwd(*args)[0], *k.ss2d_scan_bwd(gy, *args))
+    for a, b in zip(narrow, wide):
+        assert torch.equal(a, b)
+
+
+def test_maps_too_large_for_the_pixel_mapping_are_refused():
+    from vmamba.ops.triton import ss2d_core as k
+
+    pixels = k.MAX_PIXELS
+    u = torch.zeros(1, 1, 1, device=DEVICE).expand(1, pixels, 1)
+    xp = torch.zeros(1, 1, 1, 3, device=DEVICE).expand(1, pixels, 2, 3)
+    wdt, A, D = torch.zeros(2, 1, 1, device=DEVICE), -torch.ones(2, 1, device=DEVICE), torch.zeros(2, device=DEVICE)
+    with pytest.raises(ValueError, match="fewer than"):
+        k.ss2d_scan_fwd(u, xp, wdt, A, D, D, 2048, 2048, 2)
 
 
 def test_fused_core_sum_gradient_is_a_broadcast_view():
@@ -198,10 +253,13 @@ def test_fused_core_custom_ops_pass_opcheck():
     x = torch.randn(1, 3, 4, 6, generator=g, device="cpu").to(DEVICE)
     wx, wdt, A, D, bias = (t.to(DEVICE) for t in _params(ScanMode.CROSS2D, 6, 2, 1, seed=11))
     inputs = [t.requires_grad_() for t in (x, wx, wdt, A, D, bias)]
-    torch.library.opcheck(core._core_fwd, (*inputs, 2))
+    torch.library.opcheck(core._core_fwd, (*inputs, 2, False))
+    torch.library.opcheck(core._core_fwd, (*inputs, 2, True))
     grad = torch.randn(4, 1, 3, 4, 6, generator=g).to(DEVICE)
-    torch.library.opcheck(core._core_bwd, (grad, x.detach(), wx.detach(), wdt.detach(), A.detach(), D.detach(),
-                                           bias.detach(), 2))
+    plain = [t.detach() for t in inputs]
+    _, states = core._core_fwd(*plain, 2, True)
+    for saved in (states, states[:0]):
+        torch.library.opcheck(core._core_bwd, (grad, *plain, saved, 2))
 
 
 def test_fused_core_only_on_cuda():

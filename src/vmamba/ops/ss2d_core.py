@@ -7,9 +7,11 @@ SS2D scan output. It equals ``cross_scan`` → per-route projections → ``selec
 ``cross_merge`` (without the final sum) and is what :class:`vmamba.layers.SS2D` uses on CUDA.
 
 The Triton kernels (:mod:`vmamba.ops.triton.ss2d_core`) read the map along every route in place, never
-materialise Δ or route-ordered copies, and recompute the projections in the backward instead of
-saving them. Two ``torch.library`` custom ops (forward, backward) with fake implementations keep it
-one opaque node for ``torch.compile``.
+materialise route-ordered copies, and recompute the projections in the backward instead of saving
+them; when a backward will follow, the forward saves the scan state every few steps (float32, one
+value per channel, route, state and chunk) so that the backward need not re-run the recurrence. Two
+``torch.library`` custom ops (forward, backward) with fake implementations keep it one opaque node for
+``torch.compile``.
 """
 
 from __future__ import annotations
@@ -55,28 +57,33 @@ def _projections(x: Tensor, x_proj_weight: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("vmamba::ss2d_core_fwd", mutates_args=())
 def _core_fwd(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor, D: Tensor | None,
-              delta_bias: Tensor, nseq: int) -> Tensor:
+              delta_bias: Tensor, nseq: int, save_states: bool) -> tuple[Tensor, Tensor]:
     batch, height, width, channels = x.shape
     u, xp = _projections(x, x_proj_weight)
-    y = _kernels().ss2d_scan_fwd(u, xp, dt_projs_weight, A, D, delta_bias, height, width, nseq)
-    return y.view(-1, batch, height, width, channels)
+    y, states = _kernels().ss2d_scan_fwd(u, xp, dt_projs_weight, A, D, delta_bias, height, width, nseq,
+                                         save_states=save_states)
+    return y.view(-1, batch, height, width, channels), states
 
 
 @_core_fwd.register_fake
-def _(x, x_proj_weight, dt_projs_weight, A, D, delta_bias, nseq):
-    return x.new_empty(dt_projs_weight.shape[0], *x.shape)
+def _(x, x_proj_weight, dt_projs_weight, A, D, delta_bias, nseq, save_states):
+    batch, height, width, channels = x.shape
+    routes = dt_projs_weight.shape[0]
+    shape = (_kernels().saved_states_shape(batch, routes, channels, height * width, A.shape[1]) if save_states
+             else (0,))
+    return x.new_empty(routes, *x.shape), x.new_empty(shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("vmamba::ss2d_core_bwd", mutates_args=())
 def _core_bwd(grad_y: Tensor, x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor,
-              D: Tensor | None, delta_bias: Tensor, nseq: int) -> list[Tensor]:
+              D: Tensor | None, delta_bias: Tensor, states: Tensor, nseq: int) -> list[Tensor]:
     batch, height, width, channels = x.shape
     routes, rank = dt_projs_weight.shape[0], dt_projs_weight.shape[2]
     rows = batch * height * width
     u, xp = _projections(x, x_proj_weight)
     grad_y = grad_y.view(routes, batch, height * width, channels)
     du, ddelta, dbc, dA, dD, dbias = _kernels().ss2d_scan_bwd(
-        grad_y, u, xp, dt_projs_weight, A, D, delta_bias, height, width, nseq)
+        grad_y, u, xp, dt_projs_weight, A, D, delta_bias, height, width, nseq, states=states)
     # Δ = dt_proj_k · xp[..., k, :R]: its two gradients are batched GEMMs over the routes.
     d_dt_low = torch.bmm(ddelta.view(routes, rows, channels), dt_projs_weight.to(ddelta.dtype))
     # dW_k = Σ_pixels ddelta_k^T dt_low_k as one product per (route, image) summed afterwards: a
@@ -93,22 +100,24 @@ def _core_bwd(grad_y: Tensor, x: Tensor, x_proj_weight: Tensor, dt_projs_weight:
 
 
 @_core_bwd.register_fake
-def _(grad_y, x, x_proj_weight, dt_projs_weight, A, D, delta_bias, nseq):
+def _(grad_y, x, x_proj_weight, dt_projs_weight, A, D, delta_bias, states, nseq):
     return [torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x_proj_weight),
             torch.empty_like(dt_projs_weight), torch.empty_like(A),
             torch.empty_like(D) if D is not None else A.new_empty(0), torch.empty_like(delta_bias)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, x_proj_weight, dt_projs_weight, A, D, delta_bias, nseq = inputs
-    ctx.save_for_backward(x, x_proj_weight, dt_projs_weight, A, D, delta_bias)
+    x, x_proj_weight, dt_projs_weight, A, D, delta_bias, nseq, _ = inputs
+    ctx.save_for_backward(x, x_proj_weight, dt_projs_weight, A, D, delta_bias, output[1])
+    ctx.mark_non_differentiable(output[1])
     ctx.nseq = nseq
 
 
-def _backward(ctx, grad_y):
-    x, x_proj_weight, dt_projs_weight, A, D, delta_bias = ctx.saved_tensors
-    dx, dw, ddt, dA, dD, dbias = _core_bwd(grad_y, x, x_proj_weight, dt_projs_weight, A, D, delta_bias, ctx.nseq)
-    return dx, dw, ddt, dA, dD if D is not None else None, dbias, None
+def _backward(ctx, grad_y, _grad_states):
+    x, x_proj_weight, dt_projs_weight, A, D, delta_bias, states = ctx.saved_tensors
+    dx, dw, ddt, dA, dD, dbias = _core_bwd(grad_y, x, x_proj_weight, dt_projs_weight, A, D, delta_bias, states,
+                                           ctx.nseq)
+    return dx, dw, ddt, dA, dD if D is not None else None, dbias, None, None
 
 
 _core_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -133,5 +142,8 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tens
     if x_proj_weight.shape[0] != routes or dt_projs_weight.shape[:2] != (routes, channels):
         raise ValueError(f"ss2d_core({mode.value}): expected {routes} routes of {channels} channels, got "
                          f"x_proj_weight {tuple(x_proj_weight.shape)}, dt_projs_weight {tuple(dt_projs_weight.shape)}")
-    return _core_fwd(x.contiguous(), x_proj_weight, dt_projs_weight, A.contiguous(),
-                     D.contiguous() if D is not None else None, delta_bias.contiguous(), FUSED_MODES[mode])
+    inputs = (x.contiguous(), x_proj_weight, dt_projs_weight, A.contiguous(),
+              D.contiguous() if D is not None else None, delta_bias.contiguous())
+    # the forward saves its chunk states when a backward will follow, sparing the backward a pass
+    save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return _core_fwd(*inputs, FUSED_MODES[mode], save_states)[0]

@@ -52,19 +52,34 @@ def _combine(a1, x1, a2, x2):
 
 
 @triton.jit
-def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+def _log2_approx(x):
+    return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
 
 
 @triton.jit
-def _load_delta(dt_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _softplus(x, FAST: tl.constexpr):
+    """log(1 + e^x). FAST (compiled CUDA only, not the interpreter): the hardware log2 where 1 + e^x is
+    not close to 1 (absolute error ~1e-7 there, relative below 2e-5) and log1p's series below 2^-7
+    (relative error below e^3/4), instead of libdevice's branchy logf."""
+    e = tl.exp(tl.minimum(x, 20.0))
+    if FAST:
+        series = e * (1.0 - e * (0.5 - e * 0.3333333333333333))
+        sp = tl.where(e < 0.0078125, series, _log2_approx(1.0 + e) * 0.6931471805599453)
+    else:
+        sp = tl.log(1.0 + e)
+    return tl.where(x > 20.0, x, sp)
+
+
+@triton.jit
+def _load_delta(dt_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
     """Returns (raw = delta + bias, Δ) for a (T, D) tile; Δ is zero outside the mask."""
     raw = tl.load(dt_ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         raw = raw + bias[None, :]
     dt = raw
     if SOFTPLUS:
-        dt = _softplus(raw)
+        dt = _softplus(raw, FAST)
     return raw, tl.where(mask, dt, 0.0)
 
 
@@ -117,7 +132,7 @@ def _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2, HAS_D: tl
         du += dskip[None, :] * gy
         dD = tl.sum(gy * u, axis=0)
     if SOFTPLUS:
-        ddt = ddt / (1.0 + tl.exp(-raw))
+        ddt = tl.fdiv(ddt, 1.0 + tl.exp(-raw))  # σ(raw); the approximate division is ample here
     ddt = tl.where(m2, ddt, 0.0)
     dB = tl.sum(gs * dtu[:, :, None], axis=1)
     dC = tl.sum(hs * gy[:, :, None], axis=1)
@@ -135,7 +150,7 @@ def _ss_fwd_kernel(
     L, N, CG,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
     sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias, sy_b, sy_d,
-    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
@@ -185,7 +200,7 @@ def _ss_fwd_kernel(
             raw = raw + bias[None, :]
         dt = raw
         if SOFTPLUS:
-            dt = _softplus(raw)
+            dt = _softplus(raw, FAST)
         dt = tl.where(m2, dt, 0.0)
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         x = (dt * u)[:, :, None] * Bt[:, None, :]
@@ -205,7 +220,7 @@ def _ss_bwd_kernel(
     sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias,
     sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     k = tl.program_id(1)
@@ -250,7 +265,7 @@ def _ss_bwd_kernel(
         m2 = mask_t[:, None] & mask_d[None, :]
         mtn = mask_t[:, None] & mask_n[None, :]
         u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
-        _, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
+        _, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS, FAST)
         Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         x = (dt * u)[:, :, None] * Bt[:, None, :]
@@ -272,8 +287,8 @@ def _ss_bwd_kernel(
         m2n = (tn < L)[:, None] & mask_d[None, :]
         u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
         gy = tl.load(gy_base + t[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
-        raw, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS)
-        _, dtn = _load_delta(dt_base + tn[:, None] * sdt_l, m2n, bias, HAS_BIAS, SOFTPLUS)
+        raw, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS, FAST)
+        _, dtn = _load_delta(dt_base + tn[:, None] * sdt_l, m2n, bias, HAS_BIAS, SOFTPLUS, FAST)
         Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
         Ct = tl.load(C_base + t[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
         h0 = tl.load(hws_base + c * BLOCK_N, mask=mdn, other=0.0)
@@ -368,8 +383,15 @@ def _check(u, delta, A, B, C):
     return batch, channels, length, groups, cg, A.shape[1]
 
 
-def _config(cg, state, backward, overrides, length=None, elem_size=4):
-    cfg = default_config(cg, state, backward, length, elem_size)
+def fast_math(t: torch.Tensor) -> bool:
+    """Hardware approximations (inline PTX) in the kernels: compiled CUDA only, not the interpreter."""
+    return t.device.type == "cuda"
+
+
+def _config(cg, state, backward, overrides, length=None, elem_size=4, defaults=None):
+    """Launch configuration: ``defaults`` (else :func:`default_config`), then the
+    VMAMBA_TRITON_SCAN_CONFIG environment variable, then ``overrides``."""
+    cfg = dict(defaults) if defaults is not None else default_config(cg, state, backward, length, elem_size)
     env = os.environ.get("VMAMBA_TRITON_SCAN_CONFIG")
     if env:  # e.g. "BLOCK_D=32,BLOCK_T=64,num_warps=8" (benchmark sweeps)
         for item in env.split(","):
@@ -396,7 +418,7 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
         Dt.stride(0), bt.stride(0), y.stride(0), y.stride(1),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
+        FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
         PREFETCH=bool(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"],
     )
     return y
@@ -457,7 +479,7 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         Dt.stride(0), bt.stride(0),
         du.stride(0), du.stride(1), dB_ws.stride(0), dB_ws.stride(1), blk_stride, dB_ws.stride(-2),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
+        FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
         num_warps=cfg["num_warps"],
     )
     if atomic:

@@ -27,18 +27,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .selective_scan import _chunk_gradients, _config, _scan_chunk, _softplus
+from .selective_scan import _chunk_gradients, _config, _scan_chunk, _softplus, default_config, fast_math
 
-__all__ = ["ss2d_scan_fwd", "ss2d_scan_bwd", "NSEQ"]
+__all__ = ["ss2d_scan_fwd", "ss2d_scan_bwd", "saved_states_shape", "NSEQ"]
 
 # Distinct visiting orders per scan mode: route k >= nseq is route k - nseq reversed.
 NSEQ = {"unidi": 1, "bidi": 1, "cross2d": 2}
 
 
 @triton.jit
-def _pixel(t, L, H, W, rev, cols):
+def _pixel(t, L, H, W, inv_h, rev, cols, WIDE: tl.constexpr):
+    """Pixel visited at route step t. tt // H in float32 (a multiply, not an integer division) is exact
+    while L < 2**22 (the host checks): its error, below L * 2**-23 / H, stays under the 0.5 / H gap
+    between (tt + 0.5) / H and the next integer. Offsets are int64 only where they may pass 2**31."""
     tt = tl.where(rev, L - 1 - t, t)
-    return tl.where(cols, (tt % H) * W + tt // H, tt)
+    q = ((tt.to(tl.float32) + 0.5) * inv_h).to(tl.int32)
+    p = tl.where(cols, (tt - q * H) * W + q, tt)
+    if WIDE:
+        p = p.to(tl.int64)
+    return p
 
 
 @triton.jit
@@ -53,15 +60,15 @@ def _raw_delta(row, w_base, mask_t, mask_d, m2, sw_r, R: tl.constexpr):
 
 
 @triton.jit
-def _load_step(u_base, dl_base, xp_base, w_base, t, L, H, W, rev, cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l,
-               sw_r, R: tl.constexpr, N: tl.constexpr, DELTA_IN: tl.constexpr):
+def _load_step(u_base, dl_base, xp_base, w_base, t, L, H, W, inv_h, rev, cols, mask_d, offs_n, mask_n, su_l, sd_l,
+               sxp_l, sw_r, R: tl.constexpr, N: tl.constexpr, DELTA_IN: tl.constexpr, WIDE: tl.constexpr):
     """u and raw Δ (no bias) as (T, D) tiles, B and C as (T, N) tiles, at route steps t; the pixels p(t).
 
     Raw Δ is read from its materialised (K, batch, L, C) tensor (DELTA_IN), or computed here as
     dt_proj · xp[:R] from the pixel's projections.
     """
     mask_t = (t < L) & (t >= 0)
-    p = _pixel(t, L, H, W, rev, cols).to(tl.int64)
+    p = _pixel(t, L, H, W, inv_h, rev, cols, WIDE)
     m2 = mask_t[:, None] & mask_d[None, :]
     mtn = mask_t[:, None] & mask_n[None, :]
     u = tl.load(u_base + p[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
@@ -76,11 +83,11 @@ def _load_step(u_base, dl_base, xp_base, w_base, t, L, H, W, rev, cols, mask_d, 
 
 
 @triton.jit
-def _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS: tl.constexpr):
+def _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
     """Δ = softplus(raw + bias) (0 outside the mask), the decays a = exp(Δ A) and inputs x = Δ u B."""
     dt = raw + bias[None, :]
     if SOFTPLUS:
-        dt = _softplus(dt)
+        dt = _softplus(dt, FAST)
     dt = tl.where(m2, dt, 0.0)
     a = tl.exp2(dt[:, :, None] * A2[None, :, :])
     x = (dt * u)[:, :, None] * Bt[:, None, :]
@@ -110,12 +117,12 @@ def _route_program(A_ptr, bias_ptr, D_ptr, CH, N: tl.constexpr, NSEQ: tl.constex
 
 @triton.jit
 def _core_fwd_kernel(
-    u_ptr, xp_ptr, w_ptr, dl_ptr, A_ptr, D_ptr, bias_ptr, y_ptr,
-    L, H, W, CH,
+    u_ptr, xp_ptr, w_ptr, dl_ptr, A_ptr, D_ptr, bias_ptr, y_ptr, hws_ptr,
+    L, H, W, inv_h, CH, KC, n_saved,
     su_b, su_l, su_c, sxp_b, sxp_l, sxp_k, sw_k, sw_c, sw_r, sy_k, sy_b, sy_l, sy_c,
     R: tl.constexpr, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
-    DELTA_IN: tl.constexpr,
+    DELTA_IN: tl.constexpr, FAST: tl.constexpr, WIDE: tl.constexpr, SAVE_T: tl.constexpr,
 ):
     pid_d, k, b, rev, cols, offs_c, mask_d, kd, offs_n, mask_n, mdn, A, bias, dskip = _route_program(
         A_ptr, bias_ptr, D_ptr, CH, N, NSEQ, HAS_D, BLOCK_D, BLOCK_N)
@@ -129,22 +136,32 @@ def _core_fwd_kernel(
     dl_base = dl_ptr + k * sy_k + b * sy_b + offs_c[None, :].to(tl.int64) * sy_c  # raw Δ, laid out like y
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
+    # states entering every SAVE_T steps, for the backward (SAVE_T = 0: not saved)
+    hws_base = hws_ptr + (b * KC + kd[:, None]) * (n_saved * BLOCK_N) + offs_n[None, :]
 
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     if PREFETCH:
-        nx = _load_step(u_base, dl_base, xp_base, w_base, offs_t, L, H, W, rev, cols, mask_d, offs_n, mask_n,
-                        su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN)
+        nx = _load_step(u_base, dl_base, xp_base, w_base, offs_t, L, H, W, inv_h, rev, cols, mask_d, offs_n,
+                        mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN, WIDE)
     for t0 in range(0, L, BLOCK_T):
         if PREFETCH:
             # software pipelining: the next chunk's loads are in flight during this chunk's scan
             u, raw, Bt, Ct, p, m2 = nx
-            nx = _load_step(u_base, dl_base, xp_base, w_base, t0 + BLOCK_T + offs_t, L, H, W, rev, cols, mask_d,
-                            offs_n, mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN)
+            nx = _load_step(u_base, dl_base, xp_base, w_base, t0 + BLOCK_T + offs_t, L, H, W, inv_h, rev, cols,
+                            mask_d, offs_n, mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN, WIDE)
         else:
-            u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, w_base, t0 + offs_t, L, H, W, rev, cols,
-                                               mask_d, offs_n, mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN)
-        dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS)
-        hs, h = _scan_chunk(a, x, h, first, last, False)
+            u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, w_base, t0 + offs_t, L, H, W, inv_h, rev,
+                                               cols, mask_d, offs_n, mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN,
+                                               WIDE)
+        dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST)
+        if SAVE_T > 0:
+            tl.store(hws_base + (t0 // SAVE_T) * BLOCK_N, h, mask=mdn)
+        hs, h_next = _scan_chunk(a, x, h, first, last, False)
+        if SAVE_T > 0:
+            for j in tl.static_range(1, BLOCK_T // SAVE_T):
+                hj = tl.sum(tl.where((offs_t == j * SAVE_T - 1)[:, None, None], hs, 0.0), axis=0)
+                tl.store(hws_base + (t0 // SAVE_T + j) * BLOCK_N, hj, mask=mdn & (t0 + j * SAVE_T < L))
+        h = h_next
         y = tl.sum(hs * Ct[:, None, :], axis=2)
         if HAS_D:
             y += dskip[None, :] * u
@@ -160,11 +177,12 @@ def _core_fwd_kernel(
 def _core_bwd_kernel(
     gy_ptr, u_ptr, xp_ptr, dl_ptr, A_ptr, D_ptr, bias_ptr, hws_ptr,
     du_ptr, ddt_ptr, dA_ptr, dbc_ptr, dD_ptr, dbias_ptr,
-    L, H, W, CH, KC, n_chunks,
+    L, H, W, inv_h, CH, KC, n_chunks,
     sg_k, sg_b, sg_l, sg_c, su_b, su_l, su_c, sxp_b, sxp_l, sxp_k,
     sd_k, sd_b, sd_l, sd_c, sbc_blk, sbc_b, sbc_l, sbc_k,
     R: tl.constexpr, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, FAST: tl.constexpr, WIDE: tl.constexpr,
+    HAS_STATES: tl.constexpr,
 ):
     pid_d, k, b, rev, cols, offs_c, mask_d, kd, offs_n, mask_n, mdn, A, bias, dskip = _route_program(
         A_ptr, bias_ptr, D_ptr, CH, N, NSEQ, HAS_D, BLOCK_D, BLOCK_N)
@@ -184,15 +202,16 @@ def _core_bwd_kernel(
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
 
-    # Pass 1: along the route, storing the state entering each chunk.
-    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    for c in range(0, n_chunks):
-        tl.store(hws_base + c * BLOCK_N, h, mask=mdn)
-        u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, dl_base, c * BLOCK_T + offs_t, L, H, W, rev,
-                                           cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, 0, R, N, True)
-        dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS)
-        _, h = _scan_chunk(a, x, h, first, last, False)
-    tl.debug_barrier()
+    if not HAS_STATES:  # the forward did not save them: pass 1 along the route stores the chunk-entry states
+        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+        for c in range(0, n_chunks):
+            tl.store(hws_base + c * BLOCK_N, h, mask=mdn)
+            u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, dl_base, c * BLOCK_T + offs_t, L, H, W,
+                                               inv_h, rev, cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, 0, R, N,
+                                               True, WIDE)
+            dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST)
+            _, h = _scan_chunk(a, x, h, first, last, False)
+        tl.debug_barrier()
 
     # Pass 2: chunks in reverse; adjoint g_t = C_t gy_t + a_{t+1} g_{t+1} carried in registers.
     g = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
@@ -202,21 +221,21 @@ def _core_bwd_kernel(
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
         t = c * BLOCK_T + offs_t
-        u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, dl_base, t, L, H, W, rev, cols, mask_d,
-                                           offs_n, mask_n, su_l, sd_l, sxp_l, 0, R, N, True)
+        u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, dl_base, t, L, H, W, inv_h, rev, cols, mask_d,
+                                           offs_n, mask_n, su_l, sd_l, sxp_l, 0, R, N, True, WIDE)
         tn = t + 1
         m2n = (tn < L)[:, None] & mask_d[None, :]
-        pn = _pixel(tn, L, H, W, rev, cols).to(tl.int64)
+        pn = _pixel(tn, L, H, W, inv_h, rev, cols, WIDE)
         rawn = tl.load(dl_base + pn[:, None] * sd_l, mask=m2n, other=0.0).to(tl.float32)
         mtn = (t < L)[:, None] & mask_n[None, :]
         gy = tl.load(gy_base + p[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
         h0 = tl.load(hws_base + c * BLOCK_N, mask=mdn, other=0.0)
-        dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS)
+        dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST)
         raw = raw + bias[None, :]  # softplus' derivative is taken at raw + bias
         dtu = dt * u
         dtn = rawn + bias[None, :]
         if SOFTPLUS:
-            dtn = _softplus(dtn)
+            dtn = _softplus(dtn, FAST)
         dtn = tl.where(m2n, dtn, 0.0)
         hs, _ = _scan_chunk(a, x, h0, first, last, False)
 
@@ -243,6 +262,9 @@ def _core_bwd_kernel(
         tl.store(dD_ptr + b * KC + kd, dD_acc, mask=mask_d)
 
 
+MAX_PIXELS = 2**22  # per map: the float32 route-step → pixel mapping is exact below this (see _pixel)
+
+
 def _shapes(u, xp, dt_weight, A, nseq):
     batch, length, channels = u.shape
     routes, _, rank = dt_weight.shape
@@ -254,7 +276,52 @@ def _shapes(u, xp, dt_weight, A, nseq):
                          f"stride, got {tuple(xp.shape)} strides {xp.stride()}")
     if tuple(A.shape) != (routes * channels, state) or not A.is_contiguous():
         raise ValueError(f"A must be a contiguous ({routes * channels}, {state}), got {tuple(A.shape)}")
+    if length >= MAX_PIXELS:
+        raise ValueError(f"the fused SS2D core scans maps of fewer than {MAX_PIXELS} pixels, got {length}")
     return batch, length, channels, routes, rank, state
+
+
+def _wide(length, *pixel_strides):
+    """Whether pixel offsets (pixel index times a per-pixel stride) may pass int32 inside one image."""
+    return length * max(pixel_strides) >= 2**31
+
+
+def core_config(channels, state, rank, backward, length, elem_size, overrides=None):
+    """Launch configuration of the fused kernels (``overrides`` and VMAMBA_TRITON_SCAN_CONFIG win).
+
+    d_state 1-2 (the v2 models), from H200 sweeps of benchmarks/gpu_ss2d_sweep.py (BENCHMARKS.md): one
+    warp; the backward in chunks of 4 steps; the forward computes Δ in the kernel while the rank is
+    small (R <= 8: stage 1 of the tiny and small models) and otherwise reads it from one batched GEMM
+    (DELTA_GEMM), two channels per lane. Other d_state: the plain selective-scan defaults.
+    """
+    defaults = default_config(channels, state, backward, length, elem_size)
+    if backward:
+        defaults["BLOCK_T"] = saved_state_chunk(state)
+    if state <= 2:
+        if backward:
+            defaults.update(BLOCK_D=32, num_warps=1)
+        elif rank > 8:
+            defaults.update(BLOCK_D=64, BLOCK_T=8, num_warps=1, PREFETCH=1, DELTA_GEMM=1)
+        else:
+            defaults.update(BLOCK_D=32, BLOCK_T=8, num_warps=1, PREFETCH=1, DELTA_GEMM=0)
+    return _config(channels, state, backward, overrides, length, elem_size, defaults=defaults)
+
+
+def saved_state_chunk(state: int) -> int:
+    """Steps between the states the forward saves for the backward: the backward's chunk length."""
+    return 4 if state <= 2 else default_config(1, state, True)["BLOCK_T"]
+
+
+def saved_states_shape(batch: int, routes: int, channels: int, length: int, state: int) -> tuple[int, ...]:
+    """Shape of the float32 states the forward saves (the state entering every chunk of the backward)."""
+    return batch, routes * channels, triton.cdiv(length, saved_state_chunk(state)), triton.next_power_of_2(state)
+
+
+def _launch_options(cfg):
+    options = {"num_warps": cfg["num_warps"]}
+    if cfg.get("maxnreg"):  # a register cap per thread (more resident warps, perhaps spills)
+        options["maxnreg"] = cfg["maxnreg"]
+    return options
 
 
 def _delta_gemm(xp, dt_weight, rank, dtype):
@@ -265,43 +332,58 @@ def _delta_gemm(xp, dt_weight, rank, dtype):
 
 
 def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta_softplus=True,
-                  out_dtype=None, config=None):
-    """Scan the K routes of the map u (batch, H*W, C); returns y (K, batch, H*W, C) in pixel order.
+                  out_dtype=None, config=None, save_states=False):
+    """Scan the K routes of the map u (batch, H*W, C); returns y (K, batch, H*W, C) in pixel order and
+    the states saved for the backward (shape :func:`saved_states_shape`; empty unless ``save_states``).
 
     xp (batch, L, K, R + 2N) holds each pixel's per-route projections (Δ input, B, C); dt_weight
     (K, C, R) the Δ projections; A (K*C, N) float32; D, delta_bias (K*C,) (D may be None).
     ``config`` overrides block sizes and ``DELTA_GEMM`` (see the module docstring).
     """
     batch, length, channels, routes, rank, state = _shapes(u, xp, dt_weight, A, nseq)
-    cfg = _config(channels, state, False, config, length, u.element_size())
+    cfg = core_config(channels, state, rank, False, length, u.element_size(), config)
     y = torch.empty(routes, batch, length, channels, device=u.device, dtype=out_dtype or u.dtype)
+    save_chunk = saved_state_chunk(state) if save_states else 0
+    shape = saved_states_shape(batch, routes, channels, length, state) if save_states else (0,)
+    states = torch.empty(shape, device=u.device, dtype=torch.float32)
     if y.numel() == 0:
-        return y
+        return y, states.zero_()
+    if save_chunk and cfg["BLOCK_T"] % save_chunk:
+        cfg["BLOCK_T"] = save_chunk
     delta_in = bool(cfg.get("DELTA_GEMM", 0))
     delta = _delta_gemm(xp, dt_weight, rank, u.dtype).view(y.shape) if delta_in else y
     grid = (triton.cdiv(channels, cfg["BLOCK_D"]), routes, batch)
     _core_fwd_kernel[grid](
-        u, xp, dt_weight, delta, A, D if D is not None else A, delta_bias, y,
-        length, height, width, channels,
+        u, xp, dt_weight, delta, A, D if D is not None else A, delta_bias, y, states,
+        length, height, width, 1.0 / height, channels, routes * channels, shape[2] if save_states else 0,
         *u.stride(), xp.stride(0), xp.stride(1), xp.stride(2), *dt_weight.stride(), *y.stride(),
         R=rank, N=state, NSEQ=nseq, HAS_D=D is not None, SOFTPLUS=bool(delta_softplus),
         BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
-        PREFETCH=bool(cfg.get("PREFETCH", 0)), DELTA_IN=delta_in, num_warps=cfg["num_warps"],
+        PREFETCH=bool(cfg.get("PREFETCH", 0)), DELTA_IN=delta_in, FAST=fast_math(u),
+        WIDE=_wide(length, u.stride(1), xp.stride(1), y.stride(2)), SAVE_T=save_chunk, **_launch_options(cfg),
     )
-    return y
+    return y, states
 
 
 def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta_softplus=True,
-                  config=None):
+                  config=None, states=None):
     """Gradients of :func:`ss2d_scan_fwd` for the routes' output gradient grad_y (K, batch, L, C).
 
     grad_y may be an expanded view (stride 0 over K, as the gradient of a sum over routes is).
     Returns du (K, batch, L, C) and ddelta (K, batch, L, C) in u's dtype (per route: the caller sums
     du over K and turns ddelta into gradients of xp and dt_weight), dBC (batch, L, K, 2N) float32,
     dA (K*C, N), dD (K*C,) or None and ddelta_bias (K*C,), float32. All reductions are deterministic.
+    ``states``: what the forward saved (``save_states``); without them (None or empty) the kernel
+    first re-runs the forward recurrence to find them.
     """
     batch, length, channels, routes, rank, state = _shapes(u, xp, dt_weight, A, nseq)
-    cfg = _config(channels, state, True, config, length, u.element_size())
+    cfg = core_config(channels, state, rank, True, length, u.element_size(), config)
+    has_states = states is not None and states.numel() > 0
+    if has_states:
+        cfg["BLOCK_T"] = saved_state_chunk(state)
+        expected = saved_states_shape(batch, routes, channels, length, state)
+        if tuple(states.shape) != expected or states.dtype != torch.float32 or not states.is_contiguous():
+            raise ValueError(f"states must be contiguous float32 {expected}, got {tuple(states.shape)} {states.dtype}")
     dev, f32 = u.device, torch.float32
     n_blk = triton.cdiv(channels, cfg["BLOCK_D"])
     n_chunks = triton.cdiv(length, cfg["BLOCK_T"])
@@ -317,7 +399,7 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
         zeros = dA.new_zeros
         return (du, ddelta, zeros(batch, length, routes, 2 * state), zeros(kc, state),
                 zeros(kc) if D is not None else None, zeros(kc))
-    hws = torch.empty(batch, kc, n_chunks, cfg["BLOCK_N"], device=dev, dtype=f32)
+    hws = states if has_states else torch.empty(batch, kc, n_chunks, cfg["BLOCK_N"], device=dev, dtype=f32)
     # Δ without bias, in du's layout: one batched GEMM here instead of computing it three times per
     # step inside the kernel.
     delta = _delta_gemm(xp, dt_weight, rank, u.dtype).view(du.shape)
@@ -325,11 +407,13 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
     _core_bwd_kernel[grid](
         grad_y, u, xp, delta, A, D if D is not None else A, delta_bias, hws,
         du, ddelta, dA, dbc, dD, dbias,
-        length, height, width, channels, kc, n_chunks,
+        length, height, width, 1.0 / height, channels, kc, n_chunks,
         *grad_y.stride(), *u.stride(), xp.stride(0), xp.stride(1), xp.stride(2),
         *du.stride(), dbc.stride(0), dbc.stride(1), dbc.stride(2), dbc.stride(3),
         R=rank, N=state, NSEQ=nseq, HAS_D=D is not None, SOFTPLUS=bool(delta_softplus),
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"],
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], FAST=fast_math(u),
+        WIDE=_wide(length, grad_y.stride(2), u.stride(1), xp.stride(1), du.stride(2), dbc.stride(2)),
+        HAS_STATES=has_states, **_launch_options(cfg),
     )
     dbc = dbc[0] if n_blk == 1 else dbc.sum(0)
     return du, ddelta, dbc, dA.sum(0), dD.sum(0) if D is not None else None, dbias.sum(0)
