@@ -1,0 +1,106 @@
+"""Where a training step's time goes: GPU work or host-side launch overhead (CUDA).
+
+    PYTHONPATH=src python benchmarks/gpu_train_step.py [--models vmamba_tiny_s1l8,swin_tiny_patch4_window7_224]
+
+Per model, batch 128 at 224², bf16 autocast, channels_last, one step = forward + cross-entropy +
+backward (no optimizer), as in gpu_models.py:
+  * eager_ms: wall time per step between CUDA events (warm-up, then timed steps);
+  * host_ms: host time to issue one step's work (perf_counter around the steps, before the final
+    synchronize): when it is close to eager_ms the step is bound by the host, not the GPU;
+  * graph_ms: the same step captured once as a CUDA graph and replayed: GPU time with no launch
+    overhead (autocast's weight-cast cache off, as graph capture requires);
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from cuda_timing import timed
+from gpu_models import build
+
+
+def train_step_fn(model, x, target, cache=True):
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache):
+            loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        return loss
+
+    return step
+
+
+def host_time(step, steps):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    host = (time.perf_counter() - start) / steps
+    torch.cuda.synchronize()
+    return host * 1e3
+
+
+def graph_time(model, x, target, iters):
+    step = train_step_fn(model, x, target, cache=False)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for p in model.parameters():
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return timed(graph.replay, 3, iters)
+
+
+def bench(name, batch, iters):
+    model = build(name).cuda().to(memory_format=torch.channels_last).train()
+    x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    target = torch.randint(0, 1000, (batch,), device="cuda")
+    step = train_step_fn(model, x, target)
+
+    def eager():
+        step()
+        for p in model.parameters():
+            p.grad = None
+
+    row = {"model": name, "eager_ms": timed(eager, 3, iters), "host_ms": host_time(eager, iters)}
+    try:
+        row["graph_ms"] = graph_time(model, x, target, iters)
+    except Exception as exc:  # noqa: BLE001 - report, keep the other rows
+        row["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    for key in ("eager_ms", "graph_ms"):
+        if key in row:
+            row[key.replace("_ms", "_img_s")] = batch * 1000 / row[key]
+    model.cpu()
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="vmamba_tiny_s1l8,swin_tiny_patch4_window7_224")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--out", default="gpu_train_step.json")
+    args = parser.parse_args()
+    torch.backends.cudnn.benchmark = True
+    rows = []
+    for name in args.models.split(","):
+        rows.append(bench(name, args.batch, args.iters))
+        print(json.dumps(rows[-1]), flush=True)
+    with open(args.out, "w") as fh:
+        json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "batch": args.batch,
+                   "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
