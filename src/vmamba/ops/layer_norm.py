@@ -4,7 +4,8 @@ On CUDA tensors whose rows are contiguous (last-dim stride 1, leading dims merge
 dimension without a copy; this includes the NHWC view of a channels-last NCHW map) the norm runs
 through the ``vmamba::layer_norm_fwd`` / ``vmamba::layer_norm_bwd`` custom ops: Triton kernels that
 process many rows per program, with fake implementations and an autograd formula, so
-``torch.compile(fullgraph=True)`` traces them as single ops. Any other input (CPU, float64, strided
+``torch.compile(fullgraph=True)`` traces them as single ops (eager calls skip the custom-op dispatch:
+:mod:`vmamba.ops._eager`). Any other input (CPU, float64, strided
 rows, no Triton) takes ``F.layer_norm``, bit-identical to ``nn.LayerNorm``.
 
 :func:`layer_norm_sum` normalises the sum of K stacked inputs, summed in float32 inside the kernel.
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._eager import compiling, eager_function
 from ._toggle import Toggle
 from .selective_scan import triton_available
 
@@ -46,14 +48,16 @@ def _kernels():
     return kernels
 
 
-@torch.library.custom_op("vmamba::layer_norm_fwd", mutates_args=())
-def _fwd_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype,
+def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype,
             return_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, mean, rstd, xsum) of the LayerNorm of x (K, M, C) summed over K; xsum is empty unless
     ``return_sum`` and K > 1 (custom ops cannot return None, nor a view of an input)."""
     store_sum = return_sum and x.shape[0] > 1
     out, mean, rstd, xsum = _kernels().layer_norm_fwd(x, weight, bias, eps, out_dtype, store_sum)
     return out, mean, rstd, xsum if store_sum else x.new_empty(0)
+
+
+_fwd_op = torch.library.custom_op("vmamba::layer_norm_fwd", _fwd_impl, mutates_args=())
 
 
 @_fwd_op.register_fake
@@ -64,13 +68,15 @@ def _(x, weight, bias, eps, out_dtype, return_sum):
     return x.new_empty((m, c), dtype=out_dtype), stats, torch.empty_like(stats), xsum
 
 
-@torch.library.custom_op("vmamba::layer_norm_bwd", mutates_args=())
-def _bwd_op(dout: Tensor, xhat_src: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
+def _bwd_impl(dout: Tensor, xhat_src: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
             has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx in xhat_src.dtype, dweight, dbias float32); absent parameters get an empty tensor."""
     dx, dweight, dbias = _kernels().layer_norm_bwd(dout, xhat_src, weight, mean, rstd, has_bias)
     empty = mean.new_empty(0)
     return dx, dweight if dweight is not None else empty, dbias if dbias is not None else empty.clone()
+
+
+_bwd_op = torch.library.custom_op("vmamba::layer_norm_bwd", _bwd_impl, mutates_args=())
 
 
 @_bwd_op.register_fake
@@ -91,19 +97,23 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _backward(ctx, dout, _dmean, _drstd, _dxsum):
-    src, weight, mean, rstd = ctx.saved_tensors
-    if src.dim() != 2:
-        raise RuntimeError("vmamba::layer_norm_fwd: K > 1 needs return_sum=True for the backward")
-    dx, dweight, dbias = _bwd_op(dout, src, weight, mean, rstd, ctx.has_bias)
-    # Every summed input gets the same gradient: an expand, not K copies.
-    dxs = dx.unsqueeze(0).expand(ctx.k, *dx.shape)
-    dweight = dweight.to(weight.dtype) if weight is not None else None
-    dbias = dbias.to(ctx.bias_dtype) if ctx.has_bias else None
-    return dxs, dweight, dbias, None, None, None
+def _backward_with(bwd):
+    def backward(ctx, dout, _dmean, _drstd, _dxsum):
+        src, weight, mean, rstd = ctx.saved_tensors
+        if src.dim() != 2:
+            raise RuntimeError("vmamba::layer_norm_fwd: K > 1 needs return_sum=True for the backward")
+        dx, dweight, dbias = bwd(dout, src, weight, mean, rstd, ctx.has_bias)
+        # Every summed input gets the same gradient: an expand, not K copies.
+        dxs = dx.unsqueeze(0).expand(ctx.k, *dx.shape)
+        dweight = dweight.to(weight.dtype) if weight is not None else None
+        dbias = dbias.to(ctx.bias_dtype) if ctx.has_bias else None
+        return dxs, dweight, dbias, None, None, None
+
+    return backward
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_backward_with(_bwd_op), setup_context=_setup_context)
+_NormEager = eager_function(_fwd_impl, _setup_context, _backward_with(_bwd_impl))
 
 
 def _mergeable(sizes: Sequence[int], strides: Sequence[int]) -> bool:
@@ -152,7 +162,8 @@ def _triton_norm(xs: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     """The custom op on xs (K, *rows, C); the output has shape (*rows, C)."""
     k, c = xs.shape[0], xs.shape[-1]
     rows = xs.view(k, -1, c)
-    out = _fwd_op(rows, weight, bias, float(eps), _output_dtype(xs, out_dtype), _needs_sum(xs, weight, bias))[0]
+    op = _fwd_op if compiling() else _NormEager.apply
+    out = op(rows, weight, bias, float(eps), _output_dtype(xs, out_dtype), _needs_sum(xs, weight, bias))[0]
     return out.view(xs.shape[1:])
 
 

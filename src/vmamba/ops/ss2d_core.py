@@ -11,7 +11,7 @@ materialise route-ordered copies, and recompute the projections in the backward 
 them; when a backward will follow, the forward saves the scan state every few steps (float32, one
 value per channel, route, state and chunk) so that the backward need not re-run the recurrence. Two
 ``torch.library`` custom ops (forward, backward) with fake implementations keep it one opaque node for
-``torch.compile``.
+``torch.compile``; eager calls skip the custom-op dispatch (:mod:`vmamba.ops._eager`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import contextlib
 import torch
 from torch import Tensor
 
+from ._eager import compiling, eager_function
 from ._toggle import Toggle
 from .cross_scan import ScanMode
 
@@ -55,14 +56,16 @@ def _projections(x: Tensor, x_proj_weight: Tensor) -> tuple[Tensor, Tensor]:
     return u, xp.view(batch, height * width, routes, width_proj)
 
 
-@torch.library.custom_op("vmamba::ss2d_core_fwd", mutates_args=())
-def _core_fwd(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor, D: Tensor | None,
-              delta_bias: Tensor, nseq: int, save_states: bool) -> tuple[Tensor, Tensor]:
+def _core_fwd_impl(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor, D: Tensor | None,
+                   delta_bias: Tensor, nseq: int, save_states: bool) -> tuple[Tensor, Tensor]:
     batch, height, width, channels = x.shape
     u, xp = _projections(x, x_proj_weight)
     y, states = _kernels().ss2d_scan_fwd(u, xp, dt_projs_weight, A, D, delta_bias, height, width, nseq,
                                          save_states=save_states)
     return y.view(-1, batch, height, width, channels), states
+
+
+_core_fwd = torch.library.custom_op("vmamba::ss2d_core_fwd", _core_fwd_impl, mutates_args=())
 
 
 @_core_fwd.register_fake
@@ -74,9 +77,8 @@ def _(x, x_proj_weight, dt_projs_weight, A, D, delta_bias, nseq, save_states):
     return x.new_empty(routes, *x.shape), x.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("vmamba::ss2d_core_bwd", mutates_args=())
-def _core_bwd(grad_y: Tensor, x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor,
-              D: Tensor | None, delta_bias: Tensor, states: Tensor, nseq: int) -> list[Tensor]:
+def _core_bwd_impl(grad_y: Tensor, x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor,
+                   D: Tensor | None, delta_bias: Tensor, states: Tensor, nseq: int) -> list[Tensor]:
     batch, height, width, channels = x.shape
     routes, rank = dt_projs_weight.shape[0], dt_projs_weight.shape[2]
     rows = batch * height * width
@@ -99,6 +101,9 @@ def _core_bwd(grad_y: Tensor, x: Tensor, x_proj_weight: Tensor, dt_projs_weight:
             dA.to(A.dtype), dD.to(D.dtype) if D is not None else dA.new_empty(0), dbias.to(delta_bias.dtype)]
 
 
+_core_bwd = torch.library.custom_op("vmamba::ss2d_core_bwd", _core_bwd_impl, mutates_args=())
+
+
 @_core_bwd.register_fake
 def _(grad_y, x, x_proj_weight, dt_projs_weight, A, D, delta_bias, states, nseq):
     return [torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x_proj_weight),
@@ -113,14 +118,18 @@ def _setup_context(ctx, inputs, output):
     ctx.nseq = nseq
 
 
-def _backward(ctx, grad_y, _grad_states):
-    x, x_proj_weight, dt_projs_weight, A, D, delta_bias, states = ctx.saved_tensors
-    dx, dw, ddt, dA, dD, dbias = _core_bwd(grad_y, x, x_proj_weight, dt_projs_weight, A, D, delta_bias, states,
-                                           ctx.nseq)
-    return dx, dw, ddt, dA, dD if D is not None else None, dbias, None, None
+def _backward_with(core_bwd):
+    def backward(ctx, grad_y, _grad_states):
+        x, x_proj_weight, dt_projs_weight, A, D, delta_bias, states = ctx.saved_tensors
+        dx, dw, ddt, dA, dD, dbias = core_bwd(grad_y, x, x_proj_weight, dt_projs_weight, A, D, delta_bias, states,
+                                              ctx.nseq)
+        return dx, dw, ddt, dA, dD if D is not None else None, dbias, None, None
+
+    return backward
 
 
-_core_fwd.register_autograd(_backward, setup_context=_setup_context)
+_core_fwd.register_autograd(_backward_with(_core_bwd), setup_context=_setup_context)
+_CoreEager = eager_function(_core_fwd_impl, _setup_context, _backward_with(_core_bwd_impl))
 
 
 def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor, D: Tensor | None,
@@ -146,4 +155,5 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tens
               D.contiguous() if D is not None else None, delta_bias.contiguous())
     # the forward saves its chunk states when a backward will follow, sparing the backward a pass
     save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    return _core_fwd(*inputs, FUSED_MODES[mode], save_states)[0]
+    op = _core_fwd if compiling() else _CoreEager.apply
+    return op(*inputs, FUSED_MODES[mode], save_states)[0]
