@@ -29,6 +29,9 @@ __all__ = ["fused_core_enabled", "ss2d_core", "use_fused_core", "FUSED_MODES"]
 
 FUSED_MODES = {ScanMode.CROSS2D: 2, ScanMode.BIDI: 1, ScanMode.UNIDI: 1}  # mode → distinct visiting orders
 _FUSED = Toggle()
+# Shortest route (pixels) whose chunk states the forward saves for the backward. H200, VMamba-T:
+# saving paid 1.2 ms per layer at 3136 steps and broke even at 196 (BENCHMARKS.md).
+SAVE_STATES_MIN_LENGTH = 512
 
 
 def fused_core_enabled() -> bool:
@@ -153,7 +156,9 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tens
                          f"x_proj_weight {tuple(x_proj_weight.shape)}, dt_projs_weight {tuple(dt_projs_weight.shape)}")
     inputs = (x.contiguous(), x_proj_weight, dt_projs_weight, A.contiguous(),
               D.contiguous() if D is not None else None, delta_bias.contiguous())
-    # the forward saves its chunk states when a backward will follow, sparing the backward a pass
-    save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    # When a backward will follow, the forward saves its chunk states on long routes, sparing the
+    # backward a pass (on short ones recomputing cost no more, and the states cost memory).
+    save_states = (x.shape[1] * x.shape[2] >= SAVE_STATES_MIN_LENGTH and torch.is_grad_enabled()
+                   and any(t is not None and t.requires_grad for t in inputs))
     op = _core_fwd if compiling() else _CoreEager.apply
     return op(*inputs, FUSED_MODES[mode], save_states)[0]

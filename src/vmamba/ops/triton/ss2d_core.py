@@ -137,7 +137,9 @@ def _core_fwd_kernel(
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
     # states entering every SAVE_T steps, for the backward (SAVE_T = 0: not saved)
-    hws_base = hws_ptr + (b * KC + kd[:, None]) * (n_saved * BLOCK_N) + offs_n[None, :]
+    # (batch, chunk, K*C, N): a warp's channels are adjacent, so each chunk's store is coalesced
+    hws_base = hws_ptr + (b * n_saved * KC + kd[:, None]) * BLOCK_N + offs_n[None, :]
+    chunk_stride = KC * BLOCK_N + b * 0  # int64 (b is), so chunk offsets cannot overflow
 
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     if PREFETCH:
@@ -155,12 +157,13 @@ def _core_fwd_kernel(
                                                WIDE)
         dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST)
         if SAVE_T > 0:
-            tl.store(hws_base + (t0 // SAVE_T) * BLOCK_N, h, mask=mdn)
+            tl.store(hws_base + (t0 // SAVE_T) * chunk_stride, h, mask=mdn)
         hs, h_next = _scan_chunk(a, x, h, first, last, False)
         if SAVE_T > 0:
             for j in tl.static_range(1, BLOCK_T // SAVE_T):
                 hj = tl.sum(tl.where((offs_t == j * SAVE_T - 1)[:, None, None], hs, 0.0), axis=0)
-                tl.store(hws_base + (t0 // SAVE_T + j) * BLOCK_N, hj, mask=mdn & (t0 + j * SAVE_T < L))
+                tl.store(hws_base + (t0 // SAVE_T + j) * chunk_stride, hj,
+                         mask=mdn & (t0 + j * SAVE_T < L))
         h = h_next
         y = tl.sum(hs * Ct[:, None, :], axis=2)
         if HAS_D:
@@ -198,14 +201,15 @@ def _core_bwd_kernel(
     ddt_base = ddt_ptr + k * sd_k + b * sd_b + c64 * sd_c
     # dB / dC partials of this channel block: (blocks, batch, L, K, 2N) float32
     bc_base = dbc_ptr + pid_d * sbc_blk + b * sbc_b + k * sbc_k + offs_n[None, :]
-    hws_base = hws_ptr + (b * KC + kd[:, None]) * (n_chunks * BLOCK_N) + offs_n[None, :]
+    hws_base = hws_ptr + (b * n_chunks * KC + kd[:, None]) * BLOCK_N + offs_n[None, :]  # (batch, chunk, K*C, N)
+    chunk_stride = KC * BLOCK_N + b * 0  # int64 (b is), so chunk offsets cannot overflow
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
 
     if not HAS_STATES:  # the forward did not save them: pass 1 along the route stores the chunk-entry states
         h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
         for c in range(0, n_chunks):
-            tl.store(hws_base + c * BLOCK_N, h, mask=mdn)
+            tl.store(hws_base + c * chunk_stride, h, mask=mdn)
             u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, dl_base, c * BLOCK_T + offs_t, L, H, W,
                                                inv_h, rev, cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, 0, R, N,
                                                True, WIDE)
@@ -229,7 +233,7 @@ def _core_bwd_kernel(
         rawn = tl.load(dl_base + pn[:, None] * sd_l, mask=m2n, other=0.0).to(tl.float32)
         mtn = (t < L)[:, None] & mask_n[None, :]
         gy = tl.load(gy_base + p[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
-        h0 = tl.load(hws_base + c * BLOCK_N, mask=mdn, other=0.0)
+        h0 = tl.load(hws_base + c * chunk_stride, mask=mdn, other=0.0)
         dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST)
         raw = raw + bias[None, :]  # softplus' derivative is taken at raw + bias
         dtu = dt * u
@@ -290,16 +294,17 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
     """Launch configuration of the fused kernels (``overrides`` and VMAMBA_TRITON_SCAN_CONFIG win).
 
     d_state 1-2 (the v2 models), from H200 sweeps of benchmarks/gpu_ss2d_sweep.py (BENCHMARKS.md): one
-    warp; the backward in chunks of 4 steps; the forward computes Δ in the kernel while the rank is
-    small (R <= 8: stage 1 of the tiny and small models) and otherwise reads it from one batched GEMM
-    (DELTA_GEMM), two channels per lane. Other d_state: the plain selective-scan defaults.
+    warp; the backward in chunks of 4 steps with at most 128 registers per thread; the forward
+    computes Δ in the kernel while the rank is small (R <= 8: stage 1 of the tiny and small models)
+    and otherwise reads it from one batched GEMM (DELTA_GEMM), two channels per lane. Other d_state:
+    the plain selective-scan defaults.
     """
     defaults = default_config(channels, state, backward, length, elem_size)
     if backward:
         defaults["BLOCK_T"] = saved_state_chunk(state)
     if state <= 2:
         if backward:
-            defaults.update(BLOCK_D=32, num_warps=1)
+            defaults.update(BLOCK_D=32, num_warps=1, maxnreg=128)
         elif rank > 8:
             defaults.update(BLOCK_D=64, BLOCK_T=8, num_warps=1, PREFETCH=1, DELTA_GEMM=1)
         else:
@@ -314,7 +319,7 @@ def saved_state_chunk(state: int) -> int:
 
 def saved_states_shape(batch: int, routes: int, channels: int, length: int, state: int) -> tuple[int, ...]:
     """Shape of the float32 states the forward saves (the state entering every chunk of the backward)."""
-    return batch, routes * channels, triton.cdiv(length, saved_state_chunk(state)), triton.next_power_of_2(state)
+    return batch, triton.cdiv(length, saved_state_chunk(state)), routes * channels, triton.next_power_of_2(state)
 
 
 def _launch_options(cfg):
@@ -355,7 +360,7 @@ def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta
     grid = (triton.cdiv(channels, cfg["BLOCK_D"]), routes, batch)
     _core_fwd_kernel[grid](
         u, xp, dt_weight, delta, A, D if D is not None else A, delta_bias, y, states,
-        length, height, width, 1.0 / height, channels, routes * channels, shape[2] if save_states else 0,
+        length, height, width, 1.0 / height, channels, routes * channels, shape[1] if save_states else 0,
         *u.stride(), xp.stride(0), xp.stride(1), xp.stride(2), *dt_weight.stride(), *y.stride(),
         R=rank, N=state, NSEQ=nseq, HAS_D=D is not None, SOFTPLUS=bool(delta_softplus),
         BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
@@ -399,7 +404,7 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
         zeros = dA.new_zeros
         return (du, ddelta, zeros(batch, length, routes, 2 * state), zeros(kc, state),
                 zeros(kc) if D is not None else None, zeros(kc))
-    hws = states if has_states else torch.empty(batch, kc, n_chunks, cfg["BLOCK_N"], device=dev, dtype=f32)
+    hws = states if has_states else torch.empty(batch, n_chunks, kc, cfg["BLOCK_N"], device=dev, dtype=f32)
     # Δ without bias, in du's layout: one batched GEMM here instead of computing it three times per
     # step inside the kernel.
     delta = _delta_gemm(xp, dt_weight, rank, u.dtype).view(du.shape)
