@@ -18,7 +18,10 @@ Route k visits pixel p(t) at step t: row-major routes p = t, column-major p = (t
 reversed routes (k >= nseq) use L-1-t in place of t. Loads of a (steps, channels) tile are contiguous
 along the channels for any route, so reversed and column routes cost the same as row routes.
 
-The recurrences and gradient formulas are those of :mod:`vmamba.ops.triton.selective_scan`.
+The recurrences and gradient formulas are those of :mod:`vmamba.ops.triton.selective_scan`. The
+backward walks each route in reverse, chunk by chunk; it needs the state entering every chunk, which
+the forward saves when asked (``save_states``: (batch, chunk, K*C, N) float32) and the backward
+otherwise recomputes in a first forward pass.
 """
 
 from __future__ import annotations
