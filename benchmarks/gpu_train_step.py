@@ -1,6 +1,7 @@
 """Where a training step's time goes: GPU work or host-side launch overhead (CUDA).
 
     PYTHONPATH=src python benchmarks/gpu_train_step.py [--models vmamba_tiny_s1l8,swin_tiny_patch4_window7_224]
+        [--compile-mode default|reduce-overhead|max-autotune-no-cudagraphs]
 
 Per model, batch 128 at 224², bf16 autocast, channels_last, one step = forward + cross-entropy +
 backward (no optimizer), as in gpu_models.py:
@@ -8,7 +9,9 @@ backward (no optimizer), as in gpu_models.py:
   * host_ms: host time to issue one step's work (perf_counter around the steps, before the final
     synchronize): when it is close to eager_ms the step is bound by the host, not the GPU;
   * graph_ms: the same step captured once as a CUDA graph and replayed: GPU time with no launch
-    overhead (autocast's weight-cast cache off, as graph capture requires);
+    overhead (autocast's weight-cast cache off, as graph capture requires).
+With --compile-mode the model is wrapped in torch.compile with that mode first; eager_ms and host_ms
+then time the compiled step (compilation happens in the warm-up) and no graph is captured.
 """
 
 from __future__ import annotations
@@ -61,22 +64,24 @@ def graph_time(model, x, target, iters):
     return timed(graph.replay, 3, iters)
 
 
-def bench(name, batch, iters):
+def bench(name, batch, iters, compile_mode=""):
     model = build(name).cuda().to(memory_format=torch.channels_last).train()
     x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (batch,), device="cuda")
-    step = train_step_fn(model, x, target)
+    step = train_step_fn(torch.compile(model, mode=compile_mode) if compile_mode else model, x, target)
 
     def eager():
         step()
         for p in model.parameters():
             p.grad = None
 
-    row = {"model": name, "eager_ms": timed(eager, 3, iters), "host_ms": host_time(eager, iters)}
-    try:
-        row["graph_ms"] = graph_time(model, x, target, iters)
-    except Exception as exc:  # noqa: BLE001 - report, keep the other rows
-        row["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    row = {"model": name, "compile_mode": compile_mode or "eager", "eager_ms": timed(eager, 3, iters),
+           "host_ms": host_time(eager, iters)}
+    if not compile_mode:
+        try:
+            row["graph_ms"] = graph_time(model, x, target, iters)
+        except Exception as exc:  # noqa: BLE001 - report, keep the other rows
+            row["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     for key in ("eager_ms", "graph_ms"):
         if key in row:
             row[key.replace("_ms", "_img_s")] = batch * 1000 / row[key]
@@ -90,12 +95,13 @@ def main():
     parser.add_argument("--models", default="vmamba_tiny_s1l8,swin_tiny_patch4_window7_224")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--compile-mode", default="", help="torch.compile mode; empty: eager")
     parser.add_argument("--out", default="gpu_train_step.json")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     rows = []
     for name in args.models.split(","):
-        rows.append(bench(name, args.batch, args.iters))
+        rows.append(bench(name, args.batch, args.iters, args.compile_mode))
         print(json.dumps(rows[-1]), flush=True)
     with open(args.out, "w") as fh:
         json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "batch": args.batch,
