@@ -5,8 +5,8 @@ dimension without a copy; this includes the NHWC view of a channels-last NCHW ma
 through the ``vmamba::layer_norm_fwd`` / ``vmamba::layer_norm_bwd`` custom ops: Triton kernels that
 process many rows per program, with fake implementations and an autograd formula, so
 ``torch.compile(fullgraph=True)`` traces them as single ops (eager calls skip the custom-op dispatch:
-:mod:`vmamba.ops._eager`). Any other input (CPU, float64, strided
-rows, no Triton) takes ``F.layer_norm``, bit-identical to ``nn.LayerNorm``.
+:mod:`vmamba.ops._eager`). Any other input (CPU, float64, strided rows, no Triton) takes
+``F.layer_norm``, bit-identical to ``nn.LayerNorm``.
 
 :func:`layer_norm_sum` normalises the sum of K stacked inputs, summed in float32 inside the kernel.
 """
@@ -49,7 +49,7 @@ def _kernels():
 
 
 def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype,
-            return_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              return_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, mean, rstd, xsum) of the LayerNorm of x (K, M, C) summed over K; xsum is empty unless
     ``return_sum`` and K > 1 (custom ops cannot return None, nor a view of an input)."""
     store_sum = return_sum and x.shape[0] > 1
@@ -69,7 +69,7 @@ def _(x, weight, bias, eps, out_dtype, return_sum):
 
 
 def _bwd_impl(dout: Tensor, xhat_src: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
-            has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+              has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx in xhat_src.dtype, dweight, dbias float32); absent parameters get an empty tensor."""
     dx, dweight, dbias = _kernels().layer_norm_bwd(dout, xhat_src, weight, mean, rstd, has_bias)
     empty = mean.new_empty(0)
@@ -159,7 +159,8 @@ def _needs_sum(xs: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
 
 def _triton_norm(xs: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                  out_dtype: torch.dtype | None) -> Tensor:
-    """The custom op on xs (K, *rows, C); the output has shape (*rows, C)."""
+    """The kernels on xs (K, *rows, C), through the custom op when compiling and its eager twin
+    otherwise; the output has shape (*rows, C)."""
     k, c = xs.shape[0], xs.shape[-1]
     rows = xs.view(k, -1, c)
     op = _fwd_op if compiling() else _NormEager.apply
