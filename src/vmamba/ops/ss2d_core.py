@@ -85,19 +85,21 @@ def _core_bwd_impl(grad_y: Tensor, x: Tensor, x_proj_weight: Tensor, dt_projs_we
     batch, height, width, channels = x.shape
     routes, rank = dt_projs_weight.shape[0], dt_projs_weight.shape[2]
     rows = batch * height * width
-    u, xp = _projections(x, x_proj_weight)
+    # the weights in the map's dtype, cast once for the recomputed projections and the gradient GEMMs
+    x_proj_w, dt_proj_w = x_proj_weight.to(x.dtype), dt_projs_weight.to(x.dtype)
+    u, xp = _projections(x, x_proj_w)
     grad_y = grad_y.view(routes, batch, height * width, channels)
     du, ddelta, dbc, dA, dD, dbias = _kernels().ss2d_scan_bwd(
-        grad_y, u, xp, dt_projs_weight, A, D, delta_bias, height, width, nseq, states=states)
+        grad_y, u, xp, dt_proj_w, A, D, delta_bias, height, width, nseq, states=states)
     # Δ = dt_proj_k · xp[..., k, :R]: its two gradients are batched GEMMs over the routes.
-    d_dt_low = torch.bmm(ddelta.view(routes, rows, channels), dt_projs_weight.to(ddelta.dtype))
+    d_dt_low = torch.bmm(ddelta.view(routes, rows, channels), dt_proj_w)
     # dW_k = Σ_pixels ddelta_k^T dt_low_k as one product per (route, image) summed afterwards: a
     # single product with a (C, R) output and a batch*L reduction runs far slower on GPUs.
     dt_low = xp[..., :rank].permute(2, 0, 1, 3).to(ddelta.dtype)  # (K, B, L, R)
     d_dt_weight = torch.matmul(ddelta.transpose(2, 3), dt_low).sum(1)
     dxp = torch.cat((d_dt_low.transpose(0, 1).reshape(batch, height * width, routes, rank),
                      dbc.to(x.dtype)), dim=-1).view(rows, -1)
-    w = x_proj_weight.to(x.dtype).reshape(dxp.shape[1], channels)
+    w = x_proj_w.reshape(dxp.shape[1], channels)
     dx = torch.addmm(du.sum(0).view(rows, channels), dxp, w)
     dw = (dxp.t() @ u.reshape(rows, channels)).view(x_proj_weight.shape)
     return [dx.view(x.shape), dw.to(x_proj_weight.dtype), d_dt_weight.to(dt_projs_weight.dtype),
