@@ -72,8 +72,9 @@ def _bwd_impl(dout: Tensor, xhat_src: Tensor, weight: Tensor | None, mean: Tenso
               has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx in xhat_src.dtype, dweight, dbias float32); absent parameters get an empty tensor."""
     dx, dweight, dbias = _kernels().layer_norm_bwd(dout, xhat_src, weight, mean, rstd, has_bias)
-    empty = mean.new_empty(0)
-    return dx, dweight if dweight is not None else empty, dbias if dbias is not None else empty.clone()
+    # (a fresh empty tensor per absent one: a custom op may not return one tensor twice)
+    return (dx, dweight if dweight is not None else mean.new_empty(0),
+            dbias if dbias is not None else mean.new_empty(0))
 
 
 _bwd_op = torch.library.custom_op("vmamba::layer_norm_bwd", _bwd_impl, mutates_args=())
