@@ -1,0 +1,114 @@
+"""Compile the Triton kernels for a Hopper GPU (sm_90a) without one: run as a script by test_triton_aot.py.
+
+Triton compiles ahead of time for a named target with its bundled ptxas, so the CUDA-only branches
+that the interpreter never takes (the inline-PTX fast math, the int64 offsets, saved states, the
+register cap) are compiled here for the variants the models use. Prints one JSON line per variant.
+
+    python tests/aot_kernels.py [--resources]
+
+``--resources`` adds each kernel's registers per thread and spill bytes, from ptxas -v (the bundled
+ptxas; Triton's version here may differ from the GPU machine's, so treat them as indicative).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from vmamba.ops.triton import layer_norm, selective_scan, ss2d_core  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+FLOATS = {"inv_h", "eps"}
+# the map-sized tensors of the fused core in bf16 (as under autocast), everything else float32
+BF16 = {"u_ptr", "xp_ptr", "y_ptr", "dl_ptr", "gy_ptr", "du_ptr", "ddt_ptr"}
+
+
+def signature(kernel, constants: dict, bf16: bool) -> dict:
+    sig = {}
+    for name, param in zip(kernel.arg_names, kernel.params):
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*bf16" if bf16 and name in BF16 else "*fp32"
+        else:
+            sig[name] = "fp32" if name in FLOATS else "i32"
+    return sig
+
+
+def core(**overrides):
+    base = dict(R=6, N=1, NSEQ=2, HAS_D=True, SOFTPLUS=True, BLOCK_D=32, BLOCK_N=1, FAST=True, WIDE=False)
+    return {**base, **overrides}
+
+
+VARIANTS = [
+    ("core_fwd d_state 1, in-kernel Δ, saving states", ss2d_core._core_fwd_kernel,
+     core(BLOCK_T=8, PREFETCH=True, DELTA_IN=False, SAVE_T=4), {"num_warps": 1}, True),
+    ("core_fwd d_state 1, Δ from GEMM, int64 offsets", ss2d_core._core_fwd_kernel,
+     core(R=24, BLOCK_D=64, BLOCK_T=8, PREFETCH=True, DELTA_IN=True, SAVE_T=0, WIDE=True), {"num_warps": 1}, True),
+    ("core_fwd d_state 16", ss2d_core._core_fwd_kernel,
+     core(N=16, BLOCK_N=16, BLOCK_D=16, BLOCK_T=16, PREFETCH=True, DELTA_IN=False, SAVE_T=16), {"num_warps": 8},
+     False),
+    ("core_bwd d_state 1, saved states, register cap", ss2d_core._core_bwd_kernel,
+     core(BLOCK_T=4, HAS_STATES=True), {"num_warps": 1, "maxnreg": 128}, True),
+    ("core_bwd d_state 1, recomputing, int64 offsets", ss2d_core._core_bwd_kernel,
+     core(BLOCK_T=4, HAS_STATES=False, WIDE=True), {"num_warps": 1}, True),
+    ("core_bwd d_state 16", ss2d_core._core_bwd_kernel,
+     core(N=16, BLOCK_N=16, BLOCK_D=8, BLOCK_T=16, HAS_STATES=True), {"num_warps": 4}, False),
+    ("selective_scan fwd", selective_scan._ss_fwd_kernel,
+     dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, BLOCK_D=16, BLOCK_N=16, BLOCK_T=16, PREFETCH=True),
+     {"num_warps": 8}, False),
+    ("selective_scan bwd", selective_scan._ss_bwd_kernel,
+     dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=1, BLOCK_T=8),
+     {"num_warps": 1}, False),
+    ("layer_norm fwd, K=4 summed", layer_norm._fwd_kernel,
+     dict(K=4, BLOCK_M=16, BLOCK_C=128, HAS_W=True, HAS_B=True, STORE_SUM=True), {"num_warps": 4}, False),
+    ("layer_norm bwd", layer_norm._bwd_kernel,
+     dict(BLOCK_M=16, BLOCK_C=128, HAS_W=True, HAS_B=True), {"num_warps": 4}, False),
+]
+
+
+def resources(ptx: str, options: dict) -> dict:
+    """Registers per thread and spill bytes of the compiled PTX, from the bundled ptxas -v."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as fh:
+            fh.write(ptx)
+        cap = [f"--maxrregcount={options['maxnreg']}"] if options.get("maxnreg") else []
+        log = subprocess.run([ptxas, "-v", "-arch=sm_90a", *cap, path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return {"registers": int(registers.group(1)) if registers else None,
+            "spill_store_bytes": int(spills.group(1)) if spills else None}
+
+
+def main() -> int:
+    failures = 0
+    for name, kernel, constants, options, bf16 in VARIANTS:
+        try:
+            source = ASTSource(kernel, signature(kernel, constants, bf16), constants)
+            compiled = triton.compile(source, target=HOPPER, options=options)
+            row = {"variant": name, "ok": True, "cubin_bytes": len(compiled.asm["cubin"]),
+                   "fast_math_ptx": "lg2.approx" in compiled.asm["ptx"]}
+            if "--resources" in sys.argv:
+                row.update(resources(compiled.asm["ptx"], options))
+        except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
+            failures += 1
+            row = {"variant": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+        print(json.dumps(row), flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
