@@ -4,14 +4,17 @@ Triton compiles ahead of time for a named target with its bundled ptxas, so the 
 that the interpreter never takes (the inline-PTX fast math, the int64 offsets, saved states, the
 register cap) are compiled here for the variants the models use. Prints one JSON line per variant.
 
-    python tests/aot_kernels.py [--resources]
+    python tests/aot_kernels.py [--resources] [--sass]
 
-``--resources`` adds each kernel's registers per thread and spill bytes, from ptxas -v (the bundled
-ptxas; Triton's version here may differ from the GPU machine's, so treat them as indicative).
+``--resources`` adds each kernel's registers per thread and spill bytes, from ptxas -v; ``--sass``
+adds the length of each loop in SASS instructions and its most frequent opcodes, from the bundled
+cuobjdump (the time-step loops of the scans: divide by BLOCK_T for instructions per step). Triton's
+version here may differ from the GPU machine's, so treat both as indicative.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -79,7 +82,7 @@ VARIANTS = [
 
 def resources(ptx: str, options: dict) -> dict:
     """Registers per thread and spill bytes of the compiled PTX, from the bundled ptxas -v."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = _tool("ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as fh:
@@ -93,6 +96,29 @@ def resources(ptx: str, options: dict) -> dict:
             "spill_store_bytes": int(spills.group(1)) if spills else None}
 
 
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def sass_loops(cubin: bytes) -> list[dict]:
+    """Each loop (a backward branch) of the kernel: its SASS length and most frequent opcodes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+    pattern = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
+    code = [(int(m.group(1), 16), m.group(2).split(".")[0], m.group(3)) for m in map(pattern.match, sass.splitlines())
+            if m]
+    loops = []
+    for address, opcode, operands in code:
+        target = re.search(r"0x([0-9a-f]+)", operands) if opcode == "BRA" else None
+        if target and int(target.group(1), 16) < address:
+            body = [op for at, op, _ in code if int(target.group(1), 16) <= at <= address]
+            loops.append({"instructions": len(body), "top": collections.Counter(body).most_common(6)})
+    return loops
+
+
 def main() -> int:
     failures = 0
     for name, kernel, constants, options, bf16 in VARIANTS:
@@ -103,6 +129,8 @@ def main() -> int:
                    "fast_math_ptx": "lg2.approx" in compiled.asm["ptx"]}
             if "--resources" in sys.argv:
                 row.update(resources(compiled.asm["ptx"], options))
+            if "--sass" in sys.argv:
+                row["loops"] = sass_loops(compiled.asm["cubin"])
         except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
             failures += 1
             row = {"variant": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
