@@ -35,7 +35,8 @@ FORWARD = [  # the short list, from the session-3 and session-4 sweeps
 BACKWARD = [
     dict(BLOCK_D=32, BLOCK_T=4, num_warps=1), dict(BLOCK_D=32, BLOCK_T=8, num_warps=1),
     dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=128), dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=96),
-    dict(BLOCK_D=32, BLOCK_T=2, num_warps=1), dict(BLOCK_D=64, BLOCK_T=4, num_warps=2)]
+    dict(BLOCK_D=32, BLOCK_T=2, num_warps=1), dict(BLOCK_D=64, BLOCK_T=4, num_warps=2),
+    dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=128, FLIP=1), dict(BLOCK_D=32, BLOCK_T=8, num_warps=1, FLIP=1)]
 
 
 def configs(state, full):

@@ -145,3 +145,10 @@ def test_prefetch_forward_variant():
     # software-pipelined forward (next chunk loaded during the current chunk's scan)
     _check(batch=1, groups=2, per_group=2, state=2, length=29, dtype=torch.bfloat16, seed=12,
            config={"PREFETCH": 1, "BLOCK_T": 8})
+
+
+@pytest.mark.parametrize("state", [1, 4])
+def test_flipped_adjoint_scan_variant(state):
+    # the backward's adjoint as a forward scan of the time-flipped chunk (config FLIP)
+    _check(batch=1, groups=2, per_group=3, state=state, length=21, dtype=torch.float32, seed=13 + state,
+           config={"FLIP": 1})

@@ -161,7 +161,7 @@ def _core_fwd_kernel(
         dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST)
         if SAVE_T > 0:
             tl.store(hws_base + (t0 // SAVE_T) * chunk_stride, h, mask=mdn)
-        hs, h_next = _scan_chunk(a, x, h, first, last, False)
+        hs, h_next = _scan_chunk(a, x, h, first, last, False, False)
         if SAVE_T > 0:
             for j in tl.static_range(1, BLOCK_T // SAVE_T):
                 hj = tl.sum(tl.where((offs_t == j * SAVE_T - 1)[:, None, None], hs, 0.0), axis=0)
@@ -188,7 +188,7 @@ def _core_bwd_kernel(
     sd_k, sd_b, sd_l, sd_c, sbc_blk, sbc_b, sbc_l, sbc_k,
     R: tl.constexpr, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, FAST: tl.constexpr, WIDE: tl.constexpr,
-    HAS_STATES: tl.constexpr,
+    HAS_STATES: tl.constexpr, FLIP: tl.constexpr,
 ):
     pid_d, k, b, rev, cols, offs_c, mask_d, kd, offs_n, mask_n, mdn, A, bias, dskip = _route_program(
         A_ptr, bias_ptr, D_ptr, CH, N, NSEQ, HAS_D, BLOCK_D, BLOCK_N)
@@ -217,7 +217,7 @@ def _core_bwd_kernel(
                                                inv_h, rev, cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, 0, R, N,
                                                True, WIDE)
             dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST)
-            _, h = _scan_chunk(a, x, h, first, last, False)
+            _, h = _scan_chunk(a, x, h, first, last, False, False)
         tl.debug_barrier()
 
     # Pass 2: chunks in reverse; adjoint g_t = C_t gy_t + a_{t+1} g_{t+1} carried in registers.
@@ -244,11 +244,11 @@ def _core_bwd_kernel(
         if SOFTPLUS:
             dtn = _softplus(dtn, FAST)
         dtn = tl.where(m2n, dtn, 0.0)
-        hs, _ = _scan_chunk(a, x, h0, first, last, False)
+        hs, _ = _scan_chunk(a, x, h0, first, last, False, False)
 
         an = tl.where(m2n[:, :, None], tl.exp2(dtn[:, :, None] * A2[None, :, :]), 0.0)
         cg = Ct[:, None, :] * gy[:, :, None]
-        gs, g = _scan_chunk(an, cg, g, first, last, True)  # the adjoint runs down the route
+        gs, g = _scan_chunk(an, cg, g, first, last, True, FLIP)  # the adjoint runs down the route
 
         dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2,
                                                          HAS_D, SOFTPLUS)
@@ -421,7 +421,7 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
         R=rank, N=state, NSEQ=nseq, HAS_D=D is not None, SOFTPLUS=bool(delta_softplus),
         BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], FAST=fast_math(u),
         WIDE=_wide(length, grad_y.stride(2), u.stride(1), xp.stride(1), du.stride(2), dbc.stride(2)),
-        HAS_STATES=has_states, **_launch_options(cfg),
+        HAS_STATES=has_states, FLIP=bool(cfg.get("FLIP", 0)), **_launch_options(cfg),
     )
     dbc = dbc[0] if n_blk == 1 else dbc.sum(0)
     return du, ddelta, dbc, dA.sum(0), dD.sum(0) if D is not None else None, dbias.sum(0)
