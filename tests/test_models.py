@@ -206,3 +206,38 @@ def test_feature_info_modules_and_forward_intermediates_agree():
         assert torch.equal(captured[info["module"]], feature)
     nhwc = model.forward_intermediates(x, indices=[-1], output_fmt="NHWC", intermediates_only=True)[0]
     assert torch.equal(nhwc, maps[-1].permute(0, 2, 3, 1))
+
+
+def test_cpu_training_step_reads_no_uninitialised_memory():
+    """Gradients do not change when freed memory is full of NaNs: nothing reads uninitialised memory
+    (bf16 autocast, channels_last and gradient checkpointing, as `vmamba train` can combine them).
+
+    32x32 input: at 16x16 the last downsampling sees 1x1 maps, where PyTorch 2.14's CPU bf16
+    convolution backward itself reads uninitialised memory for the weight gradient."""
+    import gc
+
+    import torch.nn.functional as F
+
+    import vmamba
+
+    def poison_freed_memory():
+        blocks = [torch.full((1 << n,), float("nan")) for n in range(6, 21) for _ in range(8)]
+        del blocks
+        gc.collect()
+
+    def gradients(poison: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = vmamba.create_model("vmamba_tiny_s1l8", dims=16, depths=[1, 1, 1, 1], num_classes=10)
+        model.set_grad_checkpointing(True)
+        model = model.to(memory_format=torch.channels_last).train()
+        x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
+        if poison:
+            poison_freed_memory()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), torch.arange(4))
+        loss.backward()
+        return {name: p.grad for name, p in model.named_parameters()}
+
+    clean, poisoned = gradients(False), gradients(True)
+    differing = [name for name in clean if not torch.equal(clean[name], poisoned[name])]
+    assert not differing, differing
