@@ -101,3 +101,13 @@ def test_performance_options_run_on_cpu(tmp_path, capsys):
     assert "global batch 16" in capsys.readouterr().out
     record = json.loads((tmp_path / "o" / "metrics.jsonl").read_text())
     assert record["step"] == 2 and record["train_loss"] == record["train_loss"]  # finite, not NaN
+
+
+def test_warns_about_tiny_images_with_bf16_on_cpu():
+    from vmamba.train.engine import cpu_bf16_tiny_map_warning
+
+    cpu = torch.device("cpu")
+    assert "1x1 maps" in cpu_bf16_tiny_map_warning(cpu, torch.bfloat16, 16)
+    assert cpu_bf16_tiny_map_warning(cpu, torch.bfloat16, 32) is None
+    assert cpu_bf16_tiny_map_warning(cpu, None, 16) is None
+    assert cpu_bf16_tiny_map_warning(torch.device("cuda"), torch.bfloat16, 16) is None

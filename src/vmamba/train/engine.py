@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -203,6 +204,19 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def cpu_bf16_tiny_map_warning(device: torch.device, amp_dtype: torch.dtype | None, img_size: int) -> str | None:
+    """A warning for images of 16 px or less under bf16 autocast on the CPU, else None.
+
+    The last downsampling then sees a 1x1 map, where PyTorch 2.14's CPU bf16 convolution backward
+    reads uninitialised memory for the weight gradient (BENCHMARKS.md, "Test suite (CPU)").
+    """
+    if device.type != "cpu" or amp_dtype != torch.bfloat16 or img_size > 16:
+        return None
+    return (f"--img-size {img_size} with bf16 on the CPU: the last downsampling sees 1x1 maps, where PyTorch's "
+            "CPU bf16 convolution backward is unreliable (NaN losses now and then); use 32 px or more, "
+            "or --amp none")
+
+
 def resolve_amp(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, whether a GradScaler is needed)."""
     if amp == "none" or (amp == "auto" and device.type != "cuda"):
@@ -307,6 +321,9 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     amp_dtype, use_scaler = resolve_amp(cfg.amp, ds.device)
+    warning = cpu_bf16_tiny_map_warning(ds.device, amp_dtype, cfg.img_size)
+    if warning and ds.main:
+        print(f"vmamba train: warning: {warning}", file=sys.stderr)
     scaler = torch.amp.GradScaler(ds.device.type, enabled=use_scaler)
     peak_lr, warmup_lr, min_lr = scaled_lrs(cfg, global_batch)
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=peak_lr, weight_decay=cfg.weight_decay,
