@@ -10,6 +10,8 @@ backward (no optimizer), as in gpu_models.py:
     synchronize): when it is close to eager_ms the step is bound by the host, not the GPU;
   * graph_ms: the same step captured once as a CUDA graph and replayed: GPU time with no launch
     overhead (autocast's weight-cast cache off, as graph capture requires).
+With --host-profile, two eager steps of each model also run under cProfile and the functions with the
+most host time are printed (how the custom-op wrapper's cost was found; BENCHMARKS.md, session 4).
 With --compile-mode the model is wrapped in torch.compile with that mode first; eager_ms and host_ms
 then time the compiled step (compilation happens in the warm-up) and no graph is captured.
 """
@@ -17,7 +19,10 @@ then time the compiled step (compilation happens in the warm-up) and no graph is
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import time
 
 import torch
@@ -64,7 +69,20 @@ def graph_time(model, x, target, iters):
     return timed(graph.replay, 3, iters)
 
 
-def bench(name, batch, iters, compile_mode=""):
+def host_profile(step, rows: int = 25) -> str:
+    """cProfile of two eager steps: the functions with the most own host time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(2):
+        step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(rows)
+    return out.getvalue()
+
+
+def bench(name, batch, iters, compile_mode="", profile_host=False):
     model = build(name).cuda().to(memory_format=torch.channels_last).train()
     x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (batch,), device="cuda")
@@ -77,6 +95,8 @@ def bench(name, batch, iters, compile_mode=""):
 
     row = {"model": name, "compile_mode": compile_mode or "eager", "eager_ms": timed(eager, 3, iters),
            "host_ms": host_time(eager, iters)}
+    if profile_host:
+        print(f"== host profile, {name}, two steps\n{host_profile(eager)}", flush=True)
     if not compile_mode:
         try:
             row["graph_ms"] = graph_time(model, x, target, iters)
@@ -96,12 +116,13 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile-mode", default="", help="torch.compile mode; empty: eager")
+    parser.add_argument("--host-profile", action="store_true", help="print a cProfile of two eager steps")
     parser.add_argument("--out", default="gpu_train_step.json")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     rows = []
     for name in args.models.split(","):
-        rows.append(bench(name, args.batch, args.iters, args.compile_mode))
+        rows.append(bench(name, args.batch, args.iters, args.compile_mode, args.host_profile))
         print(json.dumps(rows[-1]), flush=True)
     with open(args.out, "w") as fh:
         json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "batch": args.batch,
