@@ -1,11 +1,17 @@
 """Per-op GPU profile of a VMamba model: where a bf16 training step and a bf16 inference pass spend time.
 
     PYTHONPATH=src python benchmarks/gpu_profile.py [--model vmamba_tiny_s1l8] [--batch 128] [--out prof.txt]
+        [--compile-mode default]
+
+With --compile-mode the model runs under torch.compile (compiled in the warm-up steps): the table
+then shows Inductor's kernels, and the summed kernel time against the step's wall time says whether
+the compiled step is bound by the GPU or by the host.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 import torch.nn.functional as F
@@ -18,24 +24,26 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--out", default="gpu_profile.txt")
+    parser.add_argument("--compile-mode", default="", help="torch.compile mode; empty: eager")
     args = parser.parse_args()
     import vmamba
 
     torch.backends.cudnn.benchmark = True
     model = vmamba.create_model(args.model).cuda().to(memory_format=torch.channels_last)
+    net = torch.compile(model, mode=args.compile_mode) if args.compile_mode else model
     x = torch.randn(args.batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (args.batch,), device="cuda")
 
     def train_step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x), target)
+            loss = F.cross_entropy(net(x), target)
         loss.backward()
         for p in model.parameters():
             p.grad = None
 
     def infer():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            model(x)
+            net(x)
 
     report = []
     for name, fn, steps in (("train step (bf16 autocast)", train_step, 2), ("inference (bf16 autocast)", infer, 3)):
@@ -43,15 +51,18 @@ def main():
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
+        start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 fn()
             torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
         events = prof.key_averages()
         total = sum(e.device_time_total for e in events if e.device_time_total > 0) / steps
         table = events.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
         text = f"== {args.model} {name}, batch {args.batch}: {steps} steps profiled; " \
-               f"summed kernel time per step {total / 1e3:.1f} ms\n{table}\n"
+               f"summed kernel time per step {total / 1e3:.1f} ms, wall time per step (profiled) {wall_ms:.1f} ms" \
+               f"{', compiled: ' + args.compile_mode if args.compile_mode else ''}\n{table}\n"
         print(text, flush=True)
         report.append(text)
     with open(args.out, "w") as f:

@@ -59,24 +59,26 @@ def _reference(x, w, b, dy):
     return (out.detach(), mean, rstd, dx, wr.grad if w is not None else None, br.grad if b is not None else None)
 
 
-def _run_kernels(x, w, b, dy, dtype, out_dtype):
+def _run_kernels(x, w, b, dy, dtype, out_dtype, acc_2d=False):
     def cast(t):
         return t.to(dtype) if t is not None else None
 
     out, mean, rstd, xsum = kernels.layer_norm_fwd(x, cast(w), cast(b), EPS, out_dtype, True, block_m=4)
     dx, dw, db = kernels.layer_norm_bwd(dy.to(dtype), xsum, cast(w), mean, rstd, b is not None, block_m=4,
-                                        num_programs=5)  # 12 tiles: several per program, some programs short
+                                        num_programs=5,  # 12 tiles: several per program, some programs short
+                                        acc_2d=acc_2d)
     return out, mean, rstd, dx, dw, db
 
 
+@pytest.mark.parametrize("acc_2d", [False, True], ids=["row_sums", "acc_2d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("c", [96, 37])
-def test_kernels_match_float64_reference(c, k, dtype, on_device):
+def test_kernels_match_float64_reference(c, k, dtype, acc_2d, on_device):
     x = _strided_inputs(k, c, dtype)
     w, b = _params(c, True, True)
     dy = torch.randn(M, c, dtype=torch.float64).to(dtype).double()
-    got = _run_kernels(x, w, b, dy, dtype, dtype)
+    got = _run_kernels(x, w, b, dy, dtype, dtype, acc_2d)
     want = _reference(x, w, b, dy)
     out, mean, rstd, dx, dw, db = got
     assert out.shape == (M, c) and out.dtype == dtype and out.is_contiguous()

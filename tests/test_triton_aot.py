@@ -17,13 +17,19 @@ import pytest
 
 pytest.importorskip("triton")
 
+# the variants aot_kernels.py compiles, read from its source (importing it would import Triton's
+# compiler into this process)
+VARIANT_NAMES = [line.split('"')[1] for line in Path(__file__).with_name("aot_kernels.py").read_text().splitlines()
+                 if line.startswith('    ("')]
+
 
 def test_kernels_compile_for_hopper():
     script = Path(__file__).with_name("aot_kernels.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 12, done.stdout + done.stderr
+    assert len(VARIANT_NAMES) >= 13
+    assert len(rows) == len(VARIANT_NAMES), done.stdout + done.stderr
     failed = [row for row in rows if not row["ok"]]
     assert not failed, failed
     assert done.returncode == 0, done.stderr

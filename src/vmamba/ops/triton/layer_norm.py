@@ -74,14 +74,20 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, sum_ptr, mean_ptr, rstd_ptr, M, C,
 @triton.jit
 def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, M, C, stride_dym, stride_xm,
                 tiles_per_program, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr,
-                HAS_B: tl.constexpr):
+                HAS_B: tl.constexpr, ACC_2D: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     mask_c = cols < C
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    db = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # ACC_2D: per-element accumulators, reduced over the tile rows once at the end (a reduction over
+    # the rows of every tile crosses warps); otherwise one reduction per tile.
+    if ACC_2D:
+        dw = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        db = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    else:
+        dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        db = tl.zeros((BLOCK_C,), dtype=tl.float32)
 
     for i in range(0, tiles_per_program):
         rows = (pid * tiles_per_program + i) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -101,15 +107,27 @@ def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr
         c2 = tl.sum(g, axis=1) / C
         dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         tl.store(dx_ptr + rows64[:, None] * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if HAS_W:
-            dw += tl.sum(dy * xhat, axis=0)
-        if HAS_B:
-            db += tl.sum(dy, axis=0)
+        if ACC_2D:
+            if HAS_W:
+                dw += dy * xhat
+            if HAS_B:
+                db += dy
+        else:
+            if HAS_W:
+                dw += tl.sum(dy * xhat, axis=0)
+            if HAS_B:
+                db += tl.sum(dy, axis=0)
 
-    if HAS_W:
-        tl.store(dw_ptr + pid * C + cols, dw, mask=mask_c)
-    if HAS_B:
-        tl.store(db_ptr + pid * C + cols, db, mask=mask_c)
+    if ACC_2D:
+        if HAS_W:
+            tl.store(dw_ptr + pid * C + cols, tl.sum(dw, axis=0), mask=mask_c)
+        if HAS_B:
+            tl.store(db_ptr + pid * C + cols, tl.sum(db, axis=0), mask=mask_c)
+    else:
+        if HAS_W:
+            tl.store(dw_ptr + pid * C + cols, dw, mask=mask_c)
+        if HAS_B:
+            tl.store(db_ptr + pid * C + cols, db, mask=mask_c)
 
 
 def tile_config(M: int, C: int, element_size: int, block_m: int | None = None) -> tuple[int, int, int]:
@@ -170,12 +188,14 @@ def _max_programs(device: torch.device) -> int:
 
 def layer_norm_bwd(dout: torch.Tensor, xhat_src: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
                    rstd: torch.Tensor, has_bias: bool, *, block_m: int | None = None,
-                   num_programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                   num_programs: int | None = None, num_warps: int | None = None, acc_2d: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`layer_norm_fwd` given dout (M, C) and the pre-norm input xhat_src (M, C).
 
     Returns dx (M, C) contiguous in xhat_src.dtype (computed in float32; it is the gradient of each of
     the K summed inputs), and dweight / dbias (C,) float32, None when there is no weight / bias.
-    ``block_m`` and ``num_programs`` override the tile rows and the number of programs.
+    ``block_m``, ``num_programs`` and ``num_warps`` override the tile rows, the number of programs
+    and the warps per program; ``acc_2d`` accumulates dw/db per element (benchmarks/gpu_layer_norm.py).
     """
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
@@ -187,7 +207,7 @@ def layer_norm_bwd(dout: torch.Tensor, xhat_src: torch.Tensor, weight: torch.Ten
         zeros = torch.zeros((C,), dtype=torch.float32, device=device)
         return dx, zeros if weight is not None else None, zeros.clone() if has_bias else None
 
-    block_m, block_c, num_warps = tile_config(M, C, max(xhat_src.element_size(), dout.element_size()), block_m)
+    block_m, block_c, warps = tile_config(M, C, max(xhat_src.element_size(), dout.element_size()), block_m)
     tiles = triton.cdiv(M, block_m)
     programs = min(tiles, num_programs or _max_programs(device))
     tiles_per_program = triton.cdiv(tiles, programs)
@@ -197,7 +217,8 @@ def layer_norm_bwd(dout: torch.Tensor, xhat_src: torch.Tensor, weight: torch.Ten
     _bwd_kernel[(programs,)](
         dout, xhat_src, weight if weight is not None else dx, mean, rstd, dx, dw_part, db_part, M, C,
         dout.stride(0), xhat_src.stride(0), tiles_per_program,
-        BLOCK_M=block_m, BLOCK_C=block_c, HAS_W=weight is not None, HAS_B=has_bias, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_C=block_c, HAS_W=weight is not None, HAS_B=has_bias, ACC_2D=acc_2d,
+        num_warps=num_warps or warps,
     )
     dweight = dw_part.sum(0) if weight is not None else None
     dbias = db_part.sum(0) if has_bias else None
