@@ -39,10 +39,11 @@ def stage_row(k, batch: int, side: int, channels: int, sweep: bool, sms: int) ->
     elem = x.element_size() * rows * channels
     out = {"rows": rows, "C": channels}
 
-    y, mean, rstd = torch.ops.aten.native_layer_norm(x, [channels], w, b, 1e-5)
-    ms = timed(lambda: torch.ops.aten.native_layer_norm(x, [channels], w, b, 1e-5), 3, 20)
+    wh, bh = w.to(dtype), b.to(dtype)  # aten wants the parameters in the input's dtype
+    y, mean, rstd = torch.ops.aten.native_layer_norm(x, [channels], wh, bh, 1e-5)
+    ms = timed(lambda: torch.ops.aten.native_layer_norm(x, [channels], wh, bh, 1e-5), 3, 20)
     out["aten_fwd"] = {"ms": ms, "GBs": gbs(2 * elem, ms)}
-    ms = timed(lambda: torch.ops.aten.native_layer_norm_backward(dy, x, [channels], mean, rstd, w, b,
+    ms = timed(lambda: torch.ops.aten.native_layer_norm_backward(dy, x, [channels], mean, rstd, wh, bh,
                                                                   [True, True, True]), 3, 20)
     out["aten_bwd"] = {"ms": ms, "GBs": gbs(3 * elem, ms)}
 
@@ -53,14 +54,15 @@ def stage_row(k, batch: int, side: int, channels: int, sweep: bool, sms: int) ->
     _, mean, rstd, _ = k.layer_norm_fwd(x[None], w, b, 1e-5, dtype)
     ms = timed(lambda: k.layer_norm_bwd(dy, x, w, mean, rstd, True), 3, 20)
     out["bwd"] = {"ms": ms, "GBs": gbs(3 * elem, ms)}
-    if sweep:
+    if sweep and channels in (96, 384):
         results = []
-        for block_m, warps, per_sm, acc_2d in itertools.product((16, 32, 64), (4, 8), (4, 16, 64), (False, True)):
+        for block_m, warps, per_sm, acc_2d in itertools.product((16, 32, 64), (2, 4, 8), (4, 16, 128), (False, True)):
             cfg = dict(block_m=block_m, num_warps=warps, num_programs=per_sm * sms, acc_2d=acc_2d)
             ms = timed(lambda cfg=cfg: k.layer_norm_bwd(dy, x, w, mean, rstd, True, **cfg), 2, 10)
             results.append((ms, cfg))
         results.sort(key=lambda r: r[0])
-        out["bwd_sweep_best"] = [{"ms": ms, "GBs": gbs(3 * elem, ms), **cfg} for ms, cfg in results[:6]]
+        out["bwd_sweep_best"] = [{"ms": ms, "GBs": gbs(3 * elem, ms), **cfg} for ms, cfg in results[:8]]
+        out["bwd_sweep_worst"] = [{"ms": ms, **cfg} for ms, cfg in results[-3:]]
     return out
 
 
