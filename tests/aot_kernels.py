@@ -91,9 +91,9 @@ VARIANTS = [
     ("layer_norm fwd, K=4 summed", layer_norm._fwd_kernel,
      dict(K=4, BLOCK_M=16, BLOCK_C=128, HAS_W=True, HAS_B=True, STORE_SUM=True), {"num_warps": 4}, False),
     ("layer_norm bwd", layer_norm._bwd_kernel,
-     dict(BLOCK_M=16, BLOCK_C=128, HAS_W=True, HAS_B=True, ACC_2D=False), {"num_warps": 4}, False),
-    ("layer_norm bwd, per-element dw/db", layer_norm._bwd_kernel,
-     dict(BLOCK_M=16, BLOCK_C=128, HAS_W=True, HAS_B=True, ACC_2D=True), {"num_warps": 4}, False),
+     dict(BLOCK_M=16, BLOCK_C=128, HAS_W=True, HAS_B=True), {"num_warps": 4}, False),
+    ("layer_norm bwd, C 768", layer_norm._bwd_kernel,
+     dict(BLOCK_M=4, BLOCK_C=1024, HAS_W=True, HAS_B=True), {"num_warps": 8}, False),
 ]
 
 

@@ -29,12 +29,14 @@ import triton.language as tl
 # to keep enough loads in flight, small enough for the tile to stay in registers.
 TILE_BYTES = 8192
 MAX_BLOCK_M = 128
-# Programs per streaming multiprocessor for the backward (each accumulates its own dw/db partials).
-BWD_PROGRAMS_PER_SM = 16
+# Backward programs: one per tile up to this many tiles per streaming multiprocessor, otherwise
+# BWD_PROGRAMS_PER_SM per SM each accumulating dw/db partials over a run of tiles.
+BWD_ONE_TILE_PER_PROGRAM_SM = 16
+BWD_PROGRAMS_PER_SM = 4
 # Without a GPU (the interpreter) a handful of programs is enough and keeps the workspace small.
 INTERPRETER_PROGRAMS = 8
 
-__all__ = ["layer_norm_fwd", "layer_norm_bwd", "tile_config"]
+__all__ = ["bwd_launch_config", "layer_norm_fwd", "layer_norm_bwd", "tile_config"]
 
 
 @triton.jit
@@ -74,20 +76,16 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, sum_ptr, mean_ptr, rstd_ptr, M, C,
 @triton.jit
 def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, M, C, stride_dym, stride_xm,
                 tiles_per_program, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr,
-                HAS_B: tl.constexpr, ACC_2D: tl.constexpr):
+                HAS_B: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     mask_c = cols < C
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
-    # ACC_2D: per-element accumulators, reduced over the tile rows once at the end (a reduction over
-    # the rows of every tile crosses warps); otherwise one reduction per tile.
-    if ACC_2D:
-        dw = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-        db = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    else:
-        dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        db = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # Per-element accumulators, reduced over the tile rows once at the end: a reduction over the rows
+    # of every tile crosses warps (H200, stage-1 shape: 0.12 -> 0.10 ms).
+    dw = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    db = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
 
     for i in range(0, tiles_per_program):
         rows = (pid * tiles_per_program + i) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -107,27 +105,15 @@ def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr
         c2 = tl.sum(g, axis=1) / C
         dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         tl.store(dx_ptr + rows64[:, None] * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if ACC_2D:
-            if HAS_W:
-                dw += dy * xhat
-            if HAS_B:
-                db += dy
-        else:
-            if HAS_W:
-                dw += tl.sum(dy * xhat, axis=0)
-            if HAS_B:
-                db += tl.sum(dy, axis=0)
+        if HAS_W:
+            dw += dy * xhat
+        if HAS_B:
+            db += dy
 
-    if ACC_2D:
-        if HAS_W:
-            tl.store(dw_ptr + pid * C + cols, tl.sum(dw, axis=0), mask=mask_c)
-        if HAS_B:
-            tl.store(db_ptr + pid * C + cols, tl.sum(db, axis=0), mask=mask_c)
-    else:
-        if HAS_W:
-            tl.store(dw_ptr + pid * C + cols, dw, mask=mask_c)
-        if HAS_B:
-            tl.store(db_ptr + pid * C + cols, db, mask=mask_c)
+    if HAS_W:
+        tl.store(dw_ptr + pid * C + cols, tl.sum(dw, axis=0), mask=mask_c)
+    if HAS_B:
+        tl.store(db_ptr + pid * C + cols, tl.sum(db, axis=0), mask=mask_c)
 
 
 def tile_config(M: int, C: int, element_size: int, block_m: int | None = None) -> tuple[int, int, int]:
@@ -180,22 +166,41 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     return out, mean, rstd, xsum
 
 
-def _max_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRETER_PROGRAMS
+def _sm_count(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+def bwd_launch_config(M: int, C: int, element_size: int, sm_count: int | None,
+                      block_m: int | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_C, num_warps, programs) of the backward for M rows of C elements.
+
+    From the H200 sweep of benchmarks/gpu_layer_norm.py at VMamba-T's shapes (BENCHMARKS.md): tiles
+    of 16 rows and 4 warps up to 512 columns; one program per tile while there are at most 16 tiles
+    per SM, otherwise 4 programs per SM each walking a run of tiles (fewer dw/db partials to sum).
+    Wider rows keep the forward's tiles. Without an SM count (the interpreter) a few programs suffice.
+    """
+    block_c = triton.next_power_of_2(C)
+    if block_c <= 512:
+        block_m, num_warps = block_m or min(16, triton.next_power_of_2(max(M, 1))), 4
+    else:
+        block_m, _, num_warps = tile_config(M, C, element_size, block_m)
+    tiles = triton.cdiv(M, block_m)
+    if sm_count is None:
+        programs = min(tiles, INTERPRETER_PROGRAMS)
+    else:
+        programs = tiles if tiles <= BWD_ONE_TILE_PER_PROGRAM_SM * sm_count else BWD_PROGRAMS_PER_SM * sm_count
+    return block_m, block_c, num_warps, programs
 
 
 def layer_norm_bwd(dout: torch.Tensor, xhat_src: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
                    rstd: torch.Tensor, has_bias: bool, *, block_m: int | None = None,
-                   num_programs: int | None = None, num_warps: int | None = None, acc_2d: bool = False
+                   num_programs: int | None = None, num_warps: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`layer_norm_fwd` given dout (M, C) and the pre-norm input xhat_src (M, C).
 
     Returns dx (M, C) contiguous in xhat_src.dtype (computed in float32; it is the gradient of each of
     the K summed inputs), and dweight / dbias (C,) float32, None when there is no weight / bias.
-    ``block_m``, ``num_programs`` and ``num_warps`` override the tile rows, the number of programs
-    and the warps per program; ``acc_2d`` accumulates dw/db per element (benchmarks/gpu_layer_norm.py).
+    ``block_m``, ``num_programs`` and ``num_warps`` override :func:`bwd_launch_config`.
     """
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
@@ -207,9 +212,10 @@ def layer_norm_bwd(dout: torch.Tensor, xhat_src: torch.Tensor, weight: torch.Ten
         zeros = torch.zeros((C,), dtype=torch.float32, device=device)
         return dx, zeros if weight is not None else None, zeros.clone() if has_bias else None
 
-    block_m, block_c, warps = tile_config(M, C, max(xhat_src.element_size(), dout.element_size()), block_m)
+    block_m, block_c, warps, programs = bwd_launch_config(
+        M, C, max(xhat_src.element_size(), dout.element_size()), _sm_count(device), block_m)
     tiles = triton.cdiv(M, block_m)
-    programs = min(tiles, num_programs or _max_programs(device))
+    programs = min(tiles, num_programs or programs)
     tiles_per_program = triton.cdiv(tiles, programs)
     programs = triton.cdiv(tiles, tiles_per_program)
     dw_part = torch.empty((programs, C), dtype=torch.float32, device=device) if weight is not None else dx
@@ -217,8 +223,7 @@ def layer_norm_bwd(dout: torch.Tensor, xhat_src: torch.Tensor, weight: torch.Ten
     _bwd_kernel[(programs,)](
         dout, xhat_src, weight if weight is not None else dx, mean, rstd, dx, dw_part, db_part, M, C,
         dout.stride(0), xhat_src.stride(0), tiles_per_program,
-        BLOCK_M=block_m, BLOCK_C=block_c, HAS_W=weight is not None, HAS_B=has_bias, ACC_2D=acc_2d,
-        num_warps=num_warps or warps,
+        BLOCK_M=block_m, BLOCK_C=block_c, HAS_W=weight is not None, HAS_B=has_bias, num_warps=num_warps or warps,
     )
     dweight = dw_part.sum(0) if weight is not None else None
     dbias = db_part.sum(0) if has_bias else None
