@@ -21,6 +21,8 @@ number of programs each walks a contiguous run of tiles, writes its partial sums
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -167,7 +169,13 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
 
 
 def _sm_count(device: torch.device) -> int | None:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else None
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:  # cached: the property query costs host time on every call
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def bwd_launch_config(M: int, C: int, element_size: int, sm_count: int | None,
