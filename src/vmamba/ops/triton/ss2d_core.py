@@ -300,16 +300,16 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
     warp; the backward in chunks of 4 steps with at most 128 registers per thread; the forward
     computes Δ in the kernel while the rank is small (R <= 8: stage 1 of the tiny and small models)
     and otherwise reads it from one batched GEMM (DELTA_GEMM), two channels per lane. Other d_state:
-    the plain selective-scan defaults. FLIP (the adjoint as a forward scan of the flipped chunk: no
-    shuffles for Triton's reverse scan) took 11 % off the d_state-1 backward at stages 1 and 3
-    (session 5 sweep); it is not yet timed for larger d_state, so it stays off there.
+    the plain selective-scan defaults. Every backward runs its adjoint as a forward scan of the
+    time-flipped chunk (FLIP: no shuffles for Triton's reverse scan): 11 % faster at d_state 1 and
+    7 % at d_state 16, stages 1 and 3 (session 5 sweeps).
     """
     defaults = default_config(channels, state, backward, length, elem_size)
     if backward:
-        defaults["BLOCK_T"] = saved_state_chunk(state)
+        defaults.update(BLOCK_T=saved_state_chunk(state), FLIP=1)
     if state <= 2:
         if backward:
-            defaults.update(BLOCK_D=32, num_warps=1, maxnreg=128, FLIP=1)
+            defaults.update(BLOCK_D=32, num_warps=1, maxnreg=128)
         elif rank > 8:
             defaults.update(BLOCK_D=64, BLOCK_T=8, num_warps=1, PREFETCH=1, DELTA_GEMM=1)
         else:
