@@ -5,7 +5,9 @@
 For every stage: forward and backward kernel time per configuration (BLOCK_D, BLOCK_T, num_warps,
 PREFETCH, maxnreg, and for the forward DELTA_GEMM: Δ from one batched GEMM, timed with the GEMM), the
 default configuration's time, the default training pair (forward saving its chunk states, backward
-using them) and the four best. Used to set ``core_config``.
+using them) and the four best. Used to set ``core_config``. For d_state > 2 (vanilla models) it
+times the default backward with and without FLIP, and the default forward against the LANES forward
+(one channel and all its states per lane) over chunk length, channels per program and DELTA_GEMM.
 """
 
 from __future__ import annotations
@@ -62,9 +64,15 @@ def sweep_stage(ss2d, batch, size, dtype, full=False):
     gy = torch.randn(ss2d.routes, *u.shape, device="cuda", dtype=dtype)
     results = {"fwd": [], "bwd": []}
     candidates = list(configs(ss2d.d_state, full))
-    if ss2d.d_state > 2:  # the short list is tuned for d_state 1: time the default backward with and without FLIP
+    if ss2d.d_state > 2:  # the short list is tuned for d_state 1
         base = k.core_config(u.shape[-1], ss2d.d_state, w.shape[2], True, size * size, u.element_size())
         candidates = [{**base, "FLIP": flip, "forward": False, "backward": True} for flip in (0, 1)]
+        # the forward with one channel and all its states per lane (LANES), against the default
+        fwd = k.core_config(u.shape[-1], ss2d.d_state, w.shape[2], False, size * size, u.element_size())
+        candidates.append({**fwd, "forward": True, "backward": False})
+        for block_d, block_t, delta_gemm in itertools.product((32, 64), (2, 4), (0, 1)):
+            candidates.append({"LANES": 1, "BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": block_d // 32,
+                               "PREFETCH": 1, "DELTA_GEMM": delta_gemm, "forward": True, "backward": False})
     for cfg in candidates:
         block_d, warps = cfg["BLOCK_D"], cfg["num_warps"]
         if block_d * ss2d.d_state < 32 * warps:

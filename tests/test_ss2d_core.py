@@ -333,3 +333,24 @@ def test_saved_states_path_through_autograd(monkeypatch):
     saved = run()
     for a, b in zip(saved, recomputed):
         assert _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("block_t", [2, 8])
+@pytest.mark.parametrize("state", [1, 4, 16])
+def test_lanes_forward_agrees(state, block_t):
+    """The forward with one channel and all its states per lane (config LANES) gives the outputs and
+    saved states of the default forward, including chunks shorter than the saving interval."""
+    from vmamba.ops.ss2d_core import _projections
+    from vmamba.ops.triton import ss2d_core as k
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 7, 12, generator=g).to(DEVICE)  # 21 steps: a partial last chunk
+    wx, wdt, A, D, bias = (t.to(DEVICE) for t in _params(ScanMode.CROSS2D, 12, 3, state, seed=8))
+    u, xp = _projections(x, wx)
+    args = (u, xp, wdt, A, D, bias, 3, 7, 2)
+    want_y, want_states = k.ss2d_scan_fwd(*args, save_states=True)
+    for delta_gemm in (0, 1):
+        cfg = {"LANES": 1, "BLOCK_D": 16, "BLOCK_T": block_t, "num_warps": 1, "DELTA_GEMM": delta_gemm}
+        y, states = k.ss2d_scan_fwd(*args, config=cfg, save_states=True)
+        assert _rel(y, want_y) < 1e-5
+        assert torch.allclose(states, want_states, rtol=1e-5, atol=1e-6)

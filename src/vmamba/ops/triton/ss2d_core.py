@@ -174,6 +174,72 @@ def _core_fwd_kernel(
         tl.store(y_base + p[:, None] * sy_l, y.to(y_ptr.dtype.element_ty), mask=m2)
 
 
+@triton.jit
+def _core_fwd_lanes_kernel(
+    u_ptr, xp_ptr, w_ptr, dl_ptr, A_ptr, D_ptr, bias_ptr, y_ptr, hws_ptr,
+    L, H, W, inv_h, CH, KC, n_saved,
+    su_b, su_l, su_c, sxp_b, sxp_l, sxp_k, sw_k, sw_c, sw_r, sy_k, sy_b, sy_l, sy_c,
+    R: tl.constexpr, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
+    DELTA_IN: tl.constexpr, FAST: tl.constexpr, WIDE: tl.constexpr, SAVE_T: tl.constexpr,
+):
+    """The forward with each lane owning one channel and all of its N states (config LANES).
+
+    Tiles are (steps, states, channels) with the channels, contiguous in memory, across the lanes, so
+    the steps and the states stay in one thread's registers: the sum over states for y takes no
+    shuffles, and Δ is computed once per channel instead of once per (channel, state) lane.
+    """
+    pid_d, k, b, rev, cols, offs_c, mask_d, kd, offs_n, mask_n, mdn, A, bias, dskip = _route_program(
+        A_ptr, bias_ptr, D_ptr, CH, N, NSEQ, HAS_D, BLOCK_D, BLOCK_N)
+    A2 = tl.trans(A) * 1.4426950408889634  # (N, D)
+    mnd = mask_n[:, None] & mask_d[None, :]
+    offs_t = tl.arange(0, BLOCK_T)
+
+    u_base = u_ptr + b * su_b + offs_c[None, :].to(tl.int64) * su_c
+    xp_base = xp_ptr + b * sxp_b + k * sxp_k
+    w_base = w_ptr + k * sw_k + offs_c * sw_c
+    y_base = y_ptr + k * sy_k + b * sy_b + offs_c[None, :].to(tl.int64) * sy_c
+    dl_base = dl_ptr + k * sy_k + b * sy_b + offs_c[None, :].to(tl.int64) * sy_c
+    first = (offs_t == 0)[:, None, None]
+    last = (offs_t == BLOCK_T - 1)[:, None, None]
+    # saved states in the layout the backward reads: (batch, chunk, K*C, N)
+    hws_base = hws_ptr + (b * n_saved * KC + kd[None, :]) * BLOCK_N + offs_n[:, None]
+    chunk_stride = KC * BLOCK_N + b * 0
+
+    h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    if PREFETCH:
+        nx = _load_step(u_base, dl_base, xp_base, w_base, offs_t, L, H, W, inv_h, rev, cols, mask_d, offs_n,
+                        mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN, WIDE)
+    for t0 in range(0, L, BLOCK_T):
+        if PREFETCH:
+            u, raw, Bt, Ct, p, m2 = nx
+            nx = _load_step(u_base, dl_base, xp_base, w_base, t0 + BLOCK_T + offs_t, L, H, W, inv_h, rev, cols,
+                            mask_d, offs_n, mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN, WIDE)
+        else:
+            u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, w_base, t0 + offs_t, L, H, W, inv_h, rev,
+                                               cols, mask_d, offs_n, mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN,
+                                               WIDE)
+        dt = raw + bias[None, :]
+        if SOFTPLUS:
+            dt = _softplus(dt, FAST)
+        dt = tl.where(m2, dt, 0.0)
+        a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, N, D)
+        x = (dt * u)[:, None, :] * Bt[:, :, None]
+        if SAVE_T > 0:
+            if t0 % SAVE_T == 0:  # chunks may be shorter than the saving interval
+                tl.store(hws_base + (t0 // SAVE_T) * chunk_stride, h, mask=mnd)
+        hs, h_next = _scan_chunk(a, x, h, first, last, False, False)
+        if SAVE_T > 0:
+            for j in tl.static_range(1, BLOCK_T // SAVE_T):
+                hj = tl.sum(tl.where((offs_t == j * SAVE_T - 1)[:, None, None], hs, 0.0), axis=0)
+                tl.store(hws_base + (t0 // SAVE_T + j) * chunk_stride, hj, mask=mnd & (t0 + j * SAVE_T < L))
+        h = h_next
+        y = tl.sum(hs * Ct[:, :, None], axis=1)
+        if HAS_D:
+            y += dskip[None, :] * u
+        tl.store(y_base + p[:, None] * sy_l, y.to(y_ptr.dtype.element_ty), mask=m2)
+
+
 # The backward's channel strides are never specialised (they are 1): Triton would otherwise vectorise
 # its loads along the channels and spread a tile's time steps over several lanes, making both of its
 # scans cross-lane. Unspecialised, each lane owns one channel and all its steps; a warp still reads
@@ -348,7 +414,8 @@ def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta
 
     xp (batch, L, K, R + 2N) holds each pixel's per-route projections (Δ input, B, C); dt_weight
     (K, C, R) the Δ projections; A (K*C, N) float32; D, delta_bias (K*C,) (D may be None).
-    ``config`` overrides block sizes and ``DELTA_GEMM`` (see the module docstring).
+    ``config`` overrides block sizes, ``DELTA_GEMM`` (see the module docstring) and ``LANES`` (one
+    channel and all its states per lane: :func:`_core_fwd_lanes_kernel`).
     """
     batch, length, channels, routes, rank, state = _shapes(u, xp, dt_weight, A, nseq)
     cfg = core_config(channels, state, rank, False, length, u.element_size(), config)
@@ -358,12 +425,14 @@ def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta
     states = torch.empty(shape, device=u.device, dtype=torch.float32)
     if y.numel() == 0:
         return y, states.zero_()
-    if save_chunk and cfg["BLOCK_T"] % save_chunk:
+    lanes = bool(cfg.get("LANES", 0))
+    # (the LANES kernel also saves states every save_chunk steps when its chunks are shorter)
+    if save_chunk and cfg["BLOCK_T"] % save_chunk and not (lanes and save_chunk % cfg["BLOCK_T"] == 0):
         cfg["BLOCK_T"] = save_chunk
     delta_in = bool(cfg.get("DELTA_GEMM", 0))
     delta = _delta_gemm(xp, dt_weight, rank, u.dtype).view(y.shape) if delta_in else y
     grid = (triton.cdiv(channels, cfg["BLOCK_D"]), routes, batch)
-    _core_fwd_kernel[grid](
+    (_core_fwd_lanes_kernel if lanes else _core_fwd_kernel)[grid](
         u, xp, dt_weight, delta, A, D if D is not None else A, delta_bias, y, states,
         length, height, width, 1.0 / height, channels, routes * channels, shape[1] if save_states else 0,
         *u.stride(), xp.stride(0), xp.stride(1), xp.stride(2), *dt_weight.stride(), *y.stride(),
