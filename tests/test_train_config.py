@@ -140,3 +140,29 @@ def test_shard_sampler_splits_global_batches_across_ranks():
     s = ShardSampler(103, 1, 0, seed=5, shuffle=True, global_batch=None)
     s.set_epoch(1)
     assert list(s) != single and sorted(s) == list(range(103))
+
+
+def test_compile_mode_is_checked_and_reaches_torch_compile(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="compile-mode must be one of"):
+        build_config(flag_values={"compile": True, "compile_mode": "fast"})
+    with pytest.raises(ValueError, match="needs --compile"):
+        build_config(flag_values={"compile_mode": "reduce-overhead"})
+    args = parse("--compile", "--compile-mode", "reduce-overhead")
+    assert build_config(flag_values=flags_to_values(args)).compile_mode == "reduce-overhead"
+
+    from vmamba.cli import main
+
+    modes = []
+
+    def recording_compile(model, mode=None, **kwargs):
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["train", "--compile", "--compile-mode", "max-autotune-no-cudagraphs", "--epochs", "1",
+                   "--max-steps-per-epoch", "1", "--threads", "1", "--no-model-ema", "--output", str(tmp_path / "o")])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0 and modes == ["max-autotune-no-cudagraphs"]

@@ -74,6 +74,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 where supported, else fp16 with a scaler; none on CPU), bf16, fp16, none
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "default"  # with compile: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs
     grad_checkpointing: bool = False
     device: str = "auto"  # auto, cpu, cuda
     threads: int | None = None  # CPU threads per process (torch.set_num_threads); None: torch's default
@@ -232,6 +233,12 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError("learning rate must be positive")
     if c.amp not in ("auto", "bf16", "fp16", "none"):
         raise ValueError(f"amp must be auto, bf16, fp16 or none, got {c.amp!r}")
+    from ..analysis.bench import COMPILE_MODES
+
+    if c.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile-mode must be one of {', '.join(COMPILE_MODES)}, got {c.compile_mode!r}")
+    if c.compile_mode != "default" and not c.compile:
+        raise ValueError(f"compile-mode {c.compile_mode} needs --compile")
     if c.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {c.device!r}")
     if not 0 < c.crop_pct <= 1:
@@ -261,6 +268,9 @@ _HELP = {
     "drop_path": "stochastic depth rate (default: the model's published rate)",
     "lr": "absolute peak learning rate (default: base-lr x global batch / base-batch)",
     "amp": "mixed precision: auto, bf16, fp16 or none",
+    "compile_mode": "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs: no per-kernel host "
+                    "cost, which bounds eager VMamba training on fast GPUs; fixed batch shapes), max-autotune or "
+                    "max-autotune-no-cudagraphs",
     "output": "output folder for checkpoints and logs (default runs/<data>-<model>-<time>)",
     "max_steps_per_epoch": "stop each epoch after this many optimiser steps",
 }
