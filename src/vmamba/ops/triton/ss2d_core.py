@@ -125,11 +125,14 @@ def _core_fwd_kernel(
     su_b, su_l, su_c, sxp_b, sxp_l, sxp_k, sw_k, sw_c, sw_r, sy_k, sy_b, sy_l, sy_c,
     R: tl.constexpr, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
-    DELTA_IN: tl.constexpr, FAST: tl.constexpr, WIDE: tl.constexpr, SAVE_T: tl.constexpr,
+    DELTA_IN: tl.constexpr, FAST: tl.constexpr, WIDE: tl.constexpr, SAVE_T: tl.constexpr, LANES: tl.constexpr,
 ):
+    """Tiles are (steps, channels, states); with LANES (steps, states, channels) instead, so that with
+    the channels (contiguous in memory) across the lanes each lane owns one channel and all of its
+    states: the sum over states for y takes no shuffles, and Δ is computed once per channel instead
+    of once per (channel, state) lane."""
     pid_d, k, b, rev, cols, offs_c, mask_d, kd, offs_n, mask_n, mdn, A, bias, dskip = _route_program(
         A_ptr, bias_ptr, D_ptr, CH, N, NSEQ, HAS_D, BLOCK_D, BLOCK_N)
-    A2 = A * 1.4426950408889634
     offs_t = tl.arange(0, BLOCK_T)
 
     u_base = u_ptr + b * su_b + offs_c[None, :].to(tl.int64) * su_c
@@ -141,10 +144,17 @@ def _core_fwd_kernel(
     last = (offs_t == BLOCK_T - 1)[:, None, None]
     # states entering every SAVE_T steps, for the backward (SAVE_T = 0: not saved)
     # (batch, chunk, K*C, N): a warp's channels are adjacent, so each chunk's store is coalesced
-    hws_base = hws_ptr + (b * n_saved * KC + kd[:, None]) * BLOCK_N + offs_n[None, :]
     chunk_stride = KC * BLOCK_N + b * 0  # int64 (b is), so chunk offsets cannot overflow
-
-    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    if LANES:
+        A2 = tl.trans(A) * 1.4426950408889634  # (N, D)
+        state_mask = mask_n[:, None] & mask_d[None, :]
+        hws_base = hws_ptr + (b * n_saved * KC + kd[None, :]) * BLOCK_N + offs_n[:, None]
+        h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    else:
+        A2 = A * 1.4426950408889634
+        state_mask = mdn
+        hws_base = hws_ptr + (b * n_saved * KC + kd[:, None]) * BLOCK_N + offs_n[None, :]
+        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     if PREFETCH:
         nx = _load_step(u_base, dl_base, xp_base, w_base, offs_t, L, H, W, inv_h, rev, cols, mask_d, offs_n,
                         mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN, WIDE)
@@ -158,83 +168,32 @@ def _core_fwd_kernel(
             u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, w_base, t0 + offs_t, L, H, W, inv_h, rev,
                                                cols, mask_d, offs_n, mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN,
                                                WIDE)
-        dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST)
+        if LANES:
+            dt = raw + bias[None, :]
+            if SOFTPLUS:
+                dt = _softplus(dt, FAST)
+            dt = tl.where(m2, dt, 0.0)
+            a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, N, D)
+            x = (dt * u)[:, None, :] * Bt[:, :, None]
+        else:
+            dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST)
         if SAVE_T > 0:
-            tl.store(hws_base + (t0 // SAVE_T) * chunk_stride, h, mask=mdn)
+            if LANES:
+                if t0 % SAVE_T == 0:  # its chunks may be shorter than the saving interval
+                    tl.store(hws_base + (t0 // SAVE_T) * chunk_stride, h, mask=state_mask)
+            else:
+                tl.store(hws_base + (t0 // SAVE_T) * chunk_stride, h, mask=state_mask)
         hs, h_next = _scan_chunk(a, x, h, first, last, False, False)
         if SAVE_T > 0:
             for j in tl.static_range(1, BLOCK_T // SAVE_T):
                 hj = tl.sum(tl.where((offs_t == j * SAVE_T - 1)[:, None, None], hs, 0.0), axis=0)
                 tl.store(hws_base + (t0 // SAVE_T + j) * chunk_stride, hj,
-                         mask=mdn & (t0 + j * SAVE_T < L))
+                         mask=state_mask & (t0 + j * SAVE_T < L))
         h = h_next
-        y = tl.sum(hs * Ct[:, None, :], axis=2)
-        if HAS_D:
-            y += dskip[None, :] * u
-        tl.store(y_base + p[:, None] * sy_l, y.to(y_ptr.dtype.element_ty), mask=m2)
-
-
-@triton.jit
-def _core_fwd_lanes_kernel(
-    u_ptr, xp_ptr, w_ptr, dl_ptr, A_ptr, D_ptr, bias_ptr, y_ptr, hws_ptr,
-    L, H, W, inv_h, CH, KC, n_saved,
-    su_b, su_l, su_c, sxp_b, sxp_l, sxp_k, sw_k, sw_c, sw_r, sy_k, sy_b, sy_l, sy_c,
-    R: tl.constexpr, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
-    DELTA_IN: tl.constexpr, FAST: tl.constexpr, WIDE: tl.constexpr, SAVE_T: tl.constexpr,
-):
-    """The forward with each lane owning one channel and all of its N states (config LANES).
-
-    Tiles are (steps, states, channels) with the channels, contiguous in memory, across the lanes, so
-    the steps and the states stay in one thread's registers: the sum over states for y takes no
-    shuffles, and Δ is computed once per channel instead of once per (channel, state) lane.
-    """
-    pid_d, k, b, rev, cols, offs_c, mask_d, kd, offs_n, mask_n, mdn, A, bias, dskip = _route_program(
-        A_ptr, bias_ptr, D_ptr, CH, N, NSEQ, HAS_D, BLOCK_D, BLOCK_N)
-    A2 = tl.trans(A) * 1.4426950408889634  # (N, D)
-    mnd = mask_n[:, None] & mask_d[None, :]
-    offs_t = tl.arange(0, BLOCK_T)
-
-    u_base = u_ptr + b * su_b + offs_c[None, :].to(tl.int64) * su_c
-    xp_base = xp_ptr + b * sxp_b + k * sxp_k
-    w_base = w_ptr + k * sw_k + offs_c * sw_c
-    y_base = y_ptr + k * sy_k + b * sy_b + offs_c[None, :].to(tl.int64) * sy_c
-    dl_base = dl_ptr + k * sy_k + b * sy_b + offs_c[None, :].to(tl.int64) * sy_c
-    first = (offs_t == 0)[:, None, None]
-    last = (offs_t == BLOCK_T - 1)[:, None, None]
-    # saved states in the layout the backward reads: (batch, chunk, K*C, N)
-    hws_base = hws_ptr + (b * n_saved * KC + kd[None, :]) * BLOCK_N + offs_n[:, None]
-    chunk_stride = KC * BLOCK_N + b * 0
-
-    h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    if PREFETCH:
-        nx = _load_step(u_base, dl_base, xp_base, w_base, offs_t, L, H, W, inv_h, rev, cols, mask_d, offs_n,
-                        mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN, WIDE)
-    for t0 in range(0, L, BLOCK_T):
-        if PREFETCH:
-            u, raw, Bt, Ct, p, m2 = nx
-            nx = _load_step(u_base, dl_base, xp_base, w_base, t0 + BLOCK_T + offs_t, L, H, W, inv_h, rev, cols,
-                            mask_d, offs_n, mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN, WIDE)
+        if LANES:
+            y = tl.sum(hs * Ct[:, :, None], axis=1)
         else:
-            u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, w_base, t0 + offs_t, L, H, W, inv_h, rev,
-                                               cols, mask_d, offs_n, mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN,
-                                               WIDE)
-        dt = raw + bias[None, :]
-        if SOFTPLUS:
-            dt = _softplus(dt, FAST)
-        dt = tl.where(m2, dt, 0.0)
-        a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, N, D)
-        x = (dt * u)[:, None, :] * Bt[:, :, None]
-        if SAVE_T > 0:
-            if t0 % SAVE_T == 0:  # chunks may be shorter than the saving interval
-                tl.store(hws_base + (t0 // SAVE_T) * chunk_stride, h, mask=mnd)
-        hs, h_next = _scan_chunk(a, x, h, first, last, False, False)
-        if SAVE_T > 0:
-            for j in tl.static_range(1, BLOCK_T // SAVE_T):
-                hj = tl.sum(tl.where((offs_t == j * SAVE_T - 1)[:, None, None], hs, 0.0), axis=0)
-                tl.store(hws_base + (t0 // SAVE_T + j) * chunk_stride, hj, mask=mnd & (t0 + j * SAVE_T < L))
-        h = h_next
-        y = tl.sum(hs * Ct[:, :, None], axis=1)
+            y = tl.sum(hs * Ct[:, None, :], axis=2)
         if HAS_D:
             y += dskip[None, :] * u
         tl.store(y_base + p[:, None] * sy_l, y.to(y_ptr.dtype.element_ty), mask=m2)
@@ -415,7 +374,7 @@ def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta
     xp (batch, L, K, R + 2N) holds each pixel's per-route projections (Δ input, B, C); dt_weight
     (K, C, R) the Δ projections; A (K*C, N) float32; D, delta_bias (K*C,) (D may be None).
     ``config`` overrides block sizes, ``DELTA_GEMM`` (see the module docstring) and ``LANES`` (one
-    channel and all its states per lane: :func:`_core_fwd_lanes_kernel`).
+    channel and all its states per lane; see :func:`_core_fwd_kernel`).
     """
     batch, length, channels, routes, rank, state = _shapes(u, xp, dt_weight, A, nseq)
     cfg = core_config(channels, state, rank, False, length, u.element_size(), config)
@@ -426,20 +385,21 @@ def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta
     if y.numel() == 0:
         return y, states.zero_()
     lanes = bool(cfg.get("LANES", 0))
-    # (the LANES kernel also saves states every save_chunk steps when its chunks are shorter)
+    # (with LANES, chunks shorter than the saving interval save at the interval's chunk starts)
     if save_chunk and cfg["BLOCK_T"] % save_chunk and not (lanes and save_chunk % cfg["BLOCK_T"] == 0):
         cfg["BLOCK_T"] = save_chunk
     delta_in = bool(cfg.get("DELTA_GEMM", 0))
     delta = _delta_gemm(xp, dt_weight, rank, u.dtype).view(y.shape) if delta_in else y
     grid = (triton.cdiv(channels, cfg["BLOCK_D"]), routes, batch)
-    (_core_fwd_lanes_kernel if lanes else _core_fwd_kernel)[grid](
+    _core_fwd_kernel[grid](
         u, xp, dt_weight, delta, A, D if D is not None else A, delta_bias, y, states,
         length, height, width, 1.0 / height, channels, routes * channels, shape[1] if save_states else 0,
         *u.stride(), xp.stride(0), xp.stride(1), xp.stride(2), *dt_weight.stride(), *y.stride(),
         R=rank, N=state, NSEQ=nseq, HAS_D=D is not None, SOFTPLUS=bool(delta_softplus),
         BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
         PREFETCH=bool(cfg.get("PREFETCH", 0)), DELTA_IN=delta_in, FAST=fast_math(u),
-        WIDE=_wide(length, u.stride(1), xp.stride(1), y.stride(2)), SAVE_T=save_chunk, **_launch_options(cfg),
+        WIDE=_wide(length, u.stride(1), xp.stride(1), y.stride(2)), SAVE_T=save_chunk, LANES=lanes,
+        **_launch_options(cfg),
     )
     return y, states
 
