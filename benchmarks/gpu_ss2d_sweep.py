@@ -6,8 +6,9 @@ For every stage: forward and backward kernel time per configuration (BLOCK_D, BL
 PREFETCH, maxnreg, and for the forward DELTA_GEMM: Δ from one batched GEMM, timed with the GEMM), the
 default configuration's time, the default training pair (forward saving its chunk states, backward
 using them) and the four best. Used to set ``core_config``. For d_state > 2 (vanilla models) it
-times the default backward with and without FLIP, and the default forward against the LANES forward
-(one channel and all its states per lane) over chunk length, channels per program and DELTA_GEMM.
+times the default backward with and without FLIP and against the LANES backward, and the default
+forward against the LANES forward (one channel and all its states per lane) over chunk length,
+channels per program and DELTA_GEMM.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def sweep_stage(ss2d, batch, size, dtype, full=False):
     if ss2d.d_state > 2:  # the short list is tuned for d_state 1
         base = k.core_config(u.shape[-1], ss2d.d_state, w.shape[2], True, size * size, u.element_size())
         candidates = [{**base, "FLIP": flip, "forward": False, "backward": True} for flip in (0, 1)]
+        # the backward with one channel and all its states per lane (LANES), chunks inside the state interval
+        for block_d, block_t in ((32, 2), (32, 4), (64, 2)):
+            candidates.append({"LANES": 1, "BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": 1, "FLIP": 1,
+                               "forward": False, "backward": True})
         # the forward with one channel and all its states per lane (LANES), against the default
         fwd = k.core_config(u.shape[-1], ss2d.d_state, w.shape[2], False, size * size, u.element_size())
         candidates.append({**fwd, "forward": True, "backward": False})
@@ -93,6 +98,9 @@ def sweep_stage(ss2d, batch, size, dtype, full=False):
     # training pair: the forward saving its chunk states, and the backward that uses them
     out["fwd"]["default_saving_states_ms"] = timed(lambda: k.ss2d_scan_fwd(*args, save_states=True))
     out["bwd"]["default_with_saved_states_ms"] = timed(lambda: k.ss2d_scan_bwd(gy, *args, states=states))
+    lanes = [cfg for cfg in candidates if cfg.get("LANES") and cfg["backward"]]
+    out["bwd"]["lanes_with_saved_states_ms"] = [
+        (timed(lambda cfg=cfg: k.ss2d_scan_bwd(gy, *args, config=cfg, states=states)), cfg) for cfg in lanes]
     return out
 
 
