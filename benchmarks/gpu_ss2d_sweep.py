@@ -75,6 +75,7 @@ def sweep_stage(ss2d, batch, size, dtype, full=False):
         # the forward with one channel and all its states per lane (LANES), against the default
         fwd = k.core_config(u.shape[-1], ss2d.d_state, w.shape[2], False, size * size, u.element_size())
         candidates.append({**fwd, "forward": True, "backward": False})
+        candidates.append({**fwd, "DELTA_GEMM": 1, "forward": True, "backward": False})  # Δ not per state lane
         for block_d, block_t, delta_gemm in itertools.product((32, 64), (2, 4), (0, 1)):
             candidates.append({"LANES": 1, "BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": block_d // 32,
                                "PREFETCH": 1, "DELTA_GEMM": delta_gemm, "forward": True, "backward": False})
