@@ -22,6 +22,11 @@ The recurrences and gradient formulas are those of :mod:`vmamba.ops.triton.selec
 backward walks each route in reverse, chunk by chunk; it needs the state entering every chunk, which
 the forward saves when asked (``save_states``: (batch, chunk, K*C, N) float32) and the backward
 otherwise recomputes in a first forward pass.
+
+Register tiles are (steps, channels, states). Config ``LANES=1`` lays them out (steps, states,
+channels) instead, so that one lane owns a channel and all its states: meant for d_state 16, where
+the default layout spends shuffles on every sum over states. It is tested but untimed (BENCHMARKS.md,
+session 5), so no default uses it.
 """
 
 from __future__ import annotations
