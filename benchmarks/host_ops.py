@@ -1,6 +1,6 @@
 """Host-side work per VSS block on the CUDA code path, counted on the CPU (no GPU needed).
 
-    python benchmarks/host_ops.py [--model vmamba_tiny_s1l8]
+    python benchmarks/host_ops.py [--model vmamba_tiny_s1l8] [--by-source]
 
 In eager mode a VMamba training step on an H200 is bound by the host (BENCHMARKS.md): its time is
 roughly the number of PyTorch ops and kernel launches it issues. This script runs the CUDA code path
@@ -8,7 +8,9 @@ on the CPU (the fused SS2D core and the Triton LayerNorm under TRITON_INTERPRET=
 counts, per training step (bf16 autocast forward + cross-entropy + backward) and per inference
 forward, the aten ops dispatched by our code and the Triton kernel launches. The counts for one VSS
 block are the difference between two models that differ by one stage-3 block. Kernel-internal work
-of the interpreter is not counted.
+of the interpreter is not counted. With --by-source the training step's ops per block are also
+listed by the line of vmamba or torch.nn code that issued them ("autograd engine": backward formulas
+of PyTorch's own ops and gradient accumulation).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import traceback
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -25,16 +28,29 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 
 class HostOps(TorchDispatchMode):
-    """Counts aten ops (by name) and Triton launches issued while active."""
+    """Counts aten ops (by name, and with ``by_source`` by the issuing source line) and Triton launches."""
 
-    def __init__(self) -> None:
+    def __init__(self, by_source: bool = False) -> None:
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
+        self.sources: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.by_source = by_source
         self.launches = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
+        name = str(func.overloadpacket)
+        self.ops[name] += 1
+        if self.by_source:
+            self.sources[(_issuing_line(), name)] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _issuing_line() -> str:
+    """The innermost frame in vmamba or torch.nn code: file:line:function, else "autograd engine"."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if "/vmamba/" in frame.filename or "/torch/nn/" in frame.filename:
+            return f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}:{frame.name}"
+    return "autograd engine"
 
 
 def force_cuda_path(counter_ref: list) -> None:
@@ -57,11 +73,11 @@ def force_cuda_path(counter_ref: list) -> None:
     interpreter.GridExecutor.__call__ = counted
 
 
-def count(model, train: bool, counter_ref: list) -> HostOps:
+def count(model, train: bool, counter_ref: list, by_source: bool = False) -> HostOps:
     x = torch.randn(1, 3, 64, 64).to(memory_format=torch.channels_last)
     target = torch.tensor([1])
     model.train(train)
-    counter = HostOps()
+    counter = HostOps(by_source)
     counter_ref[:] = [counter]
     with counter:
         if train:
@@ -78,6 +94,7 @@ def count(model, train: bool, counter_ref: list) -> HostOps:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="vmamba_tiny_s1l8")
+    parser.add_argument("--by-source", action="store_true", help="list the training step's ops by source line")
     args = parser.parse_args()
     import vmamba
 
@@ -89,8 +106,10 @@ def main() -> None:
         counts = []
         for blocks in (1, 2):
             model = vmamba.create_model(args.model, dims=16, depths=[1, 1, blocks, 1])
-            counts.append(count(model.to(memory_format=torch.channels_last), train, counter_ref))
+            counts.append(count(model.to(memory_format=torch.channels_last), train, counter_ref, args.by_source))
         per_block = counts[1].ops - counts[0].ops
+        if train and args.by_source:
+            sources = counts[1].sources - counts[0].sources
         result[mode] = {"aten_ops_per_block": sum(per_block.values()),
                         "triton_launches_per_block": counts[1].launches - counts[0].launches,
                         "top_ops": per_block.most_common(12)}
@@ -98,6 +117,19 @@ def main() -> None:
         top = ", ".join(f"{name} {n}" for name, n in row["top_ops"])
         print(f"{mode}: {row['aten_ops_per_block']} aten ops and {row['triton_launches_per_block']} Triton launches "
               f"per block; most frequent: {top}")
+    if args.by_source:
+        print("training step, ops per block by source line:")
+        for line, ops in by_line(sources):
+            print(f"  {sum(ops.values()):4d} {line}: " + ", ".join(f"{op.removeprefix('aten.')} x{n}"
+                                                                  for op, n in ops.most_common()))
+
+
+def by_line(sources: collections.Counter) -> list[tuple[str, collections.Counter]]:
+    """(source line, its ops) for every line, the lines with most ops first."""
+    lines: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for (line, op), n in sources.items():
+        lines[line][op] += n
+    return sorted(lines.items(), key=lambda item: -sum(item[1].values()))
 
 
 if __name__ == "__main__":
