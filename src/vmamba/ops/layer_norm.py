@@ -93,6 +93,7 @@ def _setup_context(ctx, inputs, output) -> None:
     _out, mean, rstd, xsum = output
     # For K > 1 only the sum is kept, so the caller's K inputs can be freed.
     ctx.save_for_backward(x[0] if x.shape[0] == 1 else xsum, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd, xsum)
     ctx.k = x.shape[0]
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -105,7 +106,7 @@ def _backward_with(bwd):
             raise RuntimeError("vmamba::layer_norm_fwd: K > 1 needs return_sum=True for the backward")
         dx, dweight, dbias = bwd(dout, src, weight, mean, rstd, ctx.has_bias)
         # Every summed input gets the same gradient: an expand, not K copies.
-        dxs = dx.unsqueeze(0).expand(ctx.k, *dx.shape)
+        dxs = dx.unsqueeze(0) if ctx.k == 1 else dx.unsqueeze(0).expand(ctx.k, *dx.shape)
         dweight = dweight.to(weight.dtype) if weight is not None else None
         dbias = dbias.to(ctx.bias_dtype) if ctx.has_bias else None
         return dxs, dweight, dbias, None, None, None
