@@ -123,17 +123,39 @@ def _scan_chunk(a, x, h, first, last, REV: tl.constexpr, FLIP: tl.constexpr):
 
 
 @triton.jit
+def _per_channel(t, LANES: tl.constexpr):
+    """A (T, D) tile broadcast into the 3-D tile layout: (T, D, 1), or (T, 1, D) for LANES tiles (T, N, D)."""
+    if LANES:
+        out = t[:, None, :]
+    else:
+        out = t[:, :, None]
+    return out
+
+
+@triton.jit
+def _per_state(t, LANES: tl.constexpr):
+    """A (T, N) tile broadcast into the 3-D tile layout: (T, 1, N), or (T, N, 1) for LANES tiles."""
+    if LANES:
+        out = t[:, :, None]
+    else:
+        out = t[:, None, :]
+    return out
+
+
+@triton.jit
 def _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2, HAS_D: tl.constexpr,
-                     SOFTPLUS: tl.constexpr):
+                     SOFTPLUS: tl.constexpr, LANES: tl.constexpr):
     """Gradient terms of one chunk from its adjoint states gs and states hs (module docstring).
 
     Returns the chunk's dA and dD partial sums, the (T, D) tiles du and ddelta (with respect to the
-    raw delta + bias, masked) and the (T, N) dB and dC summed over the block's channels.
+    raw delta + bias, masked) and the (T, N) dB and dC summed over the block's channels. Tiles are
+    (T, D, N) with A (D, N), or with LANES (T, N, D) with A (N, D): the sums over the states then
+    stay within a thread.
     """
     gl = gs * (hs - x)  # g_t a_t h_{t-1}: gradient with respect to Δ_t A
-    dA = tl.sum(gl * dt[:, :, None], axis=0)
-    gB = tl.sum(gs * Bt[:, None, :], axis=2)
-    ddt = tl.sum(gl * A[None, :, :], axis=2) + gB * u
+    dA = tl.sum(gl * _per_channel(dt, LANES), axis=0)
+    gB = tl.sum(gs * _per_state(Bt, LANES), axis=2 - LANES)
+    ddt = tl.sum(gl * A[None, :, :], axis=2 - LANES) + gB * u
     du = gB * dt
     dD = tl.zeros_like(dskip)
     if HAS_D:
@@ -142,8 +164,8 @@ def _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2, HAS_D: tl
     if SOFTPLUS:
         ddt = tl.fdiv(ddt, 1.0 + tl.exp(-raw))  # σ(raw); the approximate division is ample here
     ddt = tl.where(m2, ddt, 0.0)
-    dB = tl.sum(gs * dtu[:, :, None], axis=1)
-    dC = tl.sum(hs * gy[:, :, None], axis=1)
+    dB = tl.sum(gs * _per_channel(dtu, LANES), axis=1 + LANES)
+    dC = tl.sum(hs * _per_channel(gy, LANES), axis=1 + LANES)
     return dA, dD, du, ddt, dB, dC
 
 
@@ -312,7 +334,7 @@ def _ss_bwd_kernel(
         gs, g = _scan_chunk(an, cg, g, first, last, True, FLIP)
 
         dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2,
-                                                         HAS_D, SOFTPLUS)
+                                                         HAS_D, SOFTPLUS, False)
         dA_acc += dA_p
         if HAS_D:
             dD_acc += dD_p

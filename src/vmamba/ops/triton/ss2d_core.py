@@ -35,7 +35,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .selective_scan import _chunk_gradients, _config, _scan_chunk, _softplus, default_config, fast_math
+from .selective_scan import (
+    _chunk_gradients,
+    _config,
+    _per_channel,
+    _per_state,
+    _scan_chunk,
+    _softplus,
+    default_config,
+    fast_math,
+)
 
 __all__ = ["ss2d_scan_fwd", "ss2d_scan_bwd", "saved_states_shape", "NSEQ"]
 
@@ -91,49 +100,16 @@ def _load_step(u_base, dl_base, xp_base, w_base, t, L, H, W, inv_h, rev, cols, m
 
 
 @triton.jit
-def _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
-    """Δ = softplus(raw + bias) (0 outside the mask), the decays a = exp(Δ A) and inputs x = Δ u B."""
+def _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, LANES: tl.constexpr):
+    """Δ = softplus(raw + bias) (0 outside the mask) as a (T, D) tile, the decays a = exp(Δ A) and
+    inputs x = Δ u B as (T, D, N) tiles, or (T, N, D) with LANES (A2 is then (N, D))."""
     dt = raw + bias[None, :]
     if SOFTPLUS:
         dt = _softplus(dt, FAST)
     dt = tl.where(m2, dt, 0.0)
-    a = tl.exp2(dt[:, :, None] * A2[None, :, :])
-    x = (dt * u)[:, :, None] * Bt[:, None, :]
+    a = tl.exp2(_per_channel(dt, LANES) * A2[None, :, :])
+    x = _per_channel(dt * u, LANES) * _per_state(Bt, LANES)
     return dt, a, x
-
-
-@triton.jit
-def _discretize_lanes(raw, bias, u, Bt, A2, m2, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
-    """:func:`_discretize` for LANES tiles: Δ (T, D), decays a and inputs x as (T, N, D); A2 is (N, D)."""
-    dt = raw + bias[None, :]
-    if SOFTPLUS:
-        dt = _softplus(dt, FAST)
-    dt = tl.where(m2, dt, 0.0)
-    a = tl.exp2(dt[:, None, :] * A2[None, :, :])
-    x = (dt * u)[:, None, :] * Bt[:, :, None]
-    return dt, a, x
-
-
-@triton.jit
-def _chunk_gradients_lanes(gs, hs, x, dt, dtu, u, gy, raw, A_nd, Bt, dskip, m2, HAS_D: tl.constexpr,
-                           SOFTPLUS: tl.constexpr):
-    """:func:`_chunk_gradients` for LANES tiles (T, N, D): the sums over states stay in a thread; only
-    dB and dC (sums over the channels) cross lanes. dA is (N, D)."""
-    gl = gs * (hs - x)
-    dA = tl.sum(gl * dt[:, None, :], axis=0)
-    gB = tl.sum(gs * Bt[:, :, None], axis=1)
-    ddt = tl.sum(gl * A_nd[None, :, :], axis=1) + gB * u
-    du = gB * dt
-    dD = tl.zeros_like(dskip)
-    if HAS_D:
-        du += dskip[None, :] * gy
-        dD = tl.sum(gy * u, axis=0)
-    if SOFTPLUS:
-        ddt = tl.fdiv(ddt, 1.0 + tl.exp(-raw))
-    ddt = tl.where(m2, ddt, 0.0)
-    dB = tl.sum(gs * dtu[:, None, :], axis=2)
-    dC = tl.sum(hs * gy[:, None, :], axis=2)
-    return dA, dD, du, ddt, dB, dC
 
 
 @triton.jit
@@ -155,6 +131,17 @@ def _route_program(A_ptr, bias_ptr, D_ptr, CH, N: tl.constexpr, NSEQ: tl.constex
     if HAS_D:
         dskip = tl.load(D_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
     return pid_d, k, b, k >= NSEQ, (k % NSEQ) == 1, offs_c, mask_d, kd, offs_n, mask_n, mdn, A, bias, dskip
+
+
+@triton.jit
+def _state_tiles(A, kd, offs_n, mask_d, mask_n, mdn, LANES: tl.constexpr):
+    """(A, row index, state index, mask) of the program's (channel, state) tiles: (D, N), or (N, D)
+    with LANES. The row index is the channel's global row k*C + c of A and of the saved states."""
+    if LANES:
+        A_s, row_s, n_s, mask_s = tl.trans(A), kd[None, :], offs_n[:, None], mask_n[:, None] & mask_d[None, :]
+    else:
+        A_s, row_s, n_s, mask_s = A, kd[:, None], offs_n[None, :], mdn
+    return A_s, row_s, n_s, mask_s
 
 
 @triton.jit
@@ -184,16 +171,10 @@ def _core_fwd_kernel(
     # states entering every SAVE_T steps, for the backward (SAVE_T = 0: not saved)
     # (batch, chunk, K*C, N): a warp's channels are adjacent, so each chunk's store is coalesced
     chunk_stride = KC * BLOCK_N + b * 0  # int64 (b is), so chunk offsets cannot overflow
-    if LANES:
-        A2 = tl.trans(A) * 1.4426950408889634  # (N, D)
-        state_mask = mask_n[:, None] & mask_d[None, :]
-        hws_base = hws_ptr + (b * n_saved * KC + kd[None, :]) * BLOCK_N + offs_n[:, None]
-        h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    else:
-        A2 = A * 1.4426950408889634
-        state_mask = mdn
-        hws_base = hws_ptr + (b * n_saved * KC + kd[:, None]) * BLOCK_N + offs_n[None, :]
-        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    A_s, row_s, n_s, state_mask = _state_tiles(A, kd, offs_n, mask_d, mask_n, mdn, LANES)
+    A2 = A_s * 1.4426950408889634
+    hws_base = hws_ptr + (b * n_saved * KC + row_s) * BLOCK_N + n_s
+    h = tl.zeros(state_mask.shape, tl.float32)
     if PREFETCH:
         nx = _load_step(u_base, dl_base, xp_base, w_base, offs_t, L, H, W, inv_h, rev, cols, mask_d, offs_n,
                         mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN, WIDE)
@@ -207,10 +188,7 @@ def _core_fwd_kernel(
             u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, w_base, t0 + offs_t, L, H, W, inv_h, rev,
                                                cols, mask_d, offs_n, mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN,
                                                WIDE)
-        if LANES:
-            dt, a, x = _discretize_lanes(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST)
-        else:
-            dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST)
+        dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST, LANES)
         if SAVE_T > 0:
             if LANES:
                 if t0 % SAVE_T == 0:  # its chunks may be shorter than the saving interval
@@ -224,10 +202,7 @@ def _core_fwd_kernel(
                 tl.store(hws_base + (t0 // SAVE_T + j) * chunk_stride, hj,
                          mask=state_mask & (t0 + j * SAVE_T < L))
         h = h_next
-        if LANES:
-            y = tl.sum(hs * Ct[:, :, None], axis=1)
-        else:
-            y = tl.sum(hs * Ct[:, None, :], axis=2)
+        y = tl.sum(hs * _per_state(Ct, LANES), axis=2 - LANES)
         if HAS_D:
             y += dskip[None, :] * u
         tl.store(y_base + p[:, None] * sy_l, y.to(y_ptr.dtype.element_ty), mask=m2)
@@ -240,10 +215,7 @@ def _state_after(h, t, u_base, dl_base, xp_base, L, H, W, inv_h, rev, cols, mask
     """The state after the chunk of steps t entered with state h (the backward's recomputation)."""
     u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, dl_base, t, L, H, W, inv_h, rev, cols, mask_d,
                                        offs_n, mask_n, su_l, sd_l, sxp_l, 0, R, N, True, WIDE)
-    if LANES:
-        dt, a, x = _discretize_lanes(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST)
-    else:
-        dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST)
+    dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST, LANES)
     _, h = _scan_chunk(a, x, h, first, last, False, False)
     return h
 
@@ -264,10 +236,7 @@ def _bwd_chunk(t, h0, g, u_base, dl_base, xp_base, gy_base, du_base, ddt_base, b
     rawn = tl.load(dl_base + pn[:, None] * sd_l, mask=m2n, other=0.0).to(tl.float32)
     mtn = (t < L)[:, None] & mask_n[None, :]
     gy = tl.load(gy_base + p[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
-    if LANES:
-        dt, a, x = _discretize_lanes(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST)
-    else:
-        dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST)
+    dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST, LANES)
     raw = raw + bias[None, :]  # softplus' derivative is taken at raw + bias
     dtu = dt * u
     dtn = rawn + bias[None, :]
@@ -275,19 +244,11 @@ def _bwd_chunk(t, h0, g, u_base, dl_base, xp_base, gy_base, du_base, ddt_base, b
         dtn = _softplus(dtn, FAST)
     dtn = tl.where(m2n, dtn, 0.0)
     hs, _ = _scan_chunk(a, x, h0, first, last, False, False)
-    if LANES:
-        an = tl.where(m2n[:, None, :], tl.exp2(dtn[:, None, :] * A2[None, :, :]), 0.0)
-        cg = Ct[:, :, None] * gy[:, None, :]
-    else:
-        an = tl.where(m2n[:, :, None], tl.exp2(dtn[:, :, None] * A2[None, :, :]), 0.0)
-        cg = Ct[:, None, :] * gy[:, :, None]
+    an = tl.where(_per_channel(m2n, LANES), tl.exp2(_per_channel(dtn, LANES) * A2[None, :, :]), 0.0)
+    cg = _per_state(Ct, LANES) * _per_channel(gy, LANES)
     gs, g = _scan_chunk(an, cg, g, first, last, True, FLIP)  # the adjoint runs down the route
-    if LANES:
-        dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients_lanes(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2,
-                                                               HAS_D, SOFTPLUS)
-    else:
-        dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2,
-                                                         HAS_D, SOFTPLUS)
+    dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2, HAS_D,
+                                                     SOFTPLUS, LANES)
     tl.store(du_base + p[:, None] * sd_l, du.to(du_base.dtype.element_ty), mask=m2)
     tl.store(ddt_base + p[:, None] * sd_l, ddt.to(ddt_base.dtype.element_ty), mask=m2)
     bc_ptrs = bc_base + p[:, None] * sbc_l
@@ -303,19 +264,27 @@ def _bwd_chunk(t, h0, g, u_base, dl_base, xp_base, gy_base, du_base, ddt_base, b
 # is faster specialised.)
 @triton.jit(do_not_specialize=["sg_c", "su_c", "sd_c"])
 def _core_bwd_kernel(
-    gy_ptr, u_ptr, xp_ptr, dl_ptr, A_ptr, D_ptr, bias_ptr, hws_ptr,
+    gy_ptr, u_ptr, xp_ptr, dl_ptr, A_ptr, D_ptr, bias_ptr, hws_ptr, scr_ptr,
     du_ptr, ddt_ptr, dA_ptr, dbc_ptr, dD_ptr, dbias_ptr,
-    L, H, W, inv_h, CH, KC, n_chunks,
+    L, H, W, inv_h, CH, KC, n_saved,
     sg_k, sg_b, sg_l, sg_c, su_b, su_l, su_c, sxp_b, sxp_l, sxp_k,
     sd_k, sd_b, sd_l, sd_c, sbc_blk, sbc_b, sbc_l, sbc_k,
     R: tl.constexpr, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, FAST: tl.constexpr, WIDE: tl.constexpr,
-    HAS_STATES: tl.constexpr, FLIP: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SAVE_T: tl.constexpr, FAST: tl.constexpr,
+    WIDE: tl.constexpr, HAS_STATES: tl.constexpr, FLIP: tl.constexpr, LANES: tl.constexpr,
 ):
+    """Chunks of BLOCK_T steps walked in reverse from the states entering every SAVE_T steps.
+
+    SAVE_T = BLOCK_T by default. LANES chunks (tiles (steps, states, channels)) may be shorter than
+    the saving interval: then a forward pass from each interval's saved state first writes the entry
+    state of every chunk to this program's scratch (SAVE_T / BLOCK_T states, in L2).
+    """
     pid_d, k, b, rev, cols, offs_c, mask_d, kd, offs_n, mask_n, mdn, A, bias, dskip = _route_program(
         A_ptr, bias_ptr, D_ptr, CH, N, NSEQ, HAS_D, BLOCK_D, BLOCK_N)
-    A2 = A * 1.4426950408889634
+    A_s, row_s, n_s, state_mask = _state_tiles(A, kd, offs_n, mask_d, mask_n, mdn, LANES)
+    A2 = A_s * 1.4426950408889634
     offs_t = tl.arange(0, BLOCK_T)
+    SUB: tl.constexpr = SAVE_T // BLOCK_T
 
     c64 = offs_c[None, :].to(tl.int64)
     u_base = u_ptr + b * su_b + c64 * su_c
@@ -326,124 +295,58 @@ def _core_bwd_kernel(
     ddt_base = ddt_ptr + k * sd_k + b * sd_b + c64 * sd_c
     # dB / dC partials of this channel block: (blocks, batch, L, K, 2N) float32
     bc_base = dbc_ptr + pid_d * sbc_blk + b * sbc_b + k * sbc_k + offs_n[None, :]
-    hws_base = hws_ptr + (b * n_chunks * KC + kd[:, None]) * BLOCK_N + offs_n[None, :]  # (batch, chunk, K*C, N)
-    chunk_stride = KC * BLOCK_N + b * 0  # int64 (b is), so chunk offsets cannot overflow
-    first = (offs_t == 0)[:, None, None]
-    last = (offs_t == BLOCK_T - 1)[:, None, None]
-
-    if not HAS_STATES:  # the forward did not save them: pass 1 along the route stores the chunk-entry states
-        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-        for c in range(0, n_chunks):
-            tl.store(hws_base + c * chunk_stride, h, mask=mdn)
-            h = _state_after(h, c * BLOCK_T + offs_t, u_base, dl_base, xp_base, L, H, W, inv_h, rev, cols, mask_d,
-                             offs_n, mask_n, su_l, sd_l, sxp_l, A2, bias, first, last, R, N, SOFTPLUS, FAST, WIDE,
-                             False)
-        tl.debug_barrier()
-
-    # Pass 2: chunks in reverse; adjoint g_t = C_t gy_t + a_{t+1} g_{t+1} carried in registers.
-    g = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    dD_acc = tl.zeros((BLOCK_D,), tl.float32)
-    dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
-    for i in range(0, n_chunks):
-        c = n_chunks - 1 - i
-        h0 = tl.load(hws_base + c * chunk_stride, mask=mdn, other=0.0)
-        g, dA_p, dD_p, dbias_p = _bwd_chunk(c * BLOCK_T + offs_t, h0, g, u_base, dl_base, xp_base, gy_base, du_base,
-                                            ddt_base, bc_base, L, H, W, inv_h, rev, cols, mask_d, offs_n, mask_n,
-                                            su_l, sd_l, sxp_l, sg_l, sbc_l, A, A2, bias, dskip, first, last, R, N,
-                                            HAS_D, SOFTPLUS, FAST, WIDE, FLIP, False)
-        dA_acc += dA_p
-        if HAS_D:
-            dD_acc += dD_p
-        dbias_acc += dbias_p
-
-    # per-batch partials, reduced over the batch on the host side
-    tl.store(dA_ptr + (b * KC + kd[:, None]) * N + offs_n[None, :], dA_acc, mask=mdn)
-    tl.store(dbias_ptr + b * KC + kd, dbias_acc, mask=mask_d)
-    if HAS_D:
-        tl.store(dD_ptr + b * KC + kd, dD_acc, mask=mask_d)
-
-
-@triton.jit(do_not_specialize=["sg_c", "su_c", "sd_c"])
-def _core_bwd_lanes_kernel(
-    gy_ptr, u_ptr, xp_ptr, dl_ptr, A_ptr, D_ptr, bias_ptr, hws_ptr, scr_ptr,
-    du_ptr, ddt_ptr, dA_ptr, dbc_ptr, dD_ptr, dbias_ptr,
-    L, H, W, inv_h, CH, KC, n_saved,
-    sg_k, sg_b, sg_l, sg_c, su_b, su_l, su_c, sxp_b, sxp_l, sxp_k,
-    sd_k, sd_b, sd_l, sd_c, sbc_blk, sbc_b, sbc_l, sbc_k,
-    R: tl.constexpr, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SAVE_T: tl.constexpr,
-    FAST: tl.constexpr, WIDE: tl.constexpr, HAS_STATES: tl.constexpr, FLIP: tl.constexpr,
-):
-    """The backward on LANES tiles (steps, states, channels): one channel and all its states per lane.
-
-    Its chunks (BLOCK_T steps) are shorter than the interval between saved states (SAVE_T): per
-    interval, walked in reverse, a forward pass from the saved state writes the entry state of every
-    chunk to this program's scratch (SAVE_T / BLOCK_T states of (N, D), in L2), and the chunks are
-    then processed in reverse from those states.
-    """
-    pid_d, k, b, rev, cols, offs_c, mask_d, kd, offs_n, mask_n, mdn, A, bias, dskip = _route_program(
-        A_ptr, bias_ptr, D_ptr, CH, N, NSEQ, HAS_D, BLOCK_D, BLOCK_N)
-    A_nd = tl.trans(A)
-    A2 = A_nd * 1.4426950408889634
-    state_mask = mask_n[:, None] & mask_d[None, :]
-    offs_t = tl.arange(0, BLOCK_T)
-    SUB: tl.constexpr = SAVE_T // BLOCK_T
-
-    c64 = offs_c[None, :].to(tl.int64)
-    u_base = u_ptr + b * su_b + c64 * su_c
-    gy_base = gy_ptr + k * sg_k + b * sg_b + c64 * sg_c
-    xp_base = xp_ptr + b * sxp_b + k * sxp_k
-    dl_base = dl_ptr + k * sd_k + b * sd_b + c64 * sd_c
-    du_base = du_ptr + k * sd_k + b * sd_b + c64 * sd_c
-    ddt_base = ddt_ptr + k * sd_k + b * sd_b + c64 * sd_c
-    bc_base = dbc_ptr + pid_d * sbc_blk + b * sbc_b + k * sbc_k + offs_n[None, :]
-    hws_base = hws_ptr + (b * n_saved * KC + kd[None, :]) * BLOCK_N + offs_n[:, None]  # (batch, interval, K*C, N)
-    interval_stride = KC * BLOCK_N + b * 0
+    hws_base = hws_ptr + (b * n_saved * KC + row_s) * BLOCK_N + n_s  # (batch, interval, K*C, N)
+    interval_stride = KC * BLOCK_N + b * 0  # int64 (b is), so interval offsets cannot overflow
     program = (b * tl.num_programs(1) + k) * tl.num_programs(0) + pid_d
-    scr_base = scr_ptr + program * (SUB * BLOCK_N * BLOCK_D) + offs_n[:, None] * BLOCK_D + \
-        tl.arange(0, BLOCK_D)[None, :]
+    tile = BLOCK_N * BLOCK_D
+    # (row_s less the block's first row: the channel within the block, in the state tiles' orientation)
+    scr_base = scr_ptr + program * (SUB * tile) + n_s * BLOCK_D + (row_s - (k * CH + pid_d * BLOCK_D))
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
 
-    if not HAS_STATES:  # pass 1: the state entering every interval
-        h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    if not HAS_STATES:  # the forward did not save them: pass 1 along the route stores the interval-entry states
+        h = tl.zeros(state_mask.shape, tl.float32)
         for c in range(0, n_saved):
             tl.store(hws_base + c * interval_stride, h, mask=state_mask)
             for j in range(0, SUB):
                 h = _state_after(h, (c * SUB + j) * BLOCK_T + offs_t, u_base, dl_base, xp_base, L, H, W, inv_h, rev,
                                  cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, A2, bias, first, last, R, N,
-                                 SOFTPLUS, FAST, WIDE, True)
+                                 SOFTPLUS, FAST, WIDE, LANES)
         tl.debug_barrier()
 
-    g = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dA_acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    # Pass 2: chunks in reverse; adjoint g_t = C_t gy_t + a_{t+1} g_{t+1} carried in registers.
+    g = tl.zeros(state_mask.shape, tl.float32)
+    dA_acc = tl.zeros(state_mask.shape, tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
     for i in range(0, n_saved):
         c = n_saved - 1 - i
         h = tl.load(hws_base + c * interval_stride, mask=state_mask, other=0.0)
-        tl.store(scr_base, h)
-        for j in range(0, SUB - 1):  # entry states of the interval's later chunks
-            h = _state_after(h, (c * SUB + j) * BLOCK_T + offs_t, u_base, dl_base, xp_base, L, H, W, inv_h, rev,
-                             cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, A2, bias, first, last, R, N, SOFTPLUS,
-                             FAST, WIDE, True)
-            tl.store(scr_base + (j + 1) * (BLOCK_N * BLOCK_D), h)
-        tl.debug_barrier()  # the scratch is read by other threads than wrote it
+        if SUB > 1:
+            tl.store(scr_base, h)
+            for j in range(0, SUB - 1):  # entry states of the interval's later chunks
+                h = _state_after(h, (c * SUB + j) * BLOCK_T + offs_t, u_base, dl_base, xp_base, L, H, W, inv_h, rev,
+                                 cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, A2, bias, first, last, R, N,
+                                 SOFTPLUS, FAST, WIDE, LANES)
+                tl.store(scr_base + (j + 1) * tile, h)
+            tl.debug_barrier()  # the scratch is read by other threads than wrote it
         for jj in range(0, SUB):
             j = SUB - 1 - jj
-            h0 = tl.load(scr_base + j * (BLOCK_N * BLOCK_D))
-            g, dA_p, dD_p, dbias_p = _bwd_chunk((c * SUB + j) * BLOCK_T + offs_t, h0, g, u_base, dl_base, xp_base,
+            if SUB > 1:
+                h = tl.load(scr_base + j * tile)
+            g, dA_p, dD_p, dbias_p = _bwd_chunk((c * SUB + j) * BLOCK_T + offs_t, h, g, u_base, dl_base, xp_base,
                                                 gy_base, du_base, ddt_base, bc_base, L, H, W, inv_h, rev, cols,
-                                                mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, sg_l, sbc_l, A_nd, A2, bias,
-                                                dskip, first, last, R, N, HAS_D, SOFTPLUS, FAST, WIDE, FLIP, True)
+                                                mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, sg_l, sbc_l, A_s, A2, bias,
+                                                dskip, first, last, R, N, HAS_D, SOFTPLUS, FAST, WIDE, FLIP, LANES)
             dA_acc += dA_p
             if HAS_D:
                 dD_acc += dD_p
             dbias_acc += dbias_p
-        tl.debug_barrier()  # before the next interval overwrites the scratch
+        if SUB > 1:
+            tl.debug_barrier()  # before the next interval overwrites the scratch
 
-    tl.store(dA_ptr + (b * KC + kd[None, :]) * N + offs_n[:, None], dA_acc, mask=state_mask)
+    # per-batch partials, reduced over the batch on the host side
+    tl.store(dA_ptr + (b * KC + row_s) * N + n_s, dA_acc, mask=state_mask)
     tl.store(dbias_ptr + b * KC + kd, dbias_acc, mask=mask_d)
     if HAS_D:
         tl.store(dD_ptr + b * KC + kd, dD_acc, mask=mask_d)
@@ -585,7 +488,6 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
             raise ValueError(f"states must be contiguous float32 {expected}, got {tuple(states.shape)} {states.dtype}")
     dev, f32 = u.device, torch.float32
     n_blk = triton.cdiv(channels, cfg["BLOCK_D"])
-    n_chunks = triton.cdiv(length, cfg["BLOCK_T"])
     kc = routes * channels
     du = torch.empty(routes, batch, length, channels, device=dev, dtype=u.dtype)
     ddelta = torch.empty_like(du)
@@ -602,25 +504,22 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
     # step inside the kernel.
     delta = _delta_gemm(xp, dt_weight, rank, u.dtype).view(du.shape)
     grid = (n_blk, routes, batch)
-    if lanes:  # states every save_chunk steps; the kernel's scratch holds its chunks' entry states
-        n_saved = triton.cdiv(length, save_chunk)
-        scratch = torch.empty(n_blk * routes * batch, save_chunk // cfg["BLOCK_T"], cfg["BLOCK_N"], cfg["BLOCK_D"],
-                              device=dev, dtype=f32)
-        kernel, extra, specific = _core_bwd_lanes_kernel, (scratch,), {"SAVE_T": save_chunk}
-    else:  # states every chunk
-        n_saved = n_chunks
-        kernel, extra, specific = _core_bwd_kernel, (), {}
+    # states every save_chunk steps (LANES; a scratch holds its chunks' entry states), else every chunk
+    interval = save_chunk if lanes else cfg["BLOCK_T"]
+    n_saved = triton.cdiv(length, interval)
     hws = states if has_states else torch.empty(batch, n_saved, kc, cfg["BLOCK_N"], device=dev, dtype=f32)
-    kernel[grid](
-        grad_y, u, xp, delta, A, D if D is not None else A, delta_bias, hws, *extra,
+    scratch = (torch.empty(n_blk * routes * batch, interval // cfg["BLOCK_T"], cfg["BLOCK_N"], cfg["BLOCK_D"],
+                           device=dev, dtype=f32) if interval > cfg["BLOCK_T"] else hws)
+    _core_bwd_kernel[grid](
+        grad_y, u, xp, delta, A, D if D is not None else A, delta_bias, hws, scratch,
         du, ddelta, dA, dbc, dD, dbias,
         length, height, width, 1.0 / height, channels, kc, n_saved,
         *grad_y.stride(), *u.stride(), xp.stride(0), xp.stride(1), xp.stride(2),
         *du.stride(), dbc.stride(0), dbc.stride(1), dbc.stride(2), dbc.stride(3),
         R=rank, N=state, NSEQ=nseq, HAS_D=D is not None, SOFTPLUS=bool(delta_softplus),
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], FAST=fast_math(u),
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SAVE_T=interval, FAST=fast_math(u),
         WIDE=_wide(length, grad_y.stride(2), u.stride(1), xp.stride(1), du.stride(2), dbc.stride(2)),
-        HAS_STATES=has_states, FLIP=bool(cfg.get("FLIP", 0)), **specific, **_launch_options(cfg),
+        HAS_STATES=has_states, FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, **_launch_options(cfg),
     )
     dbc = dbc[0] if n_blk == 1 else dbc.sum(0)
     return du, ddelta, dbc, dA.sum(0), dD.sum(0) if D is not None else None, dbias.sum(0)
