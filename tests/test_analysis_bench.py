@@ -38,9 +38,13 @@ def test_bench_options_bf16_channels_last_compile():
     model = create_model("vmamba_tiny_s1l8", dims=8, depths=(1, 1, 1, 1), num_classes=5)
     settings = BenchSettings(batch_size=2, dtype="bf16", channels_last=True, compile=True, compile_backend="eager",
                              warmup=1, iters=1, device="cpu")
-    for mode in ("infer", "train"):
-        row = run_one(model, (32, 32), mode, settings)
-        assert row["img_per_s"] > 0
+    weights = [p.detach().clone() for p in model.parameters()]
+    row = run_one(model, (32, 32), "infer", settings)
+    # compiling must not turn the inference run into a training one
+    assert row["img_per_s"] > 0 and not model.training
+    assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))
+    row = run_one(model, (32, 32), "train", settings)
+    assert row["img_per_s"] > 0 and model.training
 
 
 def test_bench_errors_and_flags():

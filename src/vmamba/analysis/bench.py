@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._compile import check_compile_mode, compile_model
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("infer", "train")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclasses.dataclass
@@ -49,8 +50,7 @@ class BenchSettings:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"unknown compile mode {self.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+        check_compile_mode(self.compile_mode)
         bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise ValueError(f"unknown bench mode(s) {bad}; choose from {', '.join(MODES)}")
@@ -116,8 +116,7 @@ def run_one(model: nn.Module, size: tuple[int, int], mode: str, settings: BenchS
         x = x.contiguous(memory_format=torch.channels_last)
     runner: nn.Module = model
     if settings.compile:
-        mode = None if settings.compile_mode == "default" else settings.compile_mode
-        runner = torch.compile(model, backend=settings.compile_backend, mode=mode)
+        runner = compile_model(model, settings.compile_mode, settings.compile_backend)
     if mode == "infer":
         model.eval()
 

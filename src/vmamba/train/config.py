@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from .._compile import check_compile_mode
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -233,10 +235,7 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError("learning rate must be positive")
     if c.amp not in ("auto", "bf16", "fp16", "none"):
         raise ValueError(f"amp must be auto, bf16, fp16 or none, got {c.amp!r}")
-    from ..analysis.bench import COMPILE_MODES
-
-    if c.compile_mode not in COMPILE_MODES:
-        raise ValueError(f"compile-mode must be one of {', '.join(COMPILE_MODES)}, got {c.compile_mode!r}")
+    check_compile_mode(c.compile_mode)
     if c.compile_mode != "default" and not c.compile:
         raise ValueError(f"compile-mode {c.compile_mode} needs --compile")
     if c.device not in ("auto", "cpu", "cuda"):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .._compile import compile_model
 from .checkpointing import (
     BEST,
     CHECKPOINT_VERSION,
@@ -381,7 +382,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
             log(f"resumed from {resume_path} at epoch {start_epoch} (step {global_step})")
     train_model: nn.Module = model
     if cfg.compile:
-        train_model = torch.compile(train_model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+        train_model = compile_model(train_model, cfg.compile_mode)
     if ds.distributed:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[ds.local_rank] if ds.device.type == "cuda" else None)
