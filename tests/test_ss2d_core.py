@@ -140,10 +140,10 @@ def test_states_saved_by_the_forward_replace_the_backward_first_pass(state, conf
         k.ss2d_scan_bwd(gy, *args, states=states[:1])
 
 
-@pytest.mark.parametrize("state", [1, 4])
-def test_flipped_adjoint_scan_agrees(state):
-    """The backward's adjoint scan as a forward scan of the time-flipped chunk (config FLIP) gives the
-    gradients of the reverse associative scan."""
+@pytest.mark.parametrize(("state", "lanes"), [(1, 0), (4, 0), (4, 1)])
+def test_flipped_adjoint_scan_agrees(state, lanes):
+    """The backward's adjoint scan as a forward scan of the time-flipped chunk (config FLIP, the
+    default) gives the gradients of the reverse associative scan, in both tile layouts."""
     from vmamba.ops.ss2d_core import _projections
     from vmamba.ops.triton import ss2d_core as k
 
@@ -153,8 +153,9 @@ def test_flipped_adjoint_scan_agrees(state):
     u, xp = _projections(x, wx)
     args = (u, xp, wdt, A, D, bias, 3, 5, 2)
     gy = torch.randn(4, 1, 15, 12, generator=g).to(DEVICE)
-    reverse_scan = k.ss2d_scan_bwd(gy, *args)
-    flipped = k.ss2d_scan_bwd(gy, *args, config={"FLIP": 1})
+    layout = {"LANES": 1, "BLOCK_D": 16, "BLOCK_T": 4, "num_warps": 1} if lanes else {"LANES": 0}
+    reverse_scan = k.ss2d_scan_bwd(gy, *args, config={**layout, "FLIP": 0})
+    flipped = k.ss2d_scan_bwd(gy, *args, config={**layout, "FLIP": 1})
     for a, b in zip(flipped, reverse_scan):
         assert _rel(a, b) < 1e-6
 
@@ -335,10 +336,15 @@ def test_saved_states_path_through_autograd(monkeypatch):
         assert _rel(a, b) < 1e-5
 
 
+# (channel, state)-per-lane tiles: the default layout at d_state 1-2, compared against LANES
+TILES = {"LANES": 0, "BLOCK_D": 8, "BLOCK_T": 16, "num_warps": 4}
+
+
 @pytest.mark.parametrize(("state", "block_t"), [(1, 8), (4, 2), (16, 2)])
 def test_lanes_forward_agrees(state, block_t):
     """The forward with one channel and all its states per lane (config LANES) gives the outputs and
-    saved states of the default forward, including chunks shorter than the saving interval."""
+    saved states of the (channel, state)-per-lane forward, including chunks shorter than the saving
+    interval."""
     from vmamba.ops.ss2d_core import _projections
     from vmamba.ops.triton import ss2d_core as k
 
@@ -347,7 +353,7 @@ def test_lanes_forward_agrees(state, block_t):
     wx, wdt, A, D, bias = (t.to(DEVICE) for t in _params(ScanMode.CROSS2D, 12, 3, state, seed=8))
     u, xp = _projections(x, wx)
     args = (u, xp, wdt, A, D, bias, 3, 7, 2)
-    want_y, want_states = k.ss2d_scan_fwd(*args, save_states=True)
+    want_y, want_states = k.ss2d_scan_fwd(*args, config={**TILES, "DELTA_GEMM": 0}, save_states=True)
     for delta_gemm in (0, 1):
         cfg = {"LANES": 1, "BLOCK_D": 16, "BLOCK_T": block_t, "num_warps": 1, "DELTA_GEMM": delta_gemm}
         y, states = k.ss2d_scan_fwd(*args, config=cfg, save_states=True)
@@ -358,8 +364,8 @@ def test_lanes_forward_agrees(state, block_t):
 @pytest.mark.parametrize(("state", "block_t"), [(1, 2), (4, 4), (16, 4)])
 def test_lanes_backward_agrees(state, block_t):
     """The backward with one channel and all its states per lane (config LANES), whose chunks are
-    shorter than the saved-state interval, gives the default backward's gradients: with the states a
-    forward saved, and recomputing them."""
+    shorter than the saved-state interval, gives the (channel, state)-per-lane backward's gradients:
+    with the states a forward saved, and recomputing them."""
     from vmamba.ops.ss2d_core import _projections
     from vmamba.ops.triton import ss2d_core as k
 
@@ -369,8 +375,8 @@ def test_lanes_backward_agrees(state, block_t):
     u, xp = _projections(x, wx)
     args = (u, xp, wdt, A, D, bias, 3, 7, 2)
     gy = torch.randn(4, 1, 21, 12, generator=g).to(DEVICE)
-    want = k.ss2d_scan_bwd(gy, *args)
-    _, states = k.ss2d_scan_fwd(*args, save_states=True)
+    want = k.ss2d_scan_bwd(gy, *args, config=TILES)
+    _, states = k.ss2d_scan_fwd(*args, config={**TILES, "DELTA_GEMM": 0}, save_states=True)
     cfg = {"LANES": 1, "BLOCK_D": 16, "BLOCK_T": block_t, "num_warps": 1}
     for saved in (None, states):
         got = k.ss2d_scan_bwd(gy, *args, config=cfg, states=saved)
