@@ -9,7 +9,9 @@ backward (no optimizer), as in gpu_models.py:
   * host_ms: host time to issue one step's work (perf_counter around the steps, before the final
     synchronize): when it is close to eager_ms the step is bound by the host, not the GPU;
   * graph_ms: the same step captured once as a CUDA graph and replayed: GPU time with no launch
-    overhead (autocast's weight-cast cache off, as graph capture requires).
+    overhead (autocast's weight-cast cache off, as graph capture requires);
+  * graphed_ms: the step of `vmamba train --cuda-graph`: the model's forward and backward replayed as
+    CUDA graphs (vmamba.train.engine.graph_for_training), the loss and autograd glue eager.
 With --host-profile, two eager steps of each model also run under cProfile and the functions with the
 most host time are printed (how the custom-op wrapper's cost was found; BENCHMARKS.md, session 4).
 With --compile-mode the model is wrapped in torch.compile with that mode first; eager_ms and host_ms
@@ -69,6 +71,21 @@ def graph_time(model, x, target, iters):
     return timed(graph.replay, 3, iters)
 
 
+def graphed_time(model, x, target, iters):
+    """Per-step time with the model graphed as `vmamba train --cuda-graph` does (replaces its forward)."""
+    from vmamba.train.engine import graph_for_training
+
+    graphed = graph_for_training(model, tuple(x.shape), torch.bfloat16, channels_last=True)
+    step = train_step_fn(graphed, x, target, cache=False)
+
+    def run():
+        step()
+        for p in model.parameters():
+            p.grad = None
+
+    return timed(run, 3, iters)
+
+
 def host_profile(step, rows: int = 25) -> str:
     """cProfile of two eager steps: the functions with the most own host time."""
     profiler = cProfile.Profile()
@@ -102,7 +119,11 @@ def bench(name, batch, iters, compile_mode="", profile_host=False):
             row["graph_ms"] = graph_time(model, x, target, iters)
         except Exception as exc:  # noqa: BLE001 - report, keep the other rows
             row["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    for key in ("eager_ms", "graph_ms"):
+        try:
+            row["graphed_ms"] = graphed_time(model, x, target, iters)
+        except Exception as exc:  # noqa: BLE001 - report, keep the other rows
+            row["graphed_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    for key in ("eager_ms", "graph_ms", "graphed_ms"):
         if key in row:
             row[key.replace("_ms", "_img_s")] = batch * 1000 / row[key]
     model.cpu()

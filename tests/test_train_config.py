@@ -166,3 +166,22 @@ def test_compile_mode_is_checked_and_reaches_torch_compile(tmp_path, monkeypatch
     finally:
         torch.set_num_threads(threads)
     assert rc == 0 and modes == ["max-autotune-no-cudagraphs"]
+
+
+def test_cuda_graph_flag_is_checked(tmp_path, capsys):
+    for clash, message in (({"compile": True}, "--compile"), ({"grad_checkpointing": True}, "--grad-checkpointing"),
+                           ({"device": "cpu"}, "--device cpu")):
+        with pytest.raises(ValueError, match=f"cuda-graph cannot be combined with {message}"):
+            build_config(flag_values={"cuda_graph": True, **clash})
+    assert build_config(flag_values=flags_to_values(parse("--cuda-graph"))).cuda_graph
+    if torch.cuda.is_available():
+        return
+    from vmamba.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["train", "--cuda-graph", "--epochs", "1", "--max-steps-per-epoch", "1", "--threads", "1",
+                   "--output", str(tmp_path / "o")])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc != 0 and "cuda-graph needs one CUDA process (found cpu)" in capsys.readouterr().err

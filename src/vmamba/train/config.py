@@ -77,6 +77,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     compile_mode: str = "default"  # with compile: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs
+    cuda_graph: bool = False  # replay the model's forward and backward as CUDA graphs (CUDA, one process)
     grad_checkpointing: bool = False
     device: str = "auto"  # auto, cpu, cuda
     threads: int | None = None  # CPU threads per process (torch.set_num_threads); None: torch's default
@@ -238,6 +239,11 @@ def _validate(c: TrainConfig) -> None:
     check_compile_mode(c.compile_mode)
     if c.compile_mode != "default" and not c.compile:
         raise ValueError(f"compile-mode {c.compile_mode} needs --compile")
+    if c.cuda_graph:
+        for clash, name in ((c.compile, "--compile"), (c.grad_checkpointing, "--grad-checkpointing"),
+                            (c.device == "cpu", "--device cpu")):
+            if clash:
+                raise ValueError(f"cuda-graph cannot be combined with {name}")
     if c.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {c.device!r}")
     if not 0 < c.crop_pct <= 1:
@@ -270,6 +276,8 @@ _HELP = {
     "compile_mode": "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs: no per-kernel host "
                     "cost, which bounds eager VMamba training on fast GPUs; fixed batch shapes), max-autotune or "
                     "max-autotune-no-cudagraphs",
+    "cuda_graph": "capture the model's forward and backward once as CUDA graphs and replay them every step: no "
+                  "per-kernel host cost (CUDA, one process; not with --compile or --grad-checkpointing)",
     "output": "output folder for checkpoints and logs (default runs/<data>-<model>-<time>)",
     "max_steps_per_epoch": "stop each epoch after this many optimiser steps",
 }

@@ -199,10 +199,26 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp_dty
             "loss": totals[2].item() / n, "count": int(totals[3].item())}
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def _autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
+    """Autocast to ``dtype`` (None: off); ``cache=False`` (CUDA graphs) recasts the weights every call."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
+
+
+def graph_for_training(model: nn.Module, batch_shape: tuple[int, ...], amp_dtype: torch.dtype | None,
+                       channels_last: bool, warmup_iters: int = 3) -> nn.Module:
+    """``model`` with its training forward and backward captured as CUDA graphs and replayed on every call
+    (``torch.cuda.make_graphed_callables``): no per-kernel host cost. Calls must use inputs of
+    ``batch_shape`` under autocast to ``amp_dtype`` with the cache off; in eval mode the model runs eagerly.
+    The warm-up runs before capture draw from the CUDA RNG and leave the weights and ``.grad`` untouched.
+    """
+    sample = torch.randn(batch_shape, device="cuda")
+    if channels_last:
+        sample = sample.contiguous(memory_format=torch.channels_last)
+    model.train()
+    with _autocast(sample.device, amp_dtype, cache=False):
+        return torch.cuda.make_graphed_callables(model, (sample,), num_warmup_iters=warmup_iters)
 
 
 def cpu_bf16_tiny_map_warning(device: torch.device, amp_dtype: torch.dtype | None, img_size: int) -> str | None:
@@ -381,6 +397,12 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
         if main:
             log(f"resumed from {resume_path} at epoch {start_epoch} (step {global_step})")
     train_model: nn.Module = model
+    if cfg.cuda_graph:
+        if ds.device.type != "cuda" or ds.distributed:
+            raise ValueError("cuda-graph needs one CUDA process (found "
+                             f"{'several processes' if ds.distributed else ds.device.type})")
+        train_model = graph_for_training(model, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), amp_dtype,
+                                         cfg.channels_last)
     if cfg.compile:
         train_model = compile_model(train_model, cfg.compile_mode)
     if ds.distributed:
@@ -464,7 +486,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
             last_micro = (micro + 1) % cfg.accum_steps == 0
             sync = contextlib.nullcontext() if (last_micro or not ds.distributed) else train_model.no_sync()
             with sync:
-                with _autocast(ds.device, amp_dtype):
+                with _autocast(ds.device, amp_dtype, cache=not cfg.cuda_graph):
                     output = train_model(images)
                 loss = criterion(output.float(), targets)
                 value = loss.detach()
@@ -472,12 +494,13 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
                 if ds.distributed:  # every rank must see a NaN on any rank, or the others would hang
                     check = value.clone()
                     dist.all_reduce(check)
+                scaler.scale(loss / cfg.accum_steps).backward()
+                # checked once the backward is queued, so the GPU stays busy while the host waits
                 if not torch.isfinite(check):
                     last = out_dir / LAST
                     keep = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
                     raise TrainingDiverged(f"loss became {check.item()} at step {global_step + 1} "
                                            f"(epoch {epoch + 1}); training stopped, {keep}")
-                scaler.scale(loss / cfg.accum_steps).backward()
             micro += 1
             loss_sum += value
             loss_count += 1
