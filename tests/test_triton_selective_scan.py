@@ -152,3 +152,10 @@ def test_flipped_adjoint_scan_variant(state):
     # the backward's adjoint as a forward scan of the time-flipped chunk (config FLIP)
     _check(batch=1, groups=2, per_group=3, state=state, length=21, dtype=torch.float32, seed=13 + state,
            config={"FLIP": 1})
+
+
+@pytest.mark.parametrize(("state", "block_t", "prefetch"), [(1, 4, 0), (4, 2, 1), (16, 4, 1)])
+def test_lanes_forward_variant(state, block_t, prefetch):
+    # one channel and all its states per lane (config LANES): tiles (T, N, D), y summed in-thread
+    _check(batch=2, groups=2, per_group=5, state=state, length=23, dtype=torch.float32, seed=20 + state,
+           config={"LANES": 1, "BLOCK_D": 4, "BLOCK_T": block_t, "num_warps": 1, "PREFETCH": prefetch})

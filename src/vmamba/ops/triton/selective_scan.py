@@ -182,7 +182,10 @@ def _ss_fwd_kernel(
     sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias, sy_b, sy_d,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
+    LANES: tl.constexpr,
 ):
+    """Tiles (T, D, N); with LANES (T, N, D): one lane owns one channel and all its states, so the sum
+    over the states for y stays in the thread and Δ is computed once per channel."""
     pid_d = tl.program_id(0)
     k = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -193,8 +196,14 @@ def _ss_fwd_kernel(
     mask_n = offs_n < N
     offs_t = tl.arange(0, BLOCK_T)
 
-    A2 = tl.load(A_ptr + d[:, None] * sA_d + offs_n[None, :] * sA_n,
-                 mask=mask_d[:, None] & mask_n[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+    if LANES:
+        A2 = tl.load(A_ptr + d[None, :] * sA_d + offs_n[:, None] * sA_n,
+                     mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+        h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    else:
+        A2 = tl.load(A_ptr + d[:, None] * sA_d + offs_n[None, :] * sA_n,
+                     mask=mask_d[:, None] & mask_n[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d * sbias, mask=mask_d, other=0.0).to(tl.float32)
@@ -210,7 +219,6 @@ def _ss_fwd_kernel(
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
 
-    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     if PREFETCH:
         u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, offs_t, L, mask_d, mask_n,
                                                su_l, sdt_l, sB_l, sC_l)
@@ -232,10 +240,10 @@ def _ss_fwd_kernel(
         if SOFTPLUS:
             dt = _softplus(raw, FAST)
         dt = tl.where(m2, dt, 0.0)
-        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
-        x = (dt * u)[:, :, None] * Bt[:, None, :]
+        a = tl.exp2(_per_channel(dt, LANES) * A2[None, :, :])
+        x = _per_channel(dt * u, LANES) * _per_state(Bt, LANES)
         hs, h = _scan_chunk(a, x, h, first, last, False, False)
-        y = tl.sum(hs * Ct[:, None, :], axis=2)
+        y = tl.sum(hs * _per_state(Ct, LANES), axis=2 - LANES)
         if HAS_D:
             y += dskip[None, :] * u
         tl.store(y_base + t[:, None], y, mask=m2)
@@ -449,7 +457,7 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         Dt.stride(0), bt.stride(0), y.stride(0), y.stride(1),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
-        PREFETCH=bool(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"],
+        PREFETCH=bool(cfg.get("PREFETCH", 0)), LANES=bool(cfg.get("LANES", 0)), num_warps=cfg["num_warps"],
     )
     return y
 
