@@ -30,9 +30,9 @@ TIMM = ["swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224", "swin_b
 
 
 def build(name):
-    if name.startswith("vmamba"):
-        import vmamba
+    import vmamba
 
+    if name in vmamba.list_models():
         return vmamba.create_model(name)
     import timm
 
