@@ -129,7 +129,9 @@ def test_states_saved_by_the_forward_replace_the_backward_first_pass(state, conf
     args = (u, xp, wdt, A, D, bias, height, width, 2)
     y, none = k.ss2d_scan_fwd(*args, config=config)
     y_saving, states = k.ss2d_scan_fwd(*args, config=config, save_states=True)
-    assert none.numel() == 0 and torch.equal(y, y_saving)
+    # identical arithmetic, but two compiled variants may contract multiply-adds differently (the
+    # LANES forward at d_state 4 differs in the last bits on an H200): rounding-level agreement
+    assert none.numel() == 0 and _rel(y_saving, y) < 1e-6
     assert tuple(states.shape) == k.saved_states_shape(2, 4, channels, height * width, state)
     gy = torch.randn(4, 2, height * width, channels, generator=g).to(DEVICE)
     recomputed = k.ss2d_scan_bwd(gy, *args)

@@ -126,7 +126,11 @@ def test_default_config_shapes():
                     cfg = default_config(cg, state, backward, length)
                     assert cfg["BLOCK_N"] >= state and cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1) == 0
                     assert cfg["BLOCK_D"] >= 1 and cfg["num_warps"] in (1, 2, 4, 8)
-                    assert cfg["BLOCK_D"] * cfg["BLOCK_N"] <= 256
+                    if cfg.get("LANES"):  # a lane per channel: its states (at most 16) per thread
+                        assert not backward and cfg["BLOCK_N"] <= 16
+                        assert cfg["BLOCK_D"] <= 32 * cfg["num_warps"]
+                    else:
+                        assert cfg["BLOCK_D"] * cfg["BLOCK_N"] <= 256
 
 
 def test_state_64_and_empty():

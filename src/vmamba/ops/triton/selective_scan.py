@@ -372,11 +372,13 @@ def _next_pow2(x: int) -> int:
 
 def default_config(channels_per_group: int, state: int, backward: bool = False, length: int | None = None,
                    elem_size: int = 4) -> dict:
-    """Block sizes: one thread per (channel, state) pair, BLOCK_T steps per thread in registers.
+    """Block sizes: a thread per (channel, state) pair, or with LANES per channel; BLOCK_T steps in registers.
 
     Picked from H200 sweeps (benchmarks/gpu_scan.py, BENCHMARKS.md): forward with one warp of 32
-    channels for d_state 1-2 and 256 threads for d_state 4-16, software-pipelined loads (PREFETCH)
-    for long sequences (and for d_state >= 4); backward with 32 threads for d_state 1-2, else 128.
+    channels for d_state 1-2, software-pipelined loads (PREFETCH) for long sequences; for d_state 3-16
+    LANES tiles (one channel and all its states per lane; one warp, 8-step chunks, PREFETCH: 2.5x the
+    (channel, state)-per-lane forward at vanilla-T stage 1, 1.9x at stage 3, session 6), 128 threads
+    above; backward with 32 threads for d_state 1-2, else 128.
     BLOCK_D divides the group's channels where a power of two does, so no lane idles.
     """
     block_n = _next_pow2(state)
@@ -399,8 +401,8 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     elif block_n <= 2:
         prefetch = int(long_seq)
         block_t = 8 if prefetch and elem_size >= 4 else 16
-    elif block_n <= 16:
-        block_t, prefetch = 16, 1
+    elif block_n <= 16:  # one channel and all its states per lane (LANES)
+        return {"BLOCK_D": 32, "BLOCK_N": block_n, "BLOCK_T": 8, "num_warps": 1, "PREFETCH": 1, "LANES": 1}
     else:
         block_t = 8
     return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps,
