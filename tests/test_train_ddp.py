@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -63,3 +64,22 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     a = load_file(str(tmp_path / "full" / "model.safetensors"))
     b = load_file(str(tmp_path / "accum" / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+@pytest.mark.skipif(os.environ.get("VMAMBA_TEST_CUDA", "0") != "1" or torch.cuda.device_count() < 2,
+                    reason="needs VMAMBA_TEST_CUDA=1 and two CUDA devices")
+def test_two_gpu_nccl_matches_one_gpu(tmp_path):
+    """DDP over NCCL on two GPUs (float32, deterministic cuDNN) trains the weights of one GPU with the
+    same global batch."""
+    gpu_args = [*ARGS, "--device", "cuda", "--amp", "none", "--deterministic"]
+    single = subprocess.run([sys.executable, "-m", "vmamba", "train", "--output", str(tmp_path / "one"),
+                             "--batch-size", "32", *gpu_args], env=_env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "vmamba", "train", "--output", str(tmp_path / "two"), "--batch-size", "16", *gpu_args],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    assert "2 process(es) on cuda" in ddp.stdout and "global batch 32" in ddp.stdout
+    a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("one", "two"))
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-3, worst
