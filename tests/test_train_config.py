@@ -185,3 +185,8 @@ def test_cuda_graph_flag_is_checked(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     assert rc != 0 and "cuda-graph needs one CUDA process (found cpu)" in capsys.readouterr().err
+
+
+def test_none_is_a_value_for_options_that_cannot_be_empty():
+    assert build_config(flag_values=flags_to_values(parse("--amp", "none"))).amp == "none"
+    assert build_config(flag_values=flags_to_values(parse("--aa", "none"))).aa is None

@@ -302,8 +302,8 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
             group.add_argument(flag, nargs="+", type=float, metavar="X", **common)
         elif base in (int, float):
             group.add_argument(flag, type=_none_or(base), **common)
-        else:
-            group.add_argument(flag, type=_none_or(str), **common)
+        else:  # "none" means None only where the option may be empty (--amp none is a value)
+            group.add_argument(flag, type=_none_or(str) if type(None) in args else str, **common)
     group.add_argument("--model-arg", dest="model_arg", action="append", default=[], metavar="KEY=VALUE",
                        help="architecture override passed to create_model, e.g. dims=32 or depths=[1,1,2,1]")
 
