@@ -163,3 +163,16 @@ def test_lanes_forward_variant(state, block_t, prefetch):
     # one channel and all its states per lane (config LANES): tiles (T, N, D), y summed in-thread
     _check(batch=2, groups=2, per_group=5, state=state, length=23, dtype=torch.float32, seed=20 + state,
            config={"LANES": 1, "BLOCK_D": 4, "BLOCK_T": block_t, "num_warps": 1, "PREFETCH": prefetch})
+
+
+@pytest.mark.parametrize(("state", "block_t", "flip", "block_d"),
+                         [(1, 4, 1, 4), (4, 2, 0, 4), (16, 2, 1, 4), (16, 4, 1, 4), (16, 2, 1, 32)])
+def test_lanes_backward_variant(state, block_t, flip, block_d):
+    # LANES backward: chunks of block_t positions inside 16-position saved-state intervals, their entry
+    # states recomputed into a scratch; 37 positions: partial last chunk and interval
+    _check(batch=2, groups=2, per_group=5, state=state, length=37, dtype=torch.float32, seed=30 + state,
+           config={"LANES": 1, "BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": 1, "PREFETCH": 1, "FLIP": flip})
+    with pytest.raises(ValueError, match="must divide"):
+        ins = _inputs(1, 1, 2, state, 9, torch.float32, seed=1)
+        selective_scan_bwd(torch.zeros(1, 2, 9, device=DEVICE), *ins, True,
+                           config={"LANES": 1, "BLOCK_D": 4, "BLOCK_T": 32, "num_warps": 1})

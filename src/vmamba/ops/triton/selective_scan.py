@@ -41,6 +41,8 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 # Largest dB/dC per-block workspace (bytes) before the backward falls back to atomics (non-deterministic
 # mode only); VMAMBA_SCAN_WORKSPACE_GIB overrides.
+# Positions between the states a LANES backward keeps (its chunks of 2-4 positions fit inside).
+LANES_SAVE_INTERVAL = 16
 WORKSPACE_LIMIT_BYTES = int(float(os.environ.get("VMAMBA_SCAN_WORKSPACE_GIB", "8")) * 2**30)
 
 __all__ = ["selective_scan_fwd", "selective_scan_bwd", "default_config"]
@@ -250,16 +252,91 @@ def _ss_fwd_kernel(
 
 
 @triton.jit
+def _state_grid(d, offs_n, mask_d, mask_n, LANES: tl.constexpr):
+    """(channel row, state, mask) index tiles of a (channel, state) state: (D, N), or (N, D) with LANES."""
+    if LANES:
+        rows = d[None, :]
+        states = offs_n[:, None]
+        mask = mask_n[:, None] & mask_d[None, :]
+    else:
+        rows = d[:, None]
+        states = offs_n[None, :]
+        mask = mask_d[:, None] & mask_n[None, :]
+    return rows, states, mask
+
+
+@triton.jit
+def _ss_state_after(h, t, L, u_base, dt_base, B_base, mask_d, mask_n, su_l, sdt_l, sB_l, bias, A2, first, last,
+                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, LANES: tl.constexpr):
+    """The state after the chunk of positions t entered with state h (the backward's recomputation)."""
+    mask_t = t < L
+    m2 = mask_t[:, None] & mask_d[None, :]
+    mtn = mask_t[:, None] & mask_n[None, :]
+    u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
+    _, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS, FAST)
+    Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
+    a = tl.exp2(_per_channel(dt, LANES) * A2[None, :, :])
+    x = _per_channel(dt * u, LANES) * _per_state(Bt, LANES)
+    _, h = _scan_chunk(a, x, h, first, last, False, False)
+    return h
+
+
+@triton.jit
+def _ss_bwd_chunk(t, h0, g, L, u_base, dt_base, gy_base, du_base, ddt_base, B_base, C_base, dB_base, dC_base,
+                  mask_d, mask_n, su_l, sdt_l, sg_l, sB_l, sC_l, A, A2, bias, dskip, first, last, HAS_D: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr, FAST: tl.constexpr,
+                  FLIP: tl.constexpr, LANES: tl.constexpr):
+    """One chunk of the backward (positions t, entry state h0, adjoint carry g from the chunk after it):
+    stores du, ddelta and the dB/dC partials; returns (g for the chunk before, dA, dD, dbias partials)."""
+    mask_t = t < L
+    m2 = mask_t[:, None] & mask_d[None, :]
+    mtn = mask_t[:, None] & mask_n[None, :]
+    tn = t + 1
+    m2n = (tn < L)[:, None] & mask_d[None, :]
+    u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
+    gy = tl.load(gy_base + t[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
+    raw, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS, FAST)
+    _, dtn = _load_delta(dt_base + tn[:, None] * sdt_l, m2n, bias, HAS_BIAS, SOFTPLUS, FAST)
+    Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
+    Ct = tl.load(C_base + t[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
+
+    a = tl.exp2(_per_channel(dt, LANES) * A2[None, :, :])
+    dtu = dt * u
+    x = _per_channel(dtu, LANES) * _per_state(Bt, LANES)
+    hs, _ = _scan_chunk(a, x, h0, first, last, False, False)
+    an = tl.where(_per_channel(m2n, LANES), tl.exp2(_per_channel(dtn, LANES) * A2[None, :, :]), 0.0)
+    cg = _per_state(Ct, LANES) * _per_channel(gy, LANES)
+    gs, g = _scan_chunk(an, cg, g, first, last, True, FLIP)  # the adjoint runs down the positions
+
+    dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2,
+                                                     HAS_D, SOFTPLUS, LANES)
+    tl.store(du_base + t[:, None], du, mask=m2)
+    tl.store(ddt_base + t[:, None], ddt, mask=m2)
+    if ATOMIC:
+        tl.atomic_add(dB_base + t[:, None], dBp, mask=mtn)
+        tl.atomic_add(dC_base + t[:, None], dCp, mask=mtn)
+    else:
+        tl.store(dB_base + t[:, None], dBp, mask=mtn)
+        tl.store(dC_base + t[:, None], dCp, mask=mtn)
+    return g, dA_p, dD_p, tl.sum(ddt, axis=0)
+
+
+@triton.jit
 def _ss_bwd_kernel(
-    gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, hws_ptr,
+    gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, hws_ptr, scr_ptr,
     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-    L, N, CG, n_chunks, KC,
+    L, N, CG, n_saved, KC,
     sg_b, sg_d, sg_l, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
     sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias,
     sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr,
-    FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, FLIP: tl.constexpr,
+    FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SAVE_T: tl.constexpr,
+    FLIP: tl.constexpr, LANES: tl.constexpr,
 ):
+    """Pass 1 walks L forwards storing the state entering every SAVE_T positions; pass 2 walks chunks of
+    BLOCK_T positions in reverse. SAVE_T = BLOCK_T unless LANES (tiles (T, N, D): one lane per channel
+    and all its states), whose short chunks fit in registers: a forward pass from each interval's saved
+    state then first writes every chunk's entry state to this program's scratch (in L2)."""
     pid_d = tl.program_id(0)
     k = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -268,10 +345,11 @@ def _ss_bwd_kernel(
     d = (k * CG + offs_c).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    mdn = mask_d[:, None] & mask_n[None, :]
     offs_t = tl.arange(0, BLOCK_T)
+    SUB: tl.constexpr = SAVE_T // BLOCK_T
 
-    A = tl.load(A_ptr + d[:, None] * sA_d + offs_n[None, :] * sA_n, mask=mdn, other=0.0).to(tl.float32)
+    rows, states, state_mask = _state_grid(d, offs_n, mask_d, mask_n, LANES)
+    A = tl.load(A_ptr + rows * sA_d + states * sA_n, mask=state_mask, other=0.0).to(tl.float32)
     A2 = A * 1.4426950408889634
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
@@ -289,77 +367,62 @@ def _ss_bwd_kernel(
     C_base = C_ptr + b * sC_b + k * sC_k + offs_n[None, :] * sC_n
     dB_base = dB_ptr + b * sdB_b + k * sdB_k + pid_d * sdB_blk + offs_n[None, :] * sdB_n
     dC_base = dC_ptr + b * sdB_b + k * sdB_k + pid_d * sdB_blk + offs_n[None, :] * sdB_n
-    # chunk-entry states: (batch, KC, n_chunks, BLOCK_N), contiguous
-    hws_base = hws_ptr + (b * KC + d[:, None]) * (n_chunks * BLOCK_N) + offs_n[None, :]
+    # interval-entry states: (batch, KC, n_saved, BLOCK_N), contiguous
+    hws_base = hws_ptr + (b * KC + rows) * (n_saved * BLOCK_N) + states
+    program = (b * tl.num_programs(1) + k) * tl.num_programs(0) + pid_d
+    tile = BLOCK_N * BLOCK_D
+    channel = rows - (k * CG + pid_d * BLOCK_D)  # within the block
+    if LANES:
+        scr_base = scr_ptr + program * (SUB * tile) + states * BLOCK_D + channel
+    else:
+        scr_base = scr_ptr + program * (SUB * tile) + channel * BLOCK_N + states
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
 
-    # Pass 1: forwards along L, storing the state entering each chunk.
-    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    for c in range(0, n_chunks):
-        tl.store(hws_base + c * BLOCK_N, h, mask=mdn)
-        t = c * BLOCK_T + offs_t
-        mask_t = t < L
-        m2 = mask_t[:, None] & mask_d[None, :]
-        mtn = mask_t[:, None] & mask_n[None, :]
-        u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
-        _, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS, FAST)
-        Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
-        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
-        x = (dt * u)[:, :, None] * Bt[:, None, :]
-        _, h = _scan_chunk(a, x, h, first, last, False, False)
+    # Pass 1: forwards along L, storing the state entering each interval.
+    h = tl.zeros(state_mask.shape, tl.float32)
+    for c in range(0, n_saved):
+        tl.store(hws_base + c * BLOCK_N, h, mask=state_mask)
+        for j in range(0, SUB):
+            h = _ss_state_after(h, (c * SUB + j) * BLOCK_T + offs_t, L, u_base, dt_base, B_base, mask_d, mask_n,
+                                su_l, sdt_l, sB_l, bias, A2, first, last, HAS_BIAS, SOFTPLUS, FAST, LANES)
     tl.debug_barrier()
 
     # Pass 2: chunks in reverse; adjoint state g_t = C_t gy_t + a_{t+1} g_{t+1} carried in registers.
-    g = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    g = tl.zeros(state_mask.shape, tl.float32)
+    dA_acc = tl.zeros(state_mask.shape, tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
-    for i in range(0, n_chunks):
-        c = n_chunks - 1 - i
-        t = c * BLOCK_T + offs_t
-        mask_t = t < L
-        m2 = mask_t[:, None] & mask_d[None, :]
-        mtn = mask_t[:, None] & mask_n[None, :]
-        tn = t + 1
-        m2n = (tn < L)[:, None] & mask_d[None, :]
-        u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
-        gy = tl.load(gy_base + t[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
-        raw, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS, FAST)
-        _, dtn = _load_delta(dt_base + tn[:, None] * sdt_l, m2n, bias, HAS_BIAS, SOFTPLUS, FAST)
-        Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_base + t[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
-        h0 = tl.load(hws_base + c * BLOCK_N, mask=mdn, other=0.0)
-
-        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
-        dtu = dt * u
-        x = dtu[:, :, None] * Bt[:, None, :]
-        hs, _ = _scan_chunk(a, x, h0, first, last, False, False)
-
-        an = tl.where(m2n[:, :, None], tl.exp2(dtn[:, :, None] * A2[None, :, :]), 0.0)
-        cg = Ct[:, None, :] * gy[:, :, None]
-        # the adjoint runs down the positions
-        gs, g = _scan_chunk(an, cg, g, first, last, True, FLIP)
-
-        dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2,
-                                                         HAS_D, SOFTPLUS, False)
-        dA_acc += dA_p
-        if HAS_D:
-            dD_acc += dD_p
-        if HAS_BIAS:
-            dbias_acc += tl.sum(ddt, axis=0)
-        tl.store(du_base + t[:, None], du, mask=m2)
-        tl.store(ddt_base + t[:, None], ddt, mask=m2)
-
-        if ATOMIC:
-            tl.atomic_add(dB_base + t[:, None], dBp, mask=mtn)
-            tl.atomic_add(dC_base + t[:, None], dCp, mask=mtn)
-        else:
-            tl.store(dB_base + t[:, None], dBp, mask=mtn)
-            tl.store(dC_base + t[:, None], dCp, mask=mtn)
+    for i in range(0, n_saved):
+        c = n_saved - 1 - i
+        h = tl.load(hws_base + c * BLOCK_N, mask=state_mask, other=0.0)
+        if SUB > 1:
+            tl.store(scr_base, h)
+            for j in range(0, SUB - 1):  # entry states of the interval's later chunks
+                h = _ss_state_after(h, (c * SUB + j) * BLOCK_T + offs_t, L, u_base, dt_base, B_base, mask_d,
+                                    mask_n, su_l, sdt_l, sB_l, bias, A2, first, last, HAS_BIAS, SOFTPLUS, FAST,
+                                    LANES)
+                tl.store(scr_base + (j + 1) * tile, h)
+            tl.debug_barrier()  # the scratch is read by other threads than wrote it
+        for jj in range(0, SUB):
+            j = SUB - 1 - jj
+            if SUB > 1:
+                h = tl.load(scr_base + j * tile)
+            g, dA_p, dD_p, dbias_p = _ss_bwd_chunk((c * SUB + j) * BLOCK_T + offs_t, h, g, L, u_base, dt_base,
+                                                   gy_base, du_base, ddt_base, B_base, C_base, dB_base, dC_base,
+                                                   mask_d, mask_n, su_l, sdt_l, sg_l, sB_l, sC_l, A, A2, bias,
+                                                   dskip, first, last, HAS_D, HAS_BIAS, SOFTPLUS, ATOMIC, FAST,
+                                                   FLIP, LANES)
+            dA_acc += dA_p
+            if HAS_D:
+                dD_acc += dD_p
+            if HAS_BIAS:
+                dbias_acc += dbias_p
+        if SUB > 1:
+            tl.debug_barrier()  # before the next interval overwrites the scratch
 
     # per-batch partials, reduced over the batch on the host side
-    tl.store(dA_ptr + (b * KC + d[:, None]) * N + offs_n[None, :], dA_acc, mask=mdn)
+    tl.store(dA_ptr + (b * KC + rows) * N + states, dA_acc, mask=state_mask)
     if HAS_D:
         tl.store(dD_ptr + b * KC + d, dD_acc, mask=mask_d)
     if HAS_BIAS:
@@ -480,8 +543,13 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
     if deterministic is None:
         deterministic = (os.environ.get("VMAMBA_DETERMINISTIC", "0") not in ("", "0")
                          or torch.are_deterministic_algorithms_enabled())
+    lanes = bool(cfg.get("LANES", 0))
+    # states are kept every `interval` positions; LANES chunks are shorter and fit inside an interval
+    interval = LANES_SAVE_INTERVAL if lanes else cfg["BLOCK_T"]
+    if interval % cfg["BLOCK_T"]:
+        raise ValueError(f"LANES: BLOCK_T must divide the saved-state interval {interval}, got {cfg['BLOCK_T']}")
     n_blk = triton.cdiv(cg, cfg["BLOCK_D"])
-    n_chunks = triton.cdiv(length, cfg["BLOCK_T"])
+    n_saved = triton.cdiv(length, interval)
     du = torch.empty(batch, channels, length, device=dev, dtype=f32)
     ddelta = torch.empty(batch, channels, length, device=dev, dtype=f32)
     dA_part = torch.empty(batch, channels, state, device=dev, dtype=f32)
@@ -505,22 +573,25 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
                 zeros(C.shape, device=dev),
                 None if D is None else zeros(D.shape, device=dev),
                 None if delta_bias is None else zeros(delta_bias.shape, device=dev))
-    hws = torch.empty(batch, channels, n_chunks, cfg["BLOCK_N"], device=dev, dtype=f32)
+    hws = torch.empty(batch, channels, n_saved, cfg["BLOCK_N"], device=dev, dtype=f32)
+    grid = (n_blk, groups, batch)
+    sub = interval // cfg["BLOCK_T"]
+    scratch = (torch.empty(n_blk * groups * batch, sub, cfg["BLOCK_N"], cfg["BLOCK_D"], device=dev, dtype=f32)
+               if sub > 1 else hws)
     dummy = du
     Dt = D if D is not None else dummy
     bt = delta_bias if delta_bias is not None else dummy
-    grid = (n_blk, groups, batch)
     _ss_bwd_kernel[grid](
-        grad_out, u, delta, A, B, C, Dt, bt, hws,
+        grad_out, u, delta, A, B, C, Dt, bt, hws, scratch,
         du, ddelta, dA_part, dB_ws, dC_ws,
         dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
-        length, state, cg, n_chunks, channels,
+        length, state, cg, n_saved, channels,
         *grad_out.stride(), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
         Dt.stride(0), bt.stride(0),
         du.stride(0), du.stride(1), dB_ws.stride(0), dB_ws.stride(1), blk_stride, dB_ws.stride(-2),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
-        FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
-        FLIP=bool(cfg.get("FLIP", 0)), num_warps=cfg["num_warps"],
+        FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SAVE_T=interval,
+        FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, num_warps=cfg["num_warps"],
     )
     if atomic:
         dB, dC = dB_ws, dC_ws
