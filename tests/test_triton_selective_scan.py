@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 from vmamba.ops.selective_scan_ref import selective_scan_reference  # noqa: E402
 from vmamba.ops.triton.selective_scan import (  # noqa: E402
+    LANES_SAVE_INTERVAL,
     default_config,
     selective_scan_bwd,
     selective_scan_fwd,
@@ -127,8 +128,8 @@ def test_default_config_shapes():
                     assert cfg["BLOCK_N"] >= state and cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1) == 0
                     assert cfg["BLOCK_D"] >= 1 and cfg["num_warps"] in (1, 2, 4, 8)
                     if cfg.get("LANES"):  # a lane per channel: its states (at most 16) per thread
-                        assert not backward and cfg["BLOCK_N"] <= 16
-                        assert cfg["BLOCK_D"] <= 32 * cfg["num_warps"]
+                        assert 4 <= cfg["BLOCK_N"] <= 16 and cfg["BLOCK_D"] <= 32 * cfg["num_warps"]
+                        assert not backward or LANES_SAVE_INTERVAL % cfg["BLOCK_T"] == 0
                     else:
                         assert cfg["BLOCK_D"] * cfg["BLOCK_N"] <= 256
 

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .selective_scan import (
+    LANES_SAVE_INTERVAL,
     _chunk_gradients,
     _config,
     _per_channel,
@@ -411,7 +412,9 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
 
 def saved_state_chunk(state: int) -> int:
     """Steps between the states the forward saves for the backward: the backward's chunk length."""
-    return 4 if state <= 2 else default_config(1, state, True)["BLOCK_T"]
+    if state <= 2:
+        return 4
+    return LANES_SAVE_INTERVAL if state <= 16 else default_config(1, state, True)["BLOCK_T"]
 
 
 def saved_states_shape(batch: int, routes: int, channels: int, length: int, state: int) -> tuple[int, ...]:
