@@ -45,3 +45,20 @@ def test_cuda_graph_training_matches_eager(tmp_path):
     assert len(metrics[0]) == len(metrics[1]) == 2
     for a, b in zip(*metrics):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-2
+
+
+def test_replays_draw_fresh_drop_path_masks():
+    """Graph-safe RNG: each replay of the captured forward draws new stochastic-depth masks."""
+    import vmamba
+    from vmamba.train.engine import graph_for_training
+
+    model = vmamba.create_model("vmamba_tiny_s1l8", dims=16, depths=[1, 1, 2, 1], num_classes=10,
+                                drop_path_rate=0.5).cuda()
+    graphed = graph_for_training(model, (4, 3, 32, 32), torch.bfloat16, channels_last=False)
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        first, second = graphed(x).float(), graphed(x).float()
+    assert not torch.equal(first, second)
+    graphed.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.equal(graphed(x), graphed(x))  # eval: eager, no drop-path
