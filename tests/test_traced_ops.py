@@ -70,3 +70,39 @@ def test_triton_op_bodies_trace_into_kernels():
     assert result["opaque"] == 0  # every op decomposed
     assert result["kernels"] == 4  # core forward, LayerNorm forward and backward, core backward
     assert result["traced"] == result["expected"]
+
+
+GPU_SCRIPT = r'''
+import json
+import torch
+import vmamba
+from vmamba.ops import _eager
+
+torch.manual_seed(0)
+model = vmamba.create_model("vmamba_tiny_s1l8", dims=16, depths=[1, 1, 2, 1], num_classes=10).cuda()
+model = model.to(memory_format=torch.channels_last)
+x = torch.randn(2, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+
+def run(fn):
+    model.zero_grad(set_to_none=True)
+    out = fn(x)
+    out.square().sum().backward()
+    return out.detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+eager_out, eager_grads = run(model)
+compiled_out, compiled_grads = run(torch.compile(model, fullgraph=True))
+rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+print(json.dumps({"triton_op": _eager.inductor_launches_kernels(), "out": rel(compiled_out, eager_out),
+                  "grads": max(rel(a, b) for a, b in zip(compiled_grads, eager_grads))}))
+'''
+
+
+@pytest.mark.skipif(os.environ.get("VMAMBA_TEST_CUDA", "0") != "1" or not torch.cuda.is_available()
+                    or not hasattr(torch.library, "triton_op"), reason="needs VMAMBA_TEST_CUDA=1, a GPU, torch >= 2.6")
+def test_compiled_triton_ops_match_eager_on_gpu():
+    env = dict(os.environ, VMAMBA_TRITON_OP="1")
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", GPU_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["triton_op"] and result["out"] < 1e-4 and result["grads"] < 1e-4, result
