@@ -15,7 +15,11 @@ from chunk to chunk in registers. Every input is read once and the output writte
 Backward: the adjoint state g_t = C_t gy_t + a_{t+1} g_{t+1} runs the same recurrence in reverse.
 The kernel first walks L forwards storing the state at the start of each chunk (a small workspace,
 (batch, KC, n_chunks, N) float32), then walks the chunks in reverse, recomputing the chunk's states
-from its start state and scanning the adjoint backwards (``reverse=True``). With
+from its start state and scanning the adjoint backwards (``reverse=True``, or with FLIP as a forward
+scan of the time-flipped chunk). With LANES tiles ((T, N, D): one lane per channel and all its states;
+the default for d_state 3-16) the chunks are 2-4 positions long and the workspace holds the state
+every LANES_SAVE_INTERVAL positions; each interval's chunk-entry states are recomputed into a
+per-program scratch before its chunks are walked. With
 a_t h_{t-1} = h_t - x_t no shifted copy of h is needed; a_{t+1} is recomputed from delta at t+1. Then
 
     dA_n   = Σ_t g_t (h_t - x_t) Δ_t
