@@ -43,10 +43,10 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-# Largest dB/dC per-block workspace (bytes) before the backward falls back to atomics (non-deterministic
-# mode only); VMAMBA_SCAN_WORKSPACE_GIB overrides.
 # Positions between the states a LANES backward keeps (its chunks of 2-4 positions fit inside).
 LANES_SAVE_INTERVAL = 16
+# Largest dB/dC per-block workspace (bytes) before the backward falls back to atomics (non-deterministic
+# mode only); VMAMBA_SCAN_WORKSPACE_GIB overrides.
 WORKSPACE_LIMIT_BYTES = int(float(os.environ.get("VMAMBA_SCAN_WORKSPACE_GIB", "8")) * 2**30)
 
 __all__ = ["selective_scan_fwd", "selective_scan_bwd", "default_config"]
@@ -175,6 +175,20 @@ def _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2, HAS_D: tl
     return dA, dD, du, ddt, dB, dC
 
 
+@triton.jit
+def _state_grid(d, offs_n, mask_d, mask_n, LANES: tl.constexpr):
+    """(channel row, state, mask) index tiles of a (channel, state) state: (D, N), or (N, D) with LANES."""
+    if LANES:
+        rows = d[None, :]
+        states = offs_n[:, None]
+        mask = mask_n[:, None] & mask_d[None, :]
+    else:
+        rows = d[:, None]
+        states = offs_n[None, :]
+        mask = mask_d[:, None] & mask_n[None, :]
+    return rows, states, mask
+
+
 # All register tiles are laid out (T, D, N): time is the slowest axis, so with BLOCK_D * BLOCK_N at
 # least the number of threads, every thread holds all BLOCK_T steps of its (d, n) pairs and the
 # associative scan along axis 0 runs as a plain sequential loop in registers (no shuffles).
@@ -202,14 +216,9 @@ def _ss_fwd_kernel(
     mask_n = offs_n < N
     offs_t = tl.arange(0, BLOCK_T)
 
-    if LANES:
-        A2 = tl.load(A_ptr + d[None, :] * sA_d + offs_n[:, None] * sA_n,
-                     mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
-        h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    else:
-        A2 = tl.load(A_ptr + d[:, None] * sA_d + offs_n[None, :] * sA_n,
-                     mask=mask_d[:, None] & mask_n[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
-        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    rows, states, state_mask = _state_grid(d, offs_n, mask_d, mask_n, LANES)
+    A2 = tl.load(A_ptr + rows * sA_d + states * sA_n, mask=state_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    h = tl.zeros(state_mask.shape, tl.float32)
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d * sbias, mask=mask_d, other=0.0).to(tl.float32)
@@ -253,20 +262,6 @@ def _ss_fwd_kernel(
         if HAS_D:
             y += dskip[None, :] * u
         tl.store(y_base + t[:, None], y, mask=m2)
-
-
-@triton.jit
-def _state_grid(d, offs_n, mask_d, mask_n, LANES: tl.constexpr):
-    """(channel row, state, mask) index tiles of a (channel, state) state: (D, N), or (N, D) with LANES."""
-    if LANES:
-        rows = d[None, :]
-        states = offs_n[:, None]
-        mask = mask_n[:, None] & mask_d[None, :]
-    else:
-        rows = d[:, None]
-        states = offs_n[None, :]
-        mask = mask_d[:, None] & mask_n[None, :]
-    return rows, states, mask
 
 
 @triton.jit

@@ -44,6 +44,7 @@ from .selective_scan import (
     _per_state,
     _scan_chunk,
     _softplus,
+    _state_grid,
     default_config,
     fast_math,
 )
@@ -136,14 +137,13 @@ def _route_program(A_ptr, bias_ptr, D_ptr, CH, N: tl.constexpr, NSEQ: tl.constex
 
 
 @triton.jit
-def _state_tiles(A, kd, offs_n, mask_d, mask_n, mdn, LANES: tl.constexpr):
+def _state_tiles(A, kd, offs_n, mask_d, mask_n, LANES: tl.constexpr):
     """(A, row index, state index, mask) of the program's (channel, state) tiles: (D, N), or (N, D)
     with LANES. The row index is the channel's global row k*C + c of A and of the saved states."""
+    row_s, n_s, mask_s = _state_grid(kd, offs_n, mask_d, mask_n, LANES)
     if LANES:
-        A_s, row_s, n_s, mask_s = tl.trans(A), kd[None, :], offs_n[:, None], mask_n[:, None] & mask_d[None, :]
-    else:
-        A_s, row_s, n_s, mask_s = A, kd[:, None], offs_n[None, :], mdn
-    return A_s, row_s, n_s, mask_s
+        A = tl.trans(A)
+    return A, row_s, n_s, mask_s
 
 
 @triton.jit
@@ -173,7 +173,7 @@ def _core_fwd_kernel(
     # states entering every SAVE_T steps, for the backward (SAVE_T = 0: not saved)
     # (batch, chunk, K*C, N): a warp's channels are adjacent, so each chunk's store is coalesced
     chunk_stride = KC * BLOCK_N + b * 0  # int64 (b is), so chunk offsets cannot overflow
-    A_s, row_s, n_s, state_mask = _state_tiles(A, kd, offs_n, mask_d, mask_n, mdn, LANES)
+    A_s, row_s, n_s, state_mask = _state_tiles(A, kd, offs_n, mask_d, mask_n, LANES)
     A2 = A_s * 1.4426950408889634
     hws_base = hws_ptr + (b * n_saved * KC + row_s) * BLOCK_N + n_s
     h = tl.zeros(state_mask.shape, tl.float32)
@@ -283,7 +283,7 @@ def _core_bwd_kernel(
     """
     pid_d, k, b, rev, cols, offs_c, mask_d, kd, offs_n, mask_n, mdn, A, bias, dskip = _route_program(
         A_ptr, bias_ptr, D_ptr, CH, N, NSEQ, HAS_D, BLOCK_D, BLOCK_N)
-    A_s, row_s, n_s, state_mask = _state_tiles(A, kd, offs_n, mask_d, mask_n, mdn, LANES)
+    A_s, row_s, n_s, state_mask = _state_tiles(A, kd, offs_n, mask_d, mask_n, LANES)
     A2 = A_s * 1.4426950408889634
     offs_t = tl.arange(0, BLOCK_T)
     SUB: tl.constexpr = SAVE_T // BLOCK_T
