@@ -1,4 +1,5 @@
-"""Per-op GPU profile of a VMamba model: where a bf16 training step and a bf16 inference pass spend time.
+"""Per-op GPU profile of a VMamba model, or of a timm model by name: where a bf16 training step and a
+bf16 inference pass spend time.
 
     PYTHONPATH=src python benchmarks/gpu_profile.py [--model vmamba_tiny_s1l8] [--batch 128] [--out prof.txt]
         [--compile-mode default]
@@ -29,7 +30,13 @@ def main():
     import vmamba
 
     torch.backends.cudnn.benchmark = True
-    model = vmamba.create_model(args.model).cuda().to(memory_format=torch.channels_last)
+    if args.model in vmamba.list_models():
+        model = vmamba.create_model(args.model)
+    else:  # a timm peer (e.g. swin_small_patch4_window7_224) for a side-by-side split
+        import timm
+
+        model = timm.create_model(args.model)
+    model = model.cuda().to(memory_format=torch.channels_last)
     net = torch.compile(model, mode=args.compile_mode) if args.compile_mode else model
     x = torch.randn(args.batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (args.batch,), device="cuda")

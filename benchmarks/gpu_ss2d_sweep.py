@@ -39,7 +39,10 @@ BACKWARD = [
     dict(BLOCK_D=32, BLOCK_T=4, num_warps=1), dict(BLOCK_D=32, BLOCK_T=8, num_warps=1),
     dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=128), dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=96),
     dict(BLOCK_D=32, BLOCK_T=2, num_warps=1), dict(BLOCK_D=64, BLOCK_T=4, num_warps=2),
-    dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=128, FLIP=1), dict(BLOCK_D=32, BLOCK_T=8, num_warps=1, FLIP=1)]
+    dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=128, FLIP=1), dict(BLOCK_D=32, BLOCK_T=8, num_warps=1, FLIP=1),
+    # register caps below 128 (more warps per SM for the latency-bound backward; session 7)
+    *(dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=cap, FLIP=1) for cap in (104, 96, 80, 72, 64)),
+    dict(BLOCK_D=64, BLOCK_T=4, num_warps=2, maxnreg=96, FLIP=1)]
 
 
 def configs(state, full):
@@ -102,6 +105,10 @@ def sweep_stage(ss2d, batch, size, dtype, full=False):
     lanes = [cfg for cfg in candidates if cfg.get("LANES") and cfg["backward"]]
     out["bwd"]["lanes_with_saved_states_ms"] = [
         (timed(lambda cfg=cfg: k.ss2d_scan_bwd(gy, *args, config=cfg, states=states)), cfg) for cfg in lanes]
+    if ss2d.d_state <= 2:  # the training path: every backward candidate with the forward's saved states
+        saved = [(timed(lambda cfg=cfg: k.ss2d_scan_bwd(gy, *args, config=cfg, states=states)), cfg)
+                 for cfg in candidates if cfg["backward"] and cfg["BLOCK_T"] == 4]
+        out["bwd"]["with_saved_states_ms"] = sorted(saved, key=lambda r: r[0])
     return out
 
 

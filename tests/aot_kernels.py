@@ -83,7 +83,7 @@ VARIANTS = [
     ("core_bwd d_state 1, saved states, register cap", ss2d_core._core_bwd_kernel,
      core(BLOCK_T=4, SAVE_T=4, HAS_STATES=True, FLIP=False, LANES=False), {"num_warps": 1, "maxnreg": 128}, True),
     ("core_bwd d_state 1, saved states, register cap, FLIP", ss2d_core._core_bwd_kernel,
-     core(BLOCK_T=4, SAVE_T=4, HAS_STATES=True, FLIP=True, LANES=False), {"num_warps": 1, "maxnreg": 128}, True),
+     core(BLOCK_T=4, SAVE_T=4, HAS_STATES=True, FLIP=True, LANES=False), {"num_warps": 1, "maxnreg": 80}, True),
     ("core_bwd d_state 1, recomputing, int64 offsets", ss2d_core._core_bwd_kernel,
      core(BLOCK_T=4, SAVE_T=4, HAS_STATES=False, WIDE=True, FLIP=False, LANES=False), {"num_warps": 1}, True),
     ("core_bwd d_state 16", ss2d_core._core_bwd_kernel,

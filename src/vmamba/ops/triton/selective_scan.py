@@ -20,7 +20,10 @@ scan of the time-flipped chunk). With LANES tiles ((T, N, D): one lane per chann
 the default for d_state 3-16) the chunks are 2-4 positions long and the workspace holds the state
 every LANES_SAVE_INTERVAL positions; each interval's chunk-entry states are recomputed into a
 per-program scratch before its chunks are walked. With
-a_t h_{t-1} = h_t - x_t no shifted copy of h is needed; a_{t+1} is recomputed from delta at t+1. Then
+a_t h_{t-1} = h_t - x_t no shifted copy of h is needed. (T, D, N) tiles run the adjoint scan on
+w_t = a_t g_t (g_t = C_t gy_t + w_{t+1}), which needs each position's own decay only; LANES tiles
+recompute a_{t+1} from delta at t+1 instead, as carrying w costs them register spills
+(``_adjoint_chunk``, ``_adjoint_chunk_next``). Then
 
     dA_n   = Σ_t g_t (h_t - x_t) Δ_t
     dΔ_t   = Σ_n [g_t (h_t - x_t) A_n + g_t B_t u_t]
@@ -55,6 +58,13 @@ __all__ = ["selective_scan_fwd", "selective_scan_bwd", "default_config"]
 @triton.jit
 def _combine(a1, x1, a2, x2):
     return a1 * a2, x1 * a2 + x2
+
+
+@triton.jit
+def _adjoint_combine(a1, b1, k1, c1, a2, b2, k2, c2):
+    """Compose two adjoint steps, each an affine map of the carry w entering it: it passes on a w + b
+    and reads out g = k w + c (one position: a = a_t, b = a_t c_t, k = 1, c = c_t)."""
+    return a2 * a1, a2 * b1 + b2, k2 * a1, k2 * b1 + c2
 
 
 @triton.jit
@@ -103,29 +113,52 @@ def _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n, su_l, sdt
 
 
 @triton.jit
-def _scan_chunk(a, x, h, first, last, REV: tl.constexpr, FLIP: tl.constexpr):
-    """States of one chunk given the carried state h; returns (states, carry for the next chunk).
-
-    REV=False runs up the positions (carry enters at the first, leaves at the last position): the
-    forward recurrence. REV=True runs down them: the backward's adjoint. FLIP (with REV): as a forward
-    scan of the time-flipped chunk instead of ``associative_scan(reverse=True)``; time is held in
-    registers, so the flips are free, while the reverse scan compiles to warp shuffles (55 SHFL per
-    4-step chunk of 32 channels on sm_90a: tests/aot_kernels.py --sass).
-    """
-    if REV:
-        x = tl.where(last, x + a * h[None, :, :], x)
-        if FLIP:
-            _, hs_flipped = tl.associative_scan((tl.flip(a, 0), tl.flip(x, 0)), 0, _combine)
-            hs = tl.flip(hs_flipped, 0)
-            h = tl.sum(tl.where(last, hs_flipped, 0.0), axis=0)
-        else:
-            _, hs = tl.associative_scan((a, x), 0, _combine, reverse=True)
-            h = tl.sum(tl.where(first, hs, 0.0), axis=0)
-    else:
-        x = tl.where(first, x + a * h[None, :, :], x)
-        _, hs = tl.associative_scan((a, x), 0, _combine)
-        h = tl.sum(tl.where(last, hs, 0.0), axis=0)
+def _scan_chunk(a, x, h, first, last):
+    """States of one chunk given the state h entering it; returns (states, state leaving it)."""
+    x = tl.where(first, x + a * h[None, :, :], x)
+    _, hs = tl.associative_scan((a, x), 0, _combine)
+    h = tl.sum(tl.where(last, hs, 0.0), axis=0)
     return hs, h
+
+
+@triton.jit
+def _adjoint_chunk(a, c, w, first, last, FLIP: tl.constexpr):
+    """Adjoint states g_t = c_t + a_{t+1} g_{t+1} of one chunk, run down the positions.
+
+    The carry is w = a_{t+1} g_{t+1} from the chunk after it, and the chunk passes on a_t0 g_t0 to
+    the one before: written as g_t = c_t + w_{t+1}, w_t = a_t g_t, every step uses its own decay, so
+    a_{t+1} is neither reloaded nor recomputed. Returns (g, carry for the chunk before).
+
+    FLIP runs the scan as a forward scan of the time-flipped chunk instead of
+    ``associative_scan(reverse=True)``: time is held in registers, so the flips are free, while the
+    reverse scan compiles to warp shuffles (tests/aot_kernels.py --sass).
+    """
+    c = tl.where(last, c + w[None, :, :], c)
+    b = a * c
+    k = tl.full(a.shape, 1.0, tl.float32)
+    if FLIP:
+        _, wf, _, gf = tl.associative_scan((tl.flip(a, 0), tl.flip(b, 0), k, tl.flip(c, 0)), 0, _adjoint_combine)
+        g = tl.flip(gf, 0)
+        w = tl.sum(tl.where(last, wf, 0.0), axis=0)
+    else:
+        _, ws, _, g = tl.associative_scan((a, b, k, c), 0, _adjoint_combine, reverse=True)
+        w = tl.sum(tl.where(first, ws, 0.0), axis=0)
+    return g, w
+
+
+@triton.jit
+def _adjoint_chunk_next(an, c, g, first, last, FLIP: tl.constexpr):
+    """Adjoint states g_t = c_t + an_t g_{t+1} of one chunk from the successors' decays an_t = a_{t+1}
+    and the carry g from the chunk after it; returns (g, carry g_t0 for the chunk before)."""
+    c = tl.where(last, c + an * g[None, :, :], c)
+    if FLIP:
+        _, gf = tl.associative_scan((tl.flip(an, 0), tl.flip(c, 0)), 0, _combine)
+        gs = tl.flip(gf, 0)
+        g = tl.sum(tl.where(last, gf, 0.0), axis=0)
+    else:
+        _, gs = tl.associative_scan((an, c), 0, _combine, reverse=True)
+        g = tl.sum(tl.where(first, gs, 0.0), axis=0)
+    return gs, g
 
 
 @triton.jit
@@ -257,7 +290,7 @@ def _ss_fwd_kernel(
         dt = tl.where(m2, dt, 0.0)
         a = tl.exp2(_per_channel(dt, LANES) * A2[None, :, :])
         x = _per_channel(dt * u, LANES) * _per_state(Bt, LANES)
-        hs, h = _scan_chunk(a, x, h, first, last, False, False)
+        hs, h = _scan_chunk(a, x, h, first, last)
         y = tl.sum(hs * _per_state(Ct, LANES), axis=2 - LANES)
         if HAS_D:
             y += dskip[None, :] * u
@@ -276,7 +309,7 @@ def _ss_state_after(h, t, L, u_base, dt_base, B_base, mask_d, mask_n, su_l, sdt_
     Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
     a = tl.exp2(_per_channel(dt, LANES) * A2[None, :, :])
     x = _per_channel(dt * u, LANES) * _per_state(Bt, LANES)
-    _, h = _scan_chunk(a, x, h, first, last, False, False)
+    _, h = _scan_chunk(a, x, h, first, last)
     return h
 
 
@@ -290,22 +323,25 @@ def _ss_bwd_chunk(t, h0, g, L, u_base, dt_base, gy_base, du_base, ddt_base, B_ba
     mask_t = t < L
     m2 = mask_t[:, None] & mask_d[None, :]
     mtn = mask_t[:, None] & mask_n[None, :]
-    tn = t + 1
-    m2n = (tn < L)[:, None] & mask_d[None, :]
     u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
     gy = tl.load(gy_base + t[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
     raw, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS, FAST)
-    _, dtn = _load_delta(dt_base + tn[:, None] * sdt_l, m2n, bias, HAS_BIAS, SOFTPLUS, FAST)
     Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
     Ct = tl.load(C_base + t[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
 
     a = tl.exp2(_per_channel(dt, LANES) * A2[None, :, :])
     dtu = dt * u
     x = _per_channel(dtu, LANES) * _per_state(Bt, LANES)
-    hs, _ = _scan_chunk(a, x, h0, first, last, False, False)
-    an = tl.where(_per_channel(m2n, LANES), tl.exp2(_per_channel(dtn, LANES) * A2[None, :, :]), 0.0)
+    hs, _ = _scan_chunk(a, x, h0, first, last)
     cg = _per_state(Ct, LANES) * _per_channel(gy, LANES)
-    gs, g = _scan_chunk(an, cg, g, first, last, True, FLIP)  # the adjoint runs down the positions
+    if LANES:
+        tn = t + 1
+        m2n = (tn < L)[:, None] & mask_d[None, :]
+        _, dtn = _load_delta(dt_base + tn[:, None] * sdt_l, m2n, bias, HAS_BIAS, SOFTPLUS, FAST)
+        an = tl.where(_per_channel(m2n, LANES), tl.exp2(_per_channel(dtn, LANES) * A2[None, :, :]), 0.0)
+        gs, g = _adjoint_chunk_next(an, cg, g, first, last, FLIP)
+    else:
+        gs, g = _adjoint_chunk(a, cg, g, first, last, FLIP)
 
     dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2,
                                                      HAS_D, SOFTPLUS, LANES)

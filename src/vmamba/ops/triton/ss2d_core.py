@@ -38,6 +38,8 @@ import triton.language as tl
 from ._launch import launch_options, launcher
 from .selective_scan import (
     LANES_SAVE_INTERVAL,
+    _adjoint_chunk,
+    _adjoint_chunk_next,
     _chunk_gradients,
     _config,
     _per_channel,
@@ -197,7 +199,7 @@ def _core_fwd_kernel(
                     tl.store(hws_base + (t0 // SAVE_T) * chunk_stride, h, mask=state_mask)
             else:
                 tl.store(hws_base + (t0 // SAVE_T) * chunk_stride, h, mask=state_mask)
-        hs, h_next = _scan_chunk(a, x, h, first, last, False, False)
+        hs, h_next = _scan_chunk(a, x, h, first, last)
         if SAVE_T > 0:
             for j in tl.static_range(1, BLOCK_T // SAVE_T):
                 hj = tl.sum(tl.where((offs_t == j * SAVE_T - 1)[:, None, None], hs, 0.0), axis=0)
@@ -218,7 +220,7 @@ def _state_after(h, t, u_base, dl_base, xp_base, L, H, W, inv_h, rev, cols, mask
     u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, dl_base, t, L, H, W, inv_h, rev, cols, mask_d,
                                        offs_n, mask_n, su_l, sd_l, sxp_l, 0, R, N, True, WIDE)
     dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST, LANES)
-    _, h = _scan_chunk(a, x, h, first, last, False, False)
+    _, h = _scan_chunk(a, x, h, first, last)
     return h
 
 
@@ -232,23 +234,25 @@ def _bwd_chunk(t, h0, g, u_base, dl_base, xp_base, gy_base, du_base, ddt_base, b
     partials). Tiles are (T, D, N), or (T, N, D) with LANES (A and A2 then (N, D))."""
     u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, dl_base, t, L, H, W, inv_h, rev, cols, mask_d,
                                        offs_n, mask_n, su_l, sd_l, sxp_l, 0, R, N, True, WIDE)
-    tn = t + 1
-    m2n = (tn < L)[:, None] & mask_d[None, :]
-    pn = _pixel(tn, L, H, W, inv_h, rev, cols, WIDE)
-    rawn = tl.load(dl_base + pn[:, None] * sd_l, mask=m2n, other=0.0).to(tl.float32)
     mtn = (t < L)[:, None] & mask_n[None, :]
     gy = tl.load(gy_base + p[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
     dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST, LANES)
     raw = raw + bias[None, :]  # softplus' derivative is taken at raw + bias
     dtu = dt * u
-    dtn = rawn + bias[None, :]
-    if SOFTPLUS:
-        dtn = _softplus(dtn, FAST)
-    dtn = tl.where(m2n, dtn, 0.0)
-    hs, _ = _scan_chunk(a, x, h0, first, last, False, False)
-    an = tl.where(_per_channel(m2n, LANES), tl.exp2(_per_channel(dtn, LANES) * A2[None, :, :]), 0.0)
+    hs, _ = _scan_chunk(a, x, h0, first, last)
     cg = _per_state(Ct, LANES) * _per_channel(gy, LANES)
-    gs, g = _scan_chunk(an, cg, g, first, last, True, FLIP)  # the adjoint runs down the route
+    if LANES:  # the decays a_{t+1} recomputed (module docstring of selective_scan)
+        tn = t + 1
+        m2n = (tn < L)[:, None] & mask_d[None, :]
+        pn = _pixel(tn, L, H, W, inv_h, rev, cols, WIDE)
+        dtn = tl.load(dl_base + pn[:, None] * sd_l, mask=m2n, other=0.0).to(tl.float32) + bias[None, :]
+        if SOFTPLUS:
+            dtn = _softplus(dtn, FAST)
+        dtn = tl.where(m2n, dtn, 0.0)
+        an = tl.where(_per_channel(m2n, LANES), tl.exp2(_per_channel(dtn, LANES) * A2[None, :, :]), 0.0)
+        gs, g = _adjoint_chunk_next(an, cg, g, first, last, FLIP)
+    else:
+        gs, g = _adjoint_chunk(a, cg, g, first, last, FLIP)  # the adjoint runs down the route
     dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2, HAS_D,
                                                      SOFTPLUS, LANES)
     tl.store(du_base + p[:, None] * sd_l, du.to(du_base.dtype.element_ty), mask=m2)
@@ -316,7 +320,7 @@ def _core_bwd_kernel(
                                  SOFTPLUS, FAST, WIDE, LANES)
         tl.debug_barrier()
 
-    # Pass 2: chunks in reverse; adjoint g_t = C_t gy_t + a_{t+1} g_{t+1} carried in registers.
+    # Pass 2: chunks in reverse; the adjoint's carry a_t g_t (g_t = C_t gy_t + a_{t+1} g_{t+1}) in registers.
     g = tl.zeros(state_mask.shape, tl.float32)
     dA_acc = tl.zeros(state_mask.shape, tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
@@ -382,8 +386,9 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
     """Launch configuration of the fused kernels (``overrides`` and VMAMBA_TRITON_SCAN_CONFIG win).
 
     d_state 1-2 (the v2 models), from H200 sweeps of benchmarks/gpu_ss2d_sweep.py (BENCHMARKS.md): one
-    warp; the backward in chunks of 4 steps with at most 128 registers per thread; the forward
-    computes Δ in the kernel while the rank is small (R <= 8: stage 1 of the tiny and small models)
+    warp; the backward in chunks of 4 steps with at most 80 registers per thread (more warps per SM
+    for this latency-bound kernel; VMamba-S, session 7: stage 1 10 % faster than at 128, stage 3
+    equal); the forward computes Δ in the kernel while the rank is small (R <= 8: stage 1 of the tiny and small models)
     and otherwise reads it from one batched GEMM (DELTA_GEMM), two channels per lane. d_state 3-16
     (vanilla models): LANES tiles, one channel and all its states per lane; forward in chunks of 4
     steps with Δ from the GEMM, backward in chunks of 2 steps inside the 16-step saved-state interval
@@ -398,7 +403,7 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
         defaults.update(BLOCK_T=saved_state_chunk(state), FLIP=1)
     if state <= 2:
         if backward:
-            defaults.update(BLOCK_D=32, num_warps=1, maxnreg=128)
+            defaults.update(BLOCK_D=32, num_warps=1, maxnreg=80)
         elif rank > 8:
             defaults.update(BLOCK_D=64, BLOCK_T=8, num_warps=1, PREFETCH=1, DELTA_GEMM=1)
         else:
