@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._eager import compiling, eager_function, kernel_op
+from ._eager import compiling, eager_function
 from ._toggle import Toggle
 from .selective_scan import triton_available
 
@@ -57,14 +57,15 @@ def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
     return out, mean, rstd, xsum if store_sum else x.new_empty(0)
 
 
-def _fwd_fake(x, weight, bias, eps, out_dtype, return_sum):
+_fwd_op = torch.library.custom_op("vmamba::layer_norm_fwd", _fwd_impl, mutates_args=())
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, eps, out_dtype, return_sum):
     k, m, c = x.shape
     stats = x.new_empty((m,), dtype=torch.float32)
     xsum = x.new_empty((m, c)) if return_sum and k > 1 else x.new_empty(0)
     return x.new_empty((m, c), dtype=out_dtype), stats, torch.empty_like(stats), xsum
-
-
-_fwd_op = kernel_op("vmamba::layer_norm_fwd", _fwd_impl, _fwd_fake)
 
 
 def _bwd_impl(dout: Tensor, xhat_src: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
@@ -76,14 +77,15 @@ def _bwd_impl(dout: Tensor, xhat_src: Tensor, weight: Tensor | None, mean: Tenso
             dbias if dbias is not None else mean.new_empty(0))
 
 
-def _bwd_fake(dout, xhat_src, weight, mean, rstd, has_bias):
+_bwd_op = torch.library.custom_op("vmamba::layer_norm_bwd", _bwd_impl, mutates_args=())
+
+
+@_bwd_op.register_fake
+def _(dout, xhat_src, weight, mean, rstd, has_bias):
     c = xhat_src.shape[-1]
     dweight = mean.new_empty((c,) if weight is not None else (0,))
     dbias = mean.new_empty((c,) if has_bias else (0,))
     return torch.empty_like(xhat_src, memory_format=torch.contiguous_format), dweight, dbias
-
-
-_bwd_op = kernel_op("vmamba::layer_norm_bwd", _bwd_impl, _bwd_fake)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -21,7 +21,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from ._eager import compiling, eager_function, kernel_op
+from ._eager import compiling, eager_function
 from ._toggle import Toggle
 from .cross_scan import ScanMode
 
@@ -68,15 +68,16 @@ def _core_fwd_impl(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A:
     return y.view(-1, batch, height, width, channels), states
 
 
-def _core_fwd_fake(x, x_proj_weight, dt_projs_weight, A, D, delta_bias, nseq, save_states):
+_core_fwd = torch.library.custom_op("vmamba::ss2d_core_fwd", _core_fwd_impl, mutates_args=())
+
+
+@_core_fwd.register_fake
+def _(x, x_proj_weight, dt_projs_weight, A, D, delta_bias, nseq, save_states):
     batch, height, width, channels = x.shape
     routes = dt_projs_weight.shape[0]
     shape = (_kernels().saved_states_shape(batch, routes, channels, height * width, A.shape[1]) if save_states
              else (0,))
     return x.new_empty(routes, *x.shape), x.new_empty(shape, dtype=torch.float32)
-
-
-_core_fwd = kernel_op("vmamba::ss2d_core_fwd", _core_fwd_impl, _core_fwd_fake)
 
 
 def _core_bwd_impl(grad_y: Tensor, x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor,
@@ -105,13 +106,14 @@ def _core_bwd_impl(grad_y: Tensor, x: Tensor, x_proj_weight: Tensor, dt_projs_we
             dA.to(A.dtype), dD.to(D.dtype) if D is not None else dA.new_empty(0), dbias.to(delta_bias.dtype)]
 
 
-def _core_bwd_fake(grad_y, x, x_proj_weight, dt_projs_weight, A, D, delta_bias, states, nseq):
+_core_bwd = torch.library.custom_op("vmamba::ss2d_core_bwd", _core_bwd_impl, mutates_args=())
+
+
+@_core_bwd.register_fake
+def _(grad_y, x, x_proj_weight, dt_projs_weight, A, D, delta_bias, states, nseq):
     return [torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x_proj_weight),
             torch.empty_like(dt_projs_weight), torch.empty_like(A),
             torch.empty_like(D) if D is not None else A.new_empty(0), torch.empty_like(delta_bias)]
-
-
-_core_bwd = kernel_op("vmamba::ss2d_core_bwd", _core_bwd_impl, _core_bwd_fake)
 
 
 def _setup_context(ctx, inputs, output):

@@ -27,8 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launcher
-
 # Bytes of one input a program reads per tile: large enough to amortise the per-program overhead and
 # to keep enough loads in flight, small enough for the tile to stay in registers.
 TILE_BYTES = 8192
@@ -161,7 +159,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         return out, mean, rstd, xsum
 
     block_m, block_c, num_warps = tile_config(M, C, x.element_size(), block_m)
-    launcher(_fwd_kernel, x)[(triton.cdiv(M, block_m),)](
+    _fwd_kernel[(triton.cdiv(M, block_m),)](
         x, weight if weight is not None else out, bias if bias is not None else out, out,
         xsum if store_sum else out, mean, rstd, M, C, x.stride(0), x.stride(1), eps,
         K=K, BLOCK_M=block_m, BLOCK_C=block_c, HAS_W=weight is not None, HAS_B=bias is not None,
@@ -230,7 +228,7 @@ def layer_norm_bwd(dout: torch.Tensor, xhat_src: torch.Tensor, weight: torch.Ten
     programs = triton.cdiv(tiles, tiles_per_program)
     dw_part = torch.empty((programs, C), dtype=torch.float32, device=device) if weight is not None else dx
     db_part = torch.empty((programs, C), dtype=torch.float32, device=device) if has_bias else dx
-    launcher(_bwd_kernel, xhat_src)[(programs,)](
+    _bwd_kernel[(programs,)](
         dout, xhat_src, weight if weight is not None else dx, mean, rstd, dx, dw_part, db_part, M, C,
         dout.stride(0), xhat_src.stride(0), tiles_per_program,
         BLOCK_M=block_m, BLOCK_C=block_c, HAS_W=weight is not None, HAS_B=has_bias, num_warps=num_warps or warps,

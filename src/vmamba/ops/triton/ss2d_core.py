@@ -35,7 +35,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch_options, launcher
 from .selective_scan import (
     LANES_SAVE_INTERVAL,
     _adjoint_chunk,
@@ -428,6 +427,13 @@ def saved_states_shape(batch: int, routes: int, channels: int, length: int, stat
     return batch, triton.cdiv(length, saved_state_chunk(state)), routes * channels, triton.next_power_of_2(state)
 
 
+def _launch_options(cfg):
+    options = {"num_warps": cfg["num_warps"]}
+    if cfg.get("maxnreg"):  # a register cap per thread (more resident warps, perhaps spills)
+        options["maxnreg"] = cfg["maxnreg"]
+    return options
+
+
 def _delta_gemm(xp, dt_weight, rank, dtype):
     """Δ before bias, (K, batch*L, C) in route-major pixel order: one batched GEMM over the routes."""
     routes = xp.shape[2]
@@ -460,7 +466,7 @@ def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta
     delta_in = bool(cfg.get("DELTA_GEMM", 0))
     delta = _delta_gemm(xp, dt_weight, rank, u.dtype).view(y.shape) if delta_in else y
     grid = (triton.cdiv(channels, cfg["BLOCK_D"]), routes, batch)
-    launcher(_core_fwd_kernel, u)[grid](
+    _core_fwd_kernel[grid](
         u, xp, dt_weight, delta, A, D if D is not None else A, delta_bias, y, states,
         length, height, width, 1.0 / height, channels, routes * channels, shape[1] if save_states else 0,
         *u.stride(), xp.stride(0), xp.stride(1), xp.stride(2), *dt_weight.stride(), *y.stride(),
@@ -468,7 +474,7 @@ def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta
         BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
         PREFETCH=bool(cfg.get("PREFETCH", 0)), DELTA_IN=delta_in, FAST=fast_math(u),
         WIDE=_wide(length, u.stride(1), xp.stride(1), y.stride(2)), SAVE_T=save_chunk, LANES=lanes,
-        **launch_options(cfg, u),
+        **_launch_options(cfg),
     )
     return y, states
 
@@ -521,7 +527,7 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
     hws = states if has_states else torch.empty(batch, n_saved, kc, cfg["BLOCK_N"], device=dev, dtype=f32)
     scratch = (torch.empty(n_blk * routes * batch, interval // cfg["BLOCK_T"], cfg["BLOCK_N"], cfg["BLOCK_D"],
                            device=dev, dtype=f32) if interval > cfg["BLOCK_T"] else hws)
-    launcher(_core_bwd_kernel, u)[grid](
+    _core_bwd_kernel[grid](
         grad_y, u, xp, delta, A, D if D is not None else A, delta_bias, hws, scratch,
         du, ddelta, dA, dbc, dD, dbias,
         length, height, width, 1.0 / height, channels, kc, n_saved,
@@ -530,7 +536,7 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
         R=rank, N=state, NSEQ=nseq, HAS_D=D is not None, SOFTPLUS=bool(delta_softplus),
         BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SAVE_T=interval, FAST=fast_math(u),
         WIDE=_wide(length, grad_y.stride(2), u.stride(1), xp.stride(1), du.stride(2), dbc.stride(2)),
-        HAS_STATES=has_states, FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, **launch_options(cfg, u),
+        HAS_STATES=has_states, FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, **_launch_options(cfg),
     )
     dbc = dbc[0] if n_blk == 1 else dbc.sum(0)
     return du, ddelta, dbc, dA.sum(0), dD.sum(0) if D is not None else None, dbias.sum(0)
