@@ -187,6 +187,21 @@ def test_cuda_graph_flag_is_checked(tmp_path, capsys):
     assert rc != 0 and "cuda-graph needs one CUDA process (found cpu)" in capsys.readouterr().err
 
 
+def test_cuda_graph_default_applies_to_one_cuda_process_only():
+    from vmamba.train.engine import use_cuda_graph
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert build_config().cuda_graph is None  # auto
+    assert build_config(flag_values=flags_to_values(parse("--no-cuda-graph"))).cuda_graph is False
+    assert use_cuda_graph(None, cuda, distributed=False, compiled=False, grad_checkpointing=False)
+    for device, distributed, compiled, checkpointing in ((cpu, False, False, False), (cuda, True, False, False),
+                                                         (cuda, False, True, False), (cuda, False, False, True)):
+        assert not use_cuda_graph(None, device, distributed, compiled, checkpointing)
+    assert not use_cuda_graph(False, cuda, distributed=False, compiled=False, grad_checkpointing=False)
+    with pytest.raises(ValueError, match="several processes"):
+        use_cuda_graph(True, cuda, distributed=True, compiled=False, grad_checkpointing=False)
+
+
 def test_none_is_a_value_for_options_that_cannot_be_empty():
     assert build_config(flag_values=flags_to_values(parse("--amp", "none"))).amp == "none"
     assert build_config(flag_values=flags_to_values(parse("--aa", "none"))).aa is None

@@ -77,7 +77,9 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     compile_mode: str = "default"  # with compile: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs
-    cuda_graph: bool = False  # replay the model's forward and backward as CUDA graphs (CUDA, one process)
+    # replay the model's forward and backward as CUDA graphs; None: wherever that applies (one CUDA
+    # process, neither compile nor grad_checkpointing)
+    cuda_graph: bool | None = None
     grad_checkpointing: bool = False
     device: str = "auto"  # auto, cpu, cuda
     threads: int | None = None  # CPU threads per process (torch.set_num_threads); None: torch's default
@@ -277,7 +279,8 @@ _HELP = {
                     "cost, which bounds eager VMamba training on fast GPUs; fixed batch shapes), max-autotune or "
                     "max-autotune-no-cudagraphs",
     "cuda_graph": "capture the model's forward and backward once as CUDA graphs and replay them every step: no "
-                  "per-kernel host cost (CUDA, one process; not with --compile or --grad-checkpointing)",
+                  "per-kernel host cost (CUDA, one process; not with --compile or --grad-checkpointing). "
+                  "Default: on wherever it applies; --no-cuda-graph trains eagerly",
     "output": "output folder for checkpoints and logs (default runs/<data>-<model>-<time>)",
     "max_steps_per_epoch": "stop each epoch after this many optimiser steps",
 }

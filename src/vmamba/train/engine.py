@@ -221,6 +221,20 @@ def graph_for_training(model: nn.Module, batch_shape: tuple[int, ...], amp_dtype
         return torch.cuda.make_graphed_callables(model, (sample,), num_warmup_iters=warmup_iters)
 
 
+def use_cuda_graph(requested: bool | None, device: torch.device, distributed: bool, compiled: bool,
+                   grad_checkpointing: bool) -> bool:
+    """Whether to train through :func:`graph_for_training`: as ``requested`` (True is refused where it
+    cannot apply), else (None) wherever it applies: one CUDA process, without torch.compile or gradient
+    checkpointing."""
+    one_cuda_process = device.type == "cuda" and not distributed
+    if requested and not one_cuda_process:
+        found = "several processes" if distributed else device.type
+        raise ValueError(f"cuda-graph needs one CUDA process (found {found})")
+    if requested is None:
+        return one_cuda_process and not compiled and not grad_checkpointing
+    return requested
+
+
 def cpu_bf16_tiny_map_warning(device: torch.device, amp_dtype: torch.dtype | None, img_size: int) -> str | None:
     """A warning for images of 16 px or less under bf16 autocast on the CPU, else None.
 
@@ -397,12 +411,18 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
         if main:
             log(f"resumed from {resume_path} at epoch {start_epoch} (step {global_step})")
     train_model: nn.Module = model
-    if cfg.cuda_graph:
-        if ds.device.type != "cuda" or ds.distributed:
-            raise ValueError("cuda-graph needs one CUDA process (found "
-                             f"{'several processes' if ds.distributed else ds.device.type})")
-        train_model = graph_for_training(model, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), amp_dtype,
-                                         cfg.channels_last)
+    graphed = use_cuda_graph(cfg.cuda_graph, ds.device, ds.distributed, cfg.compile, cfg.grad_checkpointing)
+    if graphed:
+        try:
+            train_model = graph_for_training(model, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), amp_dtype,
+                                             cfg.channels_last)
+        except RuntimeError as exc:
+            if cfg.cuda_graph:  # asked for explicitly: the failure is the answer
+                raise
+            graphed = False
+            if main:
+                log(f"CUDA-graph capture failed ({str(exc).splitlines()[0]}); training eagerly "
+                    "(--no-cuda-graph skips the attempt)")
     if cfg.compile:
         train_model = compile_model(train_model, cfg.compile_mode)
     if ds.distributed:
@@ -425,8 +445,8 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
         n_params = sum(p.numel() for p in model.parameters())
         log(f"training {cfg.model} ({n_params / 1e6:.2f}M params) on {cfg.data}: {len(train_set)} train / "
             f"{len(val_set)} val images, {num_classes} classes; {ds.world} process(es) on {ds.device.type}, "
-            f"global batch {global_batch}, peak lr {peak_lr:.3g}, {cfg.epochs} epochs x {steps_per_epoch} steps; "
-            f"output {out_dir}")
+            f"global batch {global_batch}, peak lr {peak_lr:.3g}, {cfg.epochs} epochs x {steps_per_epoch} steps"
+            f"{', forward and backward replayed as CUDA graphs' if graphed else ''}; output {out_dir}")
 
     def make_checkpoint(epoch: int, val: dict[str, float], ema_val: dict[str, float] | None) -> dict[str, Any]:
         rng = capture_rng_state()
@@ -486,7 +506,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
             last_micro = (micro + 1) % cfg.accum_steps == 0
             sync = contextlib.nullcontext() if (last_micro or not ds.distributed) else train_model.no_sync()
             with sync:
-                with _autocast(ds.device, amp_dtype, cache=not cfg.cuda_graph):
+                with _autocast(ds.device, amp_dtype, cache=not graphed):
                     output = train_model(images)
                 loss = criterion(output.float(), targets)
                 value = loss.detach()
