@@ -423,7 +423,7 @@ def _ss_bwd_kernel(
                                 su_l, sdt_l, sB_l, bias, A2, first, last, HAS_BIAS, SOFTPLUS, FAST, LANES)
     tl.debug_barrier()
 
-    # Pass 2: chunks in reverse; adjoint state g_t = C_t gy_t + a_{t+1} g_{t+1} carried in registers.
+    # Pass 2: chunks in reverse, the adjoint's carry in registers (g_t = C_t gy_t + a_{t+1} g_{t+1}).
     g = tl.zeros(state_mask.shape, tl.float32)
     dA_acc = tl.zeros(state_mask.shape, tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
