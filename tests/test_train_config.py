@@ -170,7 +170,7 @@ def test_compile_mode_is_checked_and_reaches_torch_compile(tmp_path, monkeypatch
 
 def test_cuda_graph_flag_is_checked(tmp_path, capsys):
     for clash, message in (({"compile": True}, "--compile"), ({"grad_checkpointing": True}, "--grad-checkpointing"),
-                           ({"device": "cpu"}, "--device cpu")):
+                           ({"device": "cpu"}, "--device cpu"), ({"accum_steps": 2}, "--accum-steps > 1")):
         with pytest.raises(ValueError, match=f"cuda-graph cannot be combined with {message}"):
             build_config(flag_values={"cuda_graph": True, **clash})
     assert build_config(flag_values=flags_to_values(parse("--cuda-graph"))).cuda_graph
@@ -197,6 +197,8 @@ def test_cuda_graph_default_applies_to_one_cuda_process_only():
     for device, distributed, compiled, checkpointing in ((cpu, False, False, False), (cuda, True, False, False),
                                                          (cuda, False, True, False), (cuda, False, False, True)):
         assert not use_cuda_graph(None, device, distributed, compiled, checkpointing)
+    assert not use_cuda_graph(None, cuda, distributed=False, compiled=False, grad_checkpointing=False,
+                              accumulating=True)
     assert not use_cuda_graph(False, cuda, distributed=False, compiled=False, grad_checkpointing=False)
     with pytest.raises(ValueError, match="several processes"):
         use_cuda_graph(True, cuda, distributed=True, compiled=False, grad_checkpointing=False)

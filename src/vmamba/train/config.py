@@ -78,7 +78,7 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "default"  # with compile: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs
     # replay the model's forward and backward as CUDA graphs; None: wherever that applies (one CUDA
-    # process, neither compile nor grad_checkpointing)
+    # process; no compile, grad_checkpointing or gradient accumulation)
     cuda_graph: bool | None = None
     grad_checkpointing: bool = False
     device: str = "auto"  # auto, cpu, cuda
@@ -242,8 +242,10 @@ def _validate(c: TrainConfig) -> None:
     if c.compile_mode != "default" and not c.compile:
         raise ValueError(f"compile-mode {c.compile_mode} needs --compile")
     if c.cuda_graph:
+        # make_graphed_callables hands out its static gradient buffers, which the next micro-batch's
+        # replay overwrites before they are accumulated (pytorch/pytorch#181723)
         for clash, name in ((c.compile, "--compile"), (c.grad_checkpointing, "--grad-checkpointing"),
-                            (c.device == "cpu", "--device cpu")):
+                            (c.device == "cpu", "--device cpu"), (c.accum_steps > 1, "--accum-steps > 1")):
             if clash:
                 raise ValueError(f"cuda-graph cannot be combined with {name}")
     if c.device not in ("auto", "cpu", "cuda"):
@@ -279,7 +281,8 @@ _HELP = {
                     "cost, which bounds eager VMamba training on fast GPUs; fixed batch shapes), max-autotune or "
                     "max-autotune-no-cudagraphs",
     "cuda_graph": "capture the model's forward and backward once as CUDA graphs and replay them every step: no "
-                  "per-kernel host cost (CUDA, one process; not with --compile or --grad-checkpointing). "
+                  "per-kernel host cost (CUDA, one process; not with --compile, --grad-checkpointing or "
+                  "--accum-steps > 1). "
                   "Default: on wherever it applies; --no-cuda-graph trains eagerly",
     "output": "output folder for checkpoints and logs (default runs/<data>-<model>-<time>)",
     "max_steps_per_epoch": "stop each epoch after this many optimiser steps",

@@ -212,6 +212,10 @@ def graph_for_training(model: nn.Module, batch_shape: tuple[int, ...], amp_dtype
     (``torch.cuda.make_graphed_callables``): no per-kernel host cost. Calls must use inputs of
     ``batch_shape`` under autocast to ``amp_dtype`` with the cache off; in eval mode the model runs eagerly.
     The warm-up runs before capture draw from the CUDA RNG and leave the weights and ``.grad`` untouched.
+
+    The parameters' ``.grad`` may alias the graph's static gradient buffers, which the next replay
+    overwrites: use the gradients (optimizer step) before the next call, and do not accumulate them
+    over several calls (pytorch/pytorch#181723).
     """
     sample = torch.randn(batch_shape, device="cuda")
     if channels_last:
@@ -222,16 +226,16 @@ def graph_for_training(model: nn.Module, batch_shape: tuple[int, ...], amp_dtype
 
 
 def use_cuda_graph(requested: bool | None, device: torch.device, distributed: bool, compiled: bool,
-                   grad_checkpointing: bool) -> bool:
+                   grad_checkpointing: bool, accumulating: bool = False) -> bool:
     """Whether to train through :func:`graph_for_training`: as ``requested`` (True is refused where it
-    cannot apply), else (None) wherever it applies: one CUDA process, without torch.compile or gradient
-    checkpointing."""
+    cannot apply), else (None) wherever it applies: one CUDA process, without torch.compile, gradient
+    checkpointing or gradient accumulation over micro-batches."""
     one_cuda_process = device.type == "cuda" and not distributed
     if requested and not one_cuda_process:
         found = "several processes" if distributed else device.type
         raise ValueError(f"cuda-graph needs one CUDA process (found {found})")
     if requested is None:
-        return one_cuda_process and not compiled and not grad_checkpointing
+        return one_cuda_process and not compiled and not grad_checkpointing and not accumulating
     return requested
 
 
@@ -411,7 +415,8 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
         if main:
             log(f"resumed from {resume_path} at epoch {start_epoch} (step {global_step})")
     train_model: nn.Module = model
-    graphed = use_cuda_graph(cfg.cuda_graph, ds.device, ds.distributed, cfg.compile, cfg.grad_checkpointing)
+    graphed = use_cuda_graph(cfg.cuda_graph, ds.device, ds.distributed, cfg.compile, cfg.grad_checkpointing,
+                             accumulating=cfg.accum_steps > 1)
     if graphed:
         try:
             train_model = graph_for_training(model, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), amp_dtype,
