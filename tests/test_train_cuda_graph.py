@@ -62,3 +62,21 @@ def test_replays_draw_fresh_drop_path_masks():
     graphed.eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.equal(graphed(x), graphed(x))  # eval: eager, no drop-path
+
+
+def test_capture_leaves_batchnorm_statistics_untouched():
+    """The capture's warm-up runs on random inputs; the running statistics must not remember them."""
+    from torch import nn
+
+    from vmamba.train.engine import graph_for_training
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.LazyLinear(10)).cuda()
+    model(torch.randn(2, 3, 8, 8, device="cuda"))  # materialise the lazy layer
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.5)
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    graphed = graph_for_training(model, (4, 3, 8, 8), None, channels_last=False)
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+    graphed(torch.randn(4, 3, 8, 8, device="cuda"))  # a replay does update them, as a training step should
+    assert not torch.equal(model[1].running_mean, before["1.running_mean"])

@@ -211,7 +211,8 @@ def graph_for_training(model: nn.Module, batch_shape: tuple[int, ...], amp_dtype
     """``model`` with its training forward and backward captured as CUDA graphs and replayed on every call
     (``torch.cuda.make_graphed_callables``): no per-kernel host cost. Calls must use inputs of
     ``batch_shape`` under autocast to ``amp_dtype`` with the cache off; in eval mode the model runs eagerly.
-    The warm-up runs before capture draw from the CUDA RNG and leave the weights and ``.grad`` untouched.
+    The warm-up runs before capture draw from the CUDA RNG and leave the weights, buffers (BatchNorm
+    statistics) and ``.grad`` untouched.
 
     The parameters' ``.grad`` may alias the graph's static gradient buffers, which the next replay
     overwrites: use the gradients (optimizer step) before the next call, and do not accumulate them
@@ -221,8 +222,14 @@ def graph_for_training(model: nn.Module, batch_shape: tuple[int, ...], amp_dtype
     if channels_last:
         sample = sample.contiguous(memory_format=torch.channels_last)
     model.train()
+    # the warm-up runs on random inputs would otherwise move BatchNorm running statistics
+    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
     with _autocast(sample.device, amp_dtype, cache=False):
-        return torch.cuda.make_graphed_callables(model, (sample,), num_warmup_iters=warmup_iters)
+        graphed = torch.cuda.make_graphed_callables(model, (sample,), num_warmup_iters=warmup_iters)
+    with torch.no_grad():
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
+    return graphed
 
 
 def use_cuda_graph(requested: bool | None, device: torch.device, distributed: bool, compiled: bool,
