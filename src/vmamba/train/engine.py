@@ -428,6 +428,11 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
         try:
             train_model = graph_for_training(model, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), amp_dtype,
                                              cfg.channels_last)
+            quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+            if quiet is not None:
+                # expected here: the capture's warm-up ran on a side stream, which the parameters'
+                # gradient accumulators remember; the accumulation itself is outside the graphs
+                quiet(False)
         except RuntimeError as exc:
             if cfg.cuda_graph:  # asked for explicitly: the failure is the answer
                 raise
