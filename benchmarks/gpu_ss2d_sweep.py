@@ -42,7 +42,9 @@ BACKWARD = [
     dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=128, FLIP=1), dict(BLOCK_D=32, BLOCK_T=8, num_warps=1, FLIP=1),
     # register caps below 128 (more warps per SM for the latency-bound backward; session 7)
     *(dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=cap, FLIP=1) for cap in (104, 96, 80, 72, 64)),
-    dict(BLOCK_D=64, BLOCK_T=4, num_warps=2, maxnreg=96, FLIP=1)]
+    dict(BLOCK_D=64, BLOCK_T=4, num_warps=2, maxnreg=96, FLIP=1),
+    # the next chunk's loads in flight during the current one (PREFETCH; untimed when added, session 7)
+    *(dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=cap, FLIP=1, PREFETCH=1) for cap in (128, 104, 96, 80))]
 
 
 def configs(state, full):

@@ -142,6 +142,27 @@ def test_states_saved_by_the_forward_replace_the_backward_first_pass(state, conf
         k.ss2d_scan_bwd(gy, *args, states=states[:1])
 
 
+@pytest.mark.parametrize("with_states", [False, True])
+def test_backward_prefetch_agrees(with_states):
+    """Loading the chunk before while the current one is computed (backward config PREFETCH) gives the
+    gradients of the plain loop, with the forward's saved states and with the backward's own first pass."""
+    from vmamba.ops.ss2d_core import _projections
+    from vmamba.ops.triton import ss2d_core as k
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 5, 12, generator=g).to(DEVICE)  # 15 steps: the first chunk walked is partial
+    wx, wdt, A, D, bias = (t.to(DEVICE) for t in _params(ScanMode.CROSS2D, 12, 2, 1, seed=8))
+    u, xp = _projections(x, wx)
+    args = (u, xp, wdt, A, D, bias, 3, 5, 2)
+    _, states = k.ss2d_scan_fwd(*args, save_states=True)
+    gy = torch.randn(4, 2, 15, 12, generator=g).to(DEVICE)
+    saved = states if with_states else None
+    plain = k.ss2d_scan_bwd(gy, *args, states=saved, config={"PREFETCH": 0})
+    prefetching = k.ss2d_scan_bwd(gy, *args, states=saved, config={"PREFETCH": 1})
+    for a, b in zip(prefetching, plain):
+        assert _rel(a, b) < 1e-6
+
+
 @pytest.mark.parametrize(("state", "lanes"), [(1, 0), (4, 0), (4, 1)])
 def test_flipped_adjoint_scan_agrees(state, lanes):
     """The backward's adjoint scan as a forward scan of the time-flipped chunk (config FLIP, the

@@ -224,17 +224,26 @@ def _state_after(h, t, u_base, dl_base, xp_base, L, H, W, inv_h, rev, cols, mask
 
 
 @triton.jit
-def _bwd_chunk(t, h0, g, u_base, dl_base, xp_base, gy_base, du_base, ddt_base, bc_base, L, H, W, inv_h, rev, cols,
-               mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, sg_l, sbc_l, A, A2, bias, dskip, first, last,
-               R: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
-               WIDE: tl.constexpr, FLIP: tl.constexpr, LANES: tl.constexpr):
-    """One chunk of the backward (steps t, entry state h0, adjoint carry g from the chunk after it):
-    stores du, ddelta and the dB/dC partials, returns (g for the chunk before, dA, dD and dbias
-    partials). Tiles are (T, D, N), or (T, N, D) with LANES (A and A2 then (N, D))."""
+def _bwd_loads(t, u_base, dl_base, xp_base, gy_base, L, H, W, inv_h, rev, cols, mask_d, offs_n, mask_n, su_l, sd_l,
+               sxp_l, sg_l, R: tl.constexpr, N: tl.constexpr, WIDE: tl.constexpr):
+    """The backward's inputs at route steps t (zero outside 0 <= t < L): u, raw Δ, B, C, the output
+    gradient gy, and the pixels p(t) with their (T, D) mask."""
     u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, dl_base, t, L, H, W, inv_h, rev, cols, mask_d,
                                        offs_n, mask_n, su_l, sd_l, sxp_l, 0, R, N, True, WIDE)
-    mtn = (t < L)[:, None] & mask_n[None, :]
     gy = tl.load(gy_base + p[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
+    return u, raw, Bt, Ct, gy, p, m2
+
+
+@triton.jit
+def _bwd_chunk(t, u, raw, Bt, Ct, gy, p, m2, h0, g, dl_base, du_base, ddt_base, bc_base, L, H, W, inv_h, rev, cols,
+               mask_d, mask_n, sd_l, sbc_l, A, A2, bias, dskip, first, last, N: tl.constexpr, HAS_D: tl.constexpr,
+               SOFTPLUS: tl.constexpr, FAST: tl.constexpr, WIDE: tl.constexpr, FLIP: tl.constexpr,
+               LANES: tl.constexpr):
+    """One chunk of the backward (steps t, their inputs from :func:`_bwd_loads`, entry state h0, adjoint
+    carry g from the chunk after it): stores du, ddelta and the dB/dC partials, returns (g for the chunk
+    before, dA, dD and dbias partials). Tiles are (T, D, N), or (T, N, D) with LANES (A and A2 then
+    (N, D))."""
+    mtn = (t < L)[:, None] & mask_n[None, :]
     dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST, LANES)
     raw = raw + bias[None, :]  # softplus' derivative is taken at raw + bias
     dtu = dt * u
@@ -277,12 +286,15 @@ def _core_bwd_kernel(
     R: tl.constexpr, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SAVE_T: tl.constexpr, FAST: tl.constexpr,
     WIDE: tl.constexpr, HAS_STATES: tl.constexpr, FLIP: tl.constexpr, LANES: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Chunks of BLOCK_T steps walked in reverse from the states entering every SAVE_T steps.
 
     SAVE_T = BLOCK_T by default. LANES chunks (tiles (steps, states, channels)) may be shorter than
     the saving interval: then a forward pass from each interval's saved state first writes the entry
-    state of every chunk to this program's scratch (SAVE_T / BLOCK_T states, in L2).
+    state of every chunk to this program's scratch (SAVE_T / BLOCK_T states, in L2). PREFETCH (with
+    SAVE_T = BLOCK_T only) loads the next chunk's inputs and entry state while the current chunk is
+    computed, as the forward's PREFETCH does.
     """
     pid_d, k, b, rev, cols, offs_c, mask_d, kd, offs_n, mask_n, mdn, A, bias, dskip = _route_program(
         A_ptr, bias_ptr, D_ptr, CH, N, NSEQ, HAS_D, BLOCK_D, BLOCK_N)
@@ -324,9 +336,23 @@ def _core_bwd_kernel(
     dA_acc = tl.zeros(state_mask.shape, tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
+    if PREFETCH:  # the last chunk's inputs and entry state
+        c = n_saved - 1
+        nx_u, nx_raw, nx_B, nx_C, nx_gy, nx_p, nx_m2 = _bwd_loads(
+            c * BLOCK_T + offs_t, u_base, dl_base, xp_base, gy_base, L, H, W, inv_h, rev, cols, mask_d, offs_n,
+            mask_n, su_l, sd_l, sxp_l, sg_l, R, N, WIDE)
+        nx_h = tl.load(hws_base + c * interval_stride, mask=state_mask, other=0.0)
     for i in range(0, n_saved):
         c = n_saved - 1 - i
-        h = tl.load(hws_base + c * interval_stride, mask=state_mask, other=0.0)
+        if PREFETCH:
+            u, raw, Bt, Ct, gy, p, m2, h = nx_u, nx_raw, nx_B, nx_C, nx_gy, nx_p, nx_m2, nx_h
+            # the chunk before (none when c = 0: every load is masked)
+            nx_u, nx_raw, nx_B, nx_C, nx_gy, nx_p, nx_m2 = _bwd_loads(
+                (c - 1) * BLOCK_T + offs_t, u_base, dl_base, xp_base, gy_base, L, H, W, inv_h, rev, cols, mask_d,
+                offs_n, mask_n, su_l, sd_l, sxp_l, sg_l, R, N, WIDE)
+            nx_h = tl.load(hws_base + (c - 1) * interval_stride, mask=state_mask & (c > 0), other=0.0)
+        else:
+            h = tl.load(hws_base + c * interval_stride, mask=state_mask, other=0.0)
         if SUB > 1:
             tl.store(scr_base, h)
             for j in range(0, SUB - 1):  # entry states of the interval's later chunks
@@ -337,12 +363,17 @@ def _core_bwd_kernel(
             tl.debug_barrier()  # the scratch is read by other threads than wrote it
         for jj in range(0, SUB):
             j = SUB - 1 - jj
+            t = (c * SUB + j) * BLOCK_T + offs_t
             if SUB > 1:
                 h = tl.load(scr_base + j * tile)
-            g, dA_p, dD_p, dbias_p = _bwd_chunk((c * SUB + j) * BLOCK_T + offs_t, h, g, u_base, dl_base, xp_base,
-                                                gy_base, du_base, ddt_base, bc_base, L, H, W, inv_h, rev, cols,
-                                                mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, sg_l, sbc_l, A_s, A2, bias,
-                                                dskip, first, last, R, N, HAS_D, SOFTPLUS, FAST, WIDE, FLIP, LANES)
+            if not PREFETCH:
+                u, raw, Bt, Ct, gy, p, m2 = _bwd_loads(t, u_base, dl_base, xp_base, gy_base, L, H, W, inv_h, rev,
+                                                       cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, sg_l, R, N,
+                                                       WIDE)
+            g, dA_p, dD_p, dbias_p = _bwd_chunk(t, u, raw, Bt, Ct, gy, p, m2, h, g, dl_base, du_base, ddt_base,
+                                                bc_base, L, H, W, inv_h, rev, cols, mask_d, mask_n, sd_l, sbc_l, A_s,
+                                                A2, bias, dskip, first, last, N, HAS_D, SOFTPLUS, FAST, WIDE, FLIP,
+                                                LANES)
             dA_acc += dA_p
             if HAS_D:
                 dD_acc += dD_p
@@ -536,7 +567,8 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
         R=rank, N=state, NSEQ=nseq, HAS_D=D is not None, SOFTPLUS=bool(delta_softplus),
         BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SAVE_T=interval, FAST=fast_math(u),
         WIDE=_wide(length, grad_y.stride(2), u.stride(1), xp.stride(1), du.stride(2), dbc.stride(2)),
-        HAS_STATES=has_states, FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, **_launch_options(cfg),
+        HAS_STATES=has_states, FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes,
+        PREFETCH=bool(cfg.get("PREFETCH", 0)) and interval == cfg["BLOCK_T"], **_launch_options(cfg),
     )
     dbc = dbc[0] if n_blk == 1 else dbc.sum(0)
     return du, ddelta, dbc, dA.sum(0), dD.sum(0) if D is not None else None, dbias.sum(0)
