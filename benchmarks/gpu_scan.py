@@ -9,7 +9,8 @@
 3. Selective scan at the stage shapes of VMamba-T[s1l8] and vanilla VMamba-T (batch 128, 224x224),
    fp32 and bf16 inputs: forward and forward+backward time, achieved GB/s counting each input read
    once and each output written once, and the fraction of the copy bandwidth. A few block configs
-   are swept at the stage-1 shape of each model; the best is used for every stage.
+   are swept at the stage-1 shape of each model; the best is used for every stage. Also, at the
+   default configs, forward+backward with the forward keeping the backward's states (``states_out``).
 4. cross_scan / cross_merge (triton vs torch) at the stage shapes.
 """
 
@@ -32,7 +33,12 @@ from vmamba.ops.selective_scan import selective_scan
 from vmamba.ops.selective_scan_ref import selective_scan_reference
 from vmamba.ops.selective_scan_torch import selective_scan_torch_bwd, selective_scan_torch_fwd
 from vmamba.ops.triton.cross_scan import cross_merge_triton, cross_scan_triton
-from vmamba.ops.triton.selective_scan import default_config, selective_scan_bwd, selective_scan_fwd
+from vmamba.ops.triton.selective_scan import (
+    default_config,
+    saved_states_shape,
+    selective_scan_bwd,
+    selective_scan_fwd,
+)
 
 BATCH = 128
 DEVICE = "cuda"
@@ -187,6 +193,10 @@ def bench_scan(results, copy_gbs, quick, no_sweep=False, models=None):
                 t_fwd_def = bench(lambda: selective_scan_fwd(*ins, True))
                 t_fwd = bench(lambda: selective_scan_fwd(*ins, True, config=best_f))
                 t_bwd = bench(lambda: selective_scan_bwd(gy, *ins, True, config=best_b))
+                # default configs with the forward keeping the backward's states (option; session 7)
+                states = torch.empty(saved_states_shape(ins[0], ins[2], ins[3]), device="cuda")
+                t_fwd_saving = bench(lambda: selective_scan_fwd(*ins, True, states_out=states))
+                t_bwd_saved = bench(lambda: selective_scan_bwd(gy, *ins, True, states=states))
                 # through the public autograd API (custom op, casts of gradients to input dtype)
                 leaves = [x.detach().requires_grad_() for x in ins]
 
@@ -209,13 +219,16 @@ def bench_scan(results, copy_gbs, quick, no_sweep=False, models=None):
                     "fwd_frac_copy": fb / t_fwd / 1e6 / copy_gbs,
                     "fwd_bwd_frac_copy": fbb / (t_fwd + t_bwd) / 1e6 / copy_gbs,
                     "api_fwd_bwd_frac_copy": fbb / t_api / 1e6 / copy_gbs,
+                    "kernels_fwd_bwd_saved_states_ms": t_fwd_saving + t_bwd_saved,
+                    "fwd_bwd_saved_states_frac_copy": fbb / (t_fwd_saving + t_bwd_saved) / 1e6 / copy_gbs,
                     "torch_backend_fwd_ms": t_torch, "cfg_fwd": best_f, "cfg_bwd": best_b,
                 }
                 results["scan"].append(row)
                 print(f"{model} s{stage + 1} {row['dtype']:8s} KC={kc:5d} N={n:2d} L={length:5d}: "
                       f"fwd {t_fwd:.3f} ms ({row['fwd_GBs']:.0f} GB/s, {row['fwd_frac_copy']:.0%}) "
                       f"[default cfg {t_fwd_def:.3f}] | fwd+bwd kernels {t_fwd + t_bwd:.3f} ms "
-                      f"({row['fwd_bwd_frac_copy']:.0%}) | api fwd+bwd {t_api:.3f} ms "
+                      f"({row['fwd_bwd_frac_copy']:.0%}) | with saved states {t_fwd_saving + t_bwd_saved:.3f} ms "
+                      f"({row['fwd_bwd_saved_states_frac_copy']:.0%}) | api fwd+bwd {t_api:.3f} ms "
                       f"({row['api_fwd_bwd_frac_copy']:.0%}) | torch backend fwd {t_torch:.2f} ms", flush=True)
                 torch.cuda.empty_cache()
 

@@ -177,3 +177,24 @@ def test_lanes_backward_variant(state, block_t, flip, block_d):
         ins = _inputs(1, 1, 2, state, 9, torch.float32, seed=1)
         selective_scan_bwd(torch.zeros(1, 2, 9, device=DEVICE), *ins, True,
                            config={"LANES": 1, "BLOCK_D": 4, "BLOCK_T": 32, "num_warps": 1})
+
+
+@pytest.mark.parametrize(("state", "fwd_config"), [(1, None), (1, {"BLOCK_T": 16}), (4, None), (4, {"BLOCK_T": 4})])
+def test_states_saved_by_the_forward_replace_the_backward_first_pass(state, fwd_config):
+    """The forward's states (option ``states_out``; chunks longer or shorter than the backward's saving
+    interval) give the backward the gradients of its own first pass and leave y unchanged."""
+    from vmamba.ops.triton.selective_scan import saved_states_shape
+
+    ins = _inputs(2, 2, 8, state, 37, torch.float32, seed=11)  # 37 positions: the last interval is partial
+    states = torch.full(saved_states_shape(ins[0], ins[2], ins[3]), float("nan"), device=DEVICE)
+    y = selective_scan_fwd(*ins, True, config=fwd_config)
+    y_saving = selective_scan_fwd(*ins, True, config=fwd_config, states_out=states)
+    assert _rel(y_saving.cpu(), y.cpu()) < 1e-6
+    assert torch.isfinite(states).all()  # every kept state was written
+    gy = torch.randn(ins[0].shape, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    recomputed = selective_scan_bwd(gy, *ins, True, deterministic=True)
+    saved = selective_scan_bwd(gy, *ins, True, deterministic=True, states=states)
+    for ours, theirs in zip(saved, recomputed):
+        assert _rel(ours.cpu(), theirs.cpu()) < 1e-6
+    with pytest.raises(ValueError, match="states must be"):
+        selective_scan_bwd(gy, *ins, True, states=states[:1])

@@ -52,7 +52,7 @@ LANES_SAVE_INTERVAL = 16
 # mode only); VMAMBA_SCAN_WORKSPACE_GIB overrides.
 WORKSPACE_LIMIT_BYTES = int(float(os.environ.get("VMAMBA_SCAN_WORKSPACE_GIB", "8")) * 2**30)
 
-__all__ = ["selective_scan_fwd", "selective_scan_bwd", "default_config"]
+__all__ = ["selective_scan_fwd", "selective_scan_bwd", "default_config", "saved_states_shape"]
 
 
 @triton.jit
@@ -162,6 +162,25 @@ def _adjoint_chunk_next(an, c, g, first, last, FLIP: tl.constexpr):
 
 
 @triton.jit
+def _save_entry_state(h, t0, base, stride, mask, SAVE_T: tl.constexpr, EVERY_CHUNK: tl.constexpr):
+    """Store the state h entering the chunk at t0 if a saving interval of SAVE_T steps starts there
+    (EVERY_CHUNK: the chunk length is a multiple of SAVE_T, so one starts at every chunk)."""
+    if EVERY_CHUNK:
+        tl.store(base + (t0 // SAVE_T) * stride, h, mask=mask)
+    else:
+        if t0 % SAVE_T == 0:
+            tl.store(base + (t0 // SAVE_T) * stride, h, mask=mask)
+
+
+@triton.jit
+def _save_inner_states(hs, t0, offs_t, L, base, stride, mask, SAVE_T: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Store the states entering the saving intervals that start inside a chunk (BLOCK_T > SAVE_T)."""
+    for j in tl.static_range(1, BLOCK_T // SAVE_T):
+        hj = tl.sum(tl.where((offs_t == j * SAVE_T - 1)[:, None, None], hs, 0.0), axis=0)
+        tl.store(base + (t0 // SAVE_T + j) * stride, hj, mask=mask & (t0 + j * SAVE_T < L))
+
+
+@triton.jit
 def _per_channel(t, LANES: tl.constexpr):
     """A (T, D) tile broadcast into the 3-D tile layout: (T, D, 1), or (T, 1, D) for LANES tiles (T, N, D)."""
     if LANES:
@@ -229,16 +248,18 @@ def _state_grid(d, offs_n, mask_d, mask_n, LANES: tl.constexpr):
 
 @triton.jit
 def _ss_fwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr,
-    L, N, CG,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, hws_ptr,
+    L, N, CG, n_saved,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
     sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias, sy_b, sy_d,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
-    LANES: tl.constexpr,
+    LANES: tl.constexpr, SAVE_T: tl.constexpr,
 ):
     """Tiles (T, D, N); with LANES (T, N, D): one lane owns one channel and all its states, so the sum
-    over the states for y stays in the thread and Δ is computed once per channel."""
+    over the states for y stays in the thread and Δ is computed once per channel. SAVE_T > 0 also
+    stores the state entering every SAVE_T positions in the backward's workspace layout
+    (batch, KC, n_saved, BLOCK_N), so that the backward can skip its first pass."""
     pid_d = tl.program_id(0)
     k = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -264,6 +285,7 @@ def _ss_fwd_kernel(
     y_base = y_ptr + b * sy_b + d[None, :] * sy_d
     B_base = B_ptr + b * sB_b + k * sB_k + offs_n[None, :] * sB_n
     C_base = C_ptr + b * sC_b + k * sC_k + offs_n[None, :] * sC_n
+    hws_base = hws_ptr + (b * (tl.num_programs(1) * CG) + rows) * (n_saved * BLOCK_N) + states
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
 
@@ -290,7 +312,11 @@ def _ss_fwd_kernel(
         dt = tl.where(m2, dt, 0.0)
         a = tl.exp2(_per_channel(dt, LANES) * A2[None, :, :])
         x = _per_channel(dt * u, LANES) * _per_state(Bt, LANES)
+        if SAVE_T > 0:
+            _save_entry_state(h, t0, hws_base, BLOCK_N, state_mask, SAVE_T, BLOCK_T % SAVE_T == 0)
         hs, h = _scan_chunk(a, x, h, first, last)
+        if SAVE_T > 0:
+            _save_inner_states(hs, t0, offs_t, L, hws_base, BLOCK_N, state_mask, SAVE_T, BLOCK_T)
         y = tl.sum(hs * _per_state(Ct, LANES), axis=2 - LANES)
         if HAS_D:
             y += dskip[None, :] * u
@@ -366,9 +392,10 @@ def _ss_bwd_kernel(
     sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr,
     FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SAVE_T: tl.constexpr,
-    FLIP: tl.constexpr, LANES: tl.constexpr,
+    FLIP: tl.constexpr, LANES: tl.constexpr, HAS_STATES: tl.constexpr,
 ):
-    """Pass 1 walks L forwards storing the state entering every SAVE_T positions; pass 2 walks chunks of
+    """Pass 1 (unless HAS_STATES: the forward stored them) walks L forwards storing the state entering
+    every SAVE_T positions; pass 2 walks chunks of
     BLOCK_T positions in reverse. SAVE_T = BLOCK_T unless LANES (tiles (T, N, D): one lane per channel
     and all its states), whose short chunks fit in registers: a forward pass from each interval's saved
     state then first writes every chunk's entry state to this program's scratch (in L2)."""
@@ -414,14 +441,15 @@ def _ss_bwd_kernel(
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
 
-    # Pass 1: forwards along L, storing the state entering each interval.
-    h = tl.zeros(state_mask.shape, tl.float32)
-    for c in range(0, n_saved):
-        tl.store(hws_base + c * BLOCK_N, h, mask=state_mask)
-        for j in range(0, SUB):
-            h = _ss_state_after(h, (c * SUB + j) * BLOCK_T + offs_t, L, u_base, dt_base, B_base, mask_d, mask_n,
-                                su_l, sdt_l, sB_l, bias, A2, first, last, HAS_BIAS, SOFTPLUS, FAST, LANES)
-    tl.debug_barrier()
+    if not HAS_STATES:  # pass 1: forwards along L, storing the state entering each interval
+        h = tl.zeros(state_mask.shape, tl.float32)
+        for c in range(0, n_saved):
+            tl.store(hws_base + c * BLOCK_N, h, mask=state_mask)
+            for j in range(0, SUB):
+                h = _ss_state_after(h, (c * SUB + j) * BLOCK_T + offs_t, L, u_base, dt_base, B_base, mask_d,
+                                    mask_n, su_l, sdt_l, sB_l, bias, A2, first, last, HAS_BIAS, SOFTPLUS, FAST,
+                                    LANES)
+        tl.debug_barrier()
 
     # Pass 2: chunks in reverse, the adjoint's carry in registers (g_t = C_t gy_t + a_{t+1} g_{t+1}).
     g = tl.zeros(state_mask.shape, tl.float32)
@@ -543,37 +571,73 @@ def _config(cg, state, backward, overrides, length=None, elem_size=4, defaults=N
     return cfg
 
 
-def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, config=None):
-    """Forward selective scan; returns y (batch, KC, L) float32. See the module docstring."""
+def _backward_interval(u, A, B, config=None) -> tuple[int, int]:
+    """(positions between the states the backward keeps, BLOCK_N) of its (default, or ``config``)
+    configuration."""
+    channels, length = u.shape[1], u.shape[2]
+    cfg = _config(channels // B.shape[1], A.shape[1], True, config, length, u.element_size())
+    return (LANES_SAVE_INTERVAL if cfg.get("LANES", 0) else cfg["BLOCK_T"]), cfg["BLOCK_N"]
+
+
+def saved_states_shape(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, config=None) -> tuple[int, ...]:
+    """Shape of the float32 states :func:`selective_scan_bwd` keeps, (batch, KC, intervals, BLOCK_N): the
+    state entering every interval of its (default, or ``config``) configuration."""
+    interval, block_n = _backward_interval(u, A, B, config)
+    return u.shape[0], u.shape[1], triton.cdiv(u.shape[2], interval), block_n
+
+
+def _check_states(states, expected):
+    if tuple(states.shape) != expected or states.dtype != torch.float32 or not states.is_contiguous():
+        raise ValueError(f"states must be contiguous float32 {expected}, got {tuple(states.shape)} {states.dtype}")
+
+
+def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, config=None,
+                       states_out=None):
+    """Forward selective scan; returns y (batch, KC, L) float32. See the module docstring.
+
+    ``states_out`` (float32, :func:`saved_states_shape`): the forward also stores there the states the
+    backward keeps, so that :func:`selective_scan_bwd` given them skips its first pass (an option,
+    untimed when added).
+    """
     batch, channels, length, groups, cg, state = _check(u, delta, A, B, C)
     cfg = _config(cg, state, False, config, length, u.element_size())
     y = torch.empty(batch, channels, length, device=u.device, dtype=torch.float32)
     if y.numel() == 0:
         return y
+    save_t = n_saved = 0
+    if states_out is not None:
+        expected = saved_states_shape(u, A, B)
+        _check_states(states_out, expected)
+        save_t, n_saved = _backward_interval(u, A, B)[0], expected[2]
+        if cfg["BLOCK_T"] % save_t and save_t % cfg["BLOCK_T"]:  # neither chunk length fits the other's
+            cfg["BLOCK_T"] = save_t
     dummy = y
     Dt = D if D is not None else dummy
     bt = delta_bias if delta_bias is not None else dummy
     grid = (triton.cdiv(cg, cfg["BLOCK_D"]), groups, batch)
     _ss_fwd_kernel[grid](
-        u, delta, A, B, C, Dt, bt, y,
-        length, state, cg,
+        u, delta, A, B, C, Dt, bt, y, states_out if states_out is not None else y,
+        length, state, cg, n_saved,
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
         Dt.stride(0), bt.stride(0), y.stride(0), y.stride(1),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
-        PREFETCH=bool(cfg.get("PREFETCH", 0)), LANES=bool(cfg.get("LANES", 0)), num_warps=cfg["num_warps"],
+        PREFETCH=bool(cfg.get("PREFETCH", 0)), LANES=bool(cfg.get("LANES", 0)), SAVE_T=save_t,
+        num_warps=cfg["num_warps"],
     )
     return y
 
 
 def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True,
-                       deterministic=None, config=None):
+                       deterministic=None, config=None, states=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias), float32; dD / ddelta_bias None if absent.
 
     dB / dC partials of the channel blocks of a group go to a workspace summed afterwards (deterministic);
     only when that workspace would exceed ``WORKSPACE_LIMIT_BYTES`` and ``deterministic`` is false
     (default: the ``VMAMBA_DETERMINISTIC`` environment variable or
     ``torch.are_deterministic_algorithms_enabled()``) are they reduced with atomics instead.
+    ``states``: what :func:`selective_scan_fwd` stored in ``states_out``; the first pass, which
+    recomputes them, is then skipped.
     """
     batch, channels, length, groups, cg, state = _check(u, delta, A, B, C)
     cfg = _config(cg, state, True, config, length, u.element_size())
@@ -612,7 +676,10 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
                 zeros(C.shape, device=dev),
                 None if D is None else zeros(D.shape, device=dev),
                 None if delta_bias is None else zeros(delta_bias.shape, device=dev))
-    hws = torch.empty(batch, channels, n_saved, cfg["BLOCK_N"], device=dev, dtype=f32)
+    has_states = states is not None and states.numel() > 0
+    if has_states:
+        _check_states(states, (batch, channels, n_saved, cfg["BLOCK_N"]))
+    hws = states if has_states else torch.empty(batch, channels, n_saved, cfg["BLOCK_N"], device=dev, dtype=f32)
     grid = (n_blk, groups, batch)
     sub = interval // cfg["BLOCK_T"]
     scratch = (torch.empty(n_blk * groups * batch, sub, cfg["BLOCK_N"], cfg["BLOCK_D"], device=dev, dtype=f32)
@@ -630,7 +697,7 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         du.stride(0), du.stride(1), dB_ws.stride(0), dB_ws.stride(1), blk_stride, dB_ws.stride(-2),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SAVE_T=interval,
-        FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, num_warps=cfg["num_warps"],
+        FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, HAS_STATES=has_states, num_warps=cfg["num_warps"],
     )
     if atomic:
         dB, dC = dB_ws, dC_ws

@@ -43,6 +43,8 @@ from .selective_scan import (
     _config,
     _per_channel,
     _per_state,
+    _save_entry_state,
+    _save_inner_states,
     _scan_chunk,
     _softplus,
     _state_grid,
@@ -192,18 +194,11 @@ def _core_fwd_kernel(
                                                cols, mask_d, offs_n, mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN,
                                                WIDE)
         dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST, LANES)
-        if SAVE_T > 0:
-            if LANES:
-                if t0 % SAVE_T == 0:  # its chunks may be shorter than the saving interval
-                    tl.store(hws_base + (t0 // SAVE_T) * chunk_stride, h, mask=state_mask)
-            else:
-                tl.store(hws_base + (t0 // SAVE_T) * chunk_stride, h, mask=state_mask)
+        if SAVE_T > 0:  # (LANES chunks may be shorter than the saving interval)
+            _save_entry_state(h, t0, hws_base, chunk_stride, state_mask, SAVE_T, BLOCK_T % SAVE_T == 0)
         hs, h_next = _scan_chunk(a, x, h, first, last)
         if SAVE_T > 0:
-            for j in tl.static_range(1, BLOCK_T // SAVE_T):
-                hj = tl.sum(tl.where((offs_t == j * SAVE_T - 1)[:, None, None], hs, 0.0), axis=0)
-                tl.store(hws_base + (t0 // SAVE_T + j) * chunk_stride, hj,
-                         mask=state_mask & (t0 + j * SAVE_T < L))
+            _save_inner_states(hs, t0, offs_t, L, hws_base, chunk_stride, state_mask, SAVE_T, BLOCK_T)
         h = h_next
         y = tl.sum(hs * _per_state(Ct, LANES), axis=2 - LANES)
         if HAS_D:
