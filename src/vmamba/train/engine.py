@@ -224,12 +224,13 @@ def graph_for_training(model: nn.Module, batch_shape: tuple[int, ...], amp_dtype
     model.train()
     # the warm-up runs on random inputs would otherwise move BatchNorm running statistics
     buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
-    with _autocast(sample.device, amp_dtype, cache=False):
-        graphed = torch.cuda.make_graphed_callables(model, (sample,), num_warmup_iters=warmup_iters)
-    with torch.no_grad():
-        for buffer, saved in buffers:
-            buffer.copy_(saved)
-    return graphed
+    try:
+        with _autocast(sample.device, amp_dtype, cache=False):
+            return torch.cuda.make_graphed_callables(model, (sample,), num_warmup_iters=warmup_iters)
+    finally:  # also when the capture fails and training goes on eagerly
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
 
 
 def use_cuda_graph(requested: bool | None, device: torch.device, distributed: bool, compiled: bool,
