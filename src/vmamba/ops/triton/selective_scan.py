@@ -586,7 +586,8 @@ def saved_states_shape(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, config
     return u.shape[0], u.shape[1], triton.cdiv(u.shape[2], interval), block_n
 
 
-def _check_states(states, expected):
+def check_states(states: torch.Tensor, expected: tuple[int, ...]) -> None:
+    """Saved states must be contiguous float32 of the ``expected`` shape."""
     if tuple(states.shape) != expected or states.dtype != torch.float32 or not states.is_contiguous():
         raise ValueError(f"states must be contiguous float32 {expected}, got {tuple(states.shape)} {states.dtype}")
 
@@ -606,9 +607,9 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         return y
     save_t = n_saved = 0
     if states_out is not None:
-        expected = saved_states_shape(u, A, B)
-        _check_states(states_out, expected)
-        save_t, n_saved = _backward_interval(u, A, B)[0], expected[2]
+        save_t, block_n = _backward_interval(u, A, B)
+        n_saved = triton.cdiv(length, save_t)
+        check_states(states_out, (batch, channels, n_saved, block_n))
         if cfg["BLOCK_T"] % save_t and save_t % cfg["BLOCK_T"]:  # neither chunk length fits the other's
             cfg["BLOCK_T"] = save_t
     dummy = y
@@ -678,7 +679,7 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
                 None if delta_bias is None else zeros(delta_bias.shape, device=dev))
     has_states = states is not None and states.numel() > 0
     if has_states:
-        _check_states(states, (batch, channels, n_saved, cfg["BLOCK_N"]))
+        check_states(states, (batch, channels, n_saved, cfg["BLOCK_N"]))
     hws = states if has_states else torch.empty(batch, channels, n_saved, cfg["BLOCK_N"], device=dev, dtype=f32)
     grid = (n_blk, groups, batch)
     sub = interval // cfg["BLOCK_T"]

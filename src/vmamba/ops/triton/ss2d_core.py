@@ -48,6 +48,7 @@ from .selective_scan import (
     _scan_chunk,
     _softplus,
     _state_grid,
+    check_states,
     default_config,
     fast_math,
 )
@@ -526,9 +527,7 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
     if has_states:
         if not lanes:
             cfg["BLOCK_T"] = save_chunk
-        expected = saved_states_shape(batch, routes, channels, length, state)
-        if tuple(states.shape) != expected or states.dtype != torch.float32 or not states.is_contiguous():
-            raise ValueError(f"states must be contiguous float32 {expected}, got {tuple(states.shape)} {states.dtype}")
+        check_states(states, saved_states_shape(batch, routes, channels, length, state))
     dev, f32 = u.device, torch.float32
     n_blk = triton.cdiv(channels, cfg["BLOCK_D"])
     kc = routes * channels
