@@ -37,7 +37,8 @@ def test_cuda_graph_training_matches_eager(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert main([*ARGS, "--cuda-graph", "--output", str(tmp_path / "graph")]) == 0
-    assert not [w for w in caught if "AccumulateGrad" in str(w.message)]
+    stream_warnings = [str(w.message) for w in caught if "AccumulateGrad" in str(w.message)]
+    assert not stream_warnings, stream_warnings[0]
     eager, graph = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("eager", "graph"))
     initial = _initial_weights(ARGS)
     assert eager.keys() == graph.keys()

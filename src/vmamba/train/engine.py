@@ -233,6 +233,13 @@ def graph_for_training(model: nn.Module, batch_shape: tuple[int, ...], amp_dtype
                 buffer.copy_(saved)
 
 
+def _warn_on_accumulate_grad_stream_mismatch(enabled: bool) -> None:
+    """PyTorch's warning when a gradient accumulator runs on another stream than it was made on (torch >= 2.9)."""
+    setter = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+    if setter is not None:
+        setter(enabled)
+
+
 def use_cuda_graph(requested: bool | None, device: torch.device, distributed: bool, compiled: bool,
                    grad_checkpointing: bool, accumulating: bool = False) -> bool:
     """Whether to train through :func:`graph_for_training`: as ``requested`` (True is refused where it
@@ -426,15 +433,14 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
     graphed = use_cuda_graph(cfg.cuda_graph, ds.device, ds.distributed, cfg.compile, cfg.grad_checkpointing,
                              accumulating=cfg.accum_steps > 1)
     if graphed:
+        # expected with graphs: the capture's warm-up runs on a side stream, which the parameters'
+        # gradient accumulators remember; the accumulation itself is outside the graphs
+        _warn_on_accumulate_grad_stream_mismatch(False)
         try:
             train_model = graph_for_training(model, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), amp_dtype,
                                              cfg.channels_last)
-            quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
-            if quiet is not None:
-                # expected here: the capture's warm-up ran on a side stream, which the parameters'
-                # gradient accumulators remember; the accumulation itself is outside the graphs
-                quiet(False)
         except RuntimeError as exc:
+            _warn_on_accumulate_grad_stream_mismatch(True)
             if cfg.cuda_graph:  # asked for explicitly: the failure is the answer
                 raise
             graphed = False
