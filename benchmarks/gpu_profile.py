@@ -26,6 +26,8 @@ def main():
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--out", default="gpu_profile.txt")
     parser.add_argument("--compile-mode", default="", help="torch.compile mode; empty: eager")
+    parser.add_argument("--by-op-shape", action="store_true",
+                        help="rows are PyTorch ops with their input shapes (GPU time of the kernels they launched)")
     args = parser.parse_args()
     import vmamba
 
@@ -59,14 +61,18 @@ def main():
             fn()
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if args.by_op_shape else [ProfilerActivity.CUDA]
+        with profile(activities=activities, record_shapes=args.by_op_shape) as prof:
             for _ in range(steps):
                 fn()
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1e3 / steps
-        events = prof.key_averages()
-        total = sum(e.device_time_total for e in events if e.device_time_total > 0) / steps
-        table = events.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
+        kernels = prof.key_averages()
+        total = sum(e.self_device_time_total for e in kernels if e.self_device_time_total > 0) / steps
+        events = prof.key_averages(group_by_input_shape=True) if args.by_op_shape else kernels
+        sort_by = "self_cuda_time_total" if args.by_op_shape else "cuda_time_total"
+        table = events.table(sort_by=sort_by, row_limit=args.rows, max_name_column_width=70,
+                             max_shapes_column_width=90)
         text = f"== {args.model} {name}, batch {args.batch}: {steps} steps profiled; " \
                f"summed kernel time per step {total / 1e3:.1f} ms, wall time per step (profiled) {wall_ms:.1f} ms" \
                f"{', compiled: ' + args.compile_mode if args.compile_mode else ''}\n{table}\n"

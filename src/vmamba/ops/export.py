@@ -83,9 +83,18 @@ def selective_scan_tensor(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     return y
 
 
+def _scan_fwd_decomposed(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                         delta_bias: Tensor | None, delta_softplus: bool, backend: str,
+                         save_states: bool = False) -> tuple[Tensor, Tensor]:
+    """The forward op's (output, saved states) with tensor ops; nothing is saved (exported programs do
+    not train through the op)."""
+    y = selective_scan_tensor(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return y, y.new_zeros(0)
+
+
 def scan_decompositions() -> dict:
     """{custom op overload: pure-tensor implementation}, for ``ExportedProgram.run_decompositions``."""
-    return {torch.ops.vmamba.selective_scan_fwd.default: selective_scan_tensor}
+    return {torch.ops.vmamba.selective_scan_fwd.default: _scan_fwd_decomposed}
 
 
 def decompose_scans(program: torch.export.ExportedProgram,

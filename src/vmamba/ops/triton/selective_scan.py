@@ -74,29 +74,40 @@ def _log2_approx(x):
 
 
 @triton.jit
-def _softplus(x, FAST: tl.constexpr):
-    """log(1 + e^x). FAST (compiled CUDA only, not the interpreter): the hardware log2 where 1 + e^x is
-    not close to 1 (absolute error ~1e-7 there, relative below 2e-5) and log1p's series below 2^-7
-    (relative error below e^3/4), instead of libdevice's branchy logf."""
+def _softplus_and_slope(x, FAST: tl.constexpr):
+    """(log(1 + e^x), its derivative σ(x) = e^x / (1 + e^x)) from one exponential; kernels that use only
+    the first leave the division out. FAST (compiled CUDA only, not the interpreter): the hardware log2
+    where 1 + e^x is not close to 1 (absolute error ~1e-7 there, relative below 2e-5) and log1p's series
+    below 2^-7 (relative error below e^3/4), instead of libdevice's branchy logf."""
     e = tl.exp(tl.minimum(x, 20.0))
     if FAST:
         series = e * (1.0 - e * (0.5 - e * 0.3333333333333333))
         sp = tl.where(e < 0.0078125, series, _log2_approx(1.0 + e) * 0.6931471805599453)
     else:
         sp = tl.log(1.0 + e)
-    return tl.where(x > 20.0, x, sp)
+    slope = tl.fdiv(e, 1.0 + e)  # the approximate division is ample here
+    return tl.where(x > 20.0, x, sp), tl.where(x > 20.0, 1.0, slope)
+
+
+@triton.jit
+def _softplus(x, FAST: tl.constexpr):
+    """log(1 + e^x) (see :func:`_softplus_and_slope`)."""
+    sp, _ = _softplus_and_slope(x, FAST)
+    return sp
 
 
 @triton.jit
 def _load_delta(dt_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
-    """Returns (raw = delta + bias, Δ) for a (T, D) tile; Δ is zero outside the mask."""
+    """Returns (dΔ/d(delta + bias), Δ) for a (T, D) tile (the slope is 1 without softplus); Δ is zero
+    outside the mask."""
     raw = tl.load(dt_ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         raw = raw + bias[None, :]
     dt = raw
+    slope = tl.full(raw.shape, 1.0, tl.float32)
     if SOFTPLUS:
-        dt = _softplus(raw, FAST)
-    return raw, tl.where(mask, dt, 0.0)
+        dt, slope = _softplus_and_slope(raw, FAST)
+    return slope, tl.where(mask, dt, 0.0)
 
 
 @triton.jit
@@ -201,7 +212,7 @@ def _per_state(t, LANES: tl.constexpr):
 
 
 @triton.jit
-def _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2, HAS_D: tl.constexpr,
+def _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A, Bt, dskip, m2, HAS_D: tl.constexpr,
                      SOFTPLUS: tl.constexpr, LANES: tl.constexpr):
     """Gradient terms of one chunk from its adjoint states gs and states hs (module docstring).
 
@@ -220,7 +231,7 @@ def _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2, HAS_D: tl
         du += dskip[None, :] * gy
         dD = tl.sum(gy * u, axis=0)
     if SOFTPLUS:
-        ddt = tl.fdiv(ddt, 1.0 + tl.exp(-raw))  # σ(raw); the approximate division is ample here
+        ddt = ddt * slope  # σ(delta + bias)
     ddt = tl.where(m2, ddt, 0.0)
     dB = tl.sum(gs * _per_channel(dtu, LANES), axis=1 + LANES)
     dC = tl.sum(hs * _per_channel(gy, LANES), axis=1 + LANES)
@@ -351,7 +362,7 @@ def _ss_bwd_chunk(t, h0, g, L, u_base, dt_base, gy_base, du_base, ddt_base, B_ba
     mtn = mask_t[:, None] & mask_n[None, :]
     u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
     gy = tl.load(gy_base + t[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
-    raw, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS, FAST)
+    slope, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS, FAST)
     Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
     Ct = tl.load(C_base + t[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
 
@@ -369,7 +380,7 @@ def _ss_bwd_chunk(t, h0, g, L, u_base, dt_base, gy_base, du_base, ddt_base, B_ba
     else:
         gs, g = _adjoint_chunk(a, cg, g, first, last, FLIP)
 
-    dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2,
+    dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A, Bt, dskip, m2,
                                                      HAS_D, SOFTPLUS, LANES)
     tl.store(du_base + t[:, None], du, mask=m2)
     tl.store(ddt_base + t[:, None], ddt, mask=m2)

@@ -47,6 +47,7 @@ from .selective_scan import (
     _save_inner_states,
     _scan_chunk,
     _softplus,
+    _softplus_and_slope,
     _state_grid,
     check_states,
     default_config,
@@ -108,15 +109,17 @@ def _load_step(u_base, dl_base, xp_base, w_base, t, L, H, W, inv_h, rev, cols, m
 
 @triton.jit
 def _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, LANES: tl.constexpr):
-    """Δ = softplus(raw + bias) (0 outside the mask) as a (T, D) tile, the decays a = exp(Δ A) and
-    inputs x = Δ u B as (T, D, N) tiles, or (T, N, D) with LANES (A2 is then (N, D))."""
+    """Δ = softplus(raw + bias) (0 outside the mask) and its slope dΔ/d(raw + bias) as (T, D) tiles, the
+    decays a = exp(Δ A) and inputs x = Δ u B as (T, D, N) tiles, or (T, N, D) with LANES (A2 is then
+    (N, D)). The forward never uses the slope, and the compiler drops it there."""
     dt = raw + bias[None, :]
+    slope = tl.full(dt.shape, 1.0, tl.float32)
     if SOFTPLUS:
-        dt = _softplus(dt, FAST)
+        dt, slope = _softplus_and_slope(dt, FAST)
     dt = tl.where(m2, dt, 0.0)
     a = tl.exp2(_per_channel(dt, LANES) * A2[None, :, :])
     x = _per_channel(dt * u, LANES) * _per_state(Bt, LANES)
-    return dt, a, x
+    return dt, a, x, slope
 
 
 @triton.jit
@@ -194,7 +197,7 @@ def _core_fwd_kernel(
             u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, w_base, t0 + offs_t, L, H, W, inv_h, rev,
                                                cols, mask_d, offs_n, mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN,
                                                WIDE)
-        dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST, LANES)
+        dt, a, x, _ = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST, LANES)
         if SAVE_T > 0:  # (LANES chunks may be shorter than the saving interval)
             _save_entry_state(h, t0, hws_base, chunk_stride, state_mask, SAVE_T, BLOCK_T % SAVE_T == 0)
         hs, h_next = _scan_chunk(a, x, h, first, last)
@@ -214,7 +217,7 @@ def _state_after(h, t, u_base, dl_base, xp_base, L, H, W, inv_h, rev, cols, mask
     """The state after the chunk of steps t entered with state h (the backward's recomputation)."""
     u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, dl_base, t, L, H, W, inv_h, rev, cols, mask_d,
                                        offs_n, mask_n, su_l, sd_l, sxp_l, 0, R, N, True, WIDE)
-    dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST, LANES)
+    _, a, x, _ = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST, LANES)
     _, h = _scan_chunk(a, x, h, first, last)
     return h
 
@@ -240,8 +243,7 @@ def _bwd_chunk(t, u, raw, Bt, Ct, gy, p, m2, h0, g, dl_base, du_base, ddt_base, 
     before, dA, dD and dbias partials). Tiles are (T, D, N), or (T, N, D) with LANES (A and A2 then
     (N, D))."""
     mtn = (t < L)[:, None] & mask_n[None, :]
-    dt, a, x = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST, LANES)
-    raw = raw + bias[None, :]  # softplus' derivative is taken at raw + bias
+    dt, a, x, slope = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST, LANES)
     dtu = dt * u
     hs, _ = _scan_chunk(a, x, h0, first, last)
     cg = _per_state(Ct, LANES) * _per_channel(gy, LANES)
@@ -257,7 +259,7 @@ def _bwd_chunk(t, u, raw, Bt, Ct, gy, p, m2, h0, g, dl_base, du_base, ddt_base, 
         gs, g = _adjoint_chunk_next(an, cg, g, first, last, FLIP)
     else:
         gs, g = _adjoint_chunk(a, cg, g, first, last, FLIP)  # the adjoint runs down the route
-    dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, raw, A, Bt, dskip, m2, HAS_D,
+    dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A, Bt, dskip, m2, HAS_D,
                                                      SOFTPLUS, LANES)
     tl.store(du_base + p[:, None] * sd_l, du.to(du_base.dtype.element_ty), mask=m2)
     tl.store(ddt_base + p[:, None] * sd_l, ddt.to(ddt_base.dtype.element_ty), mask=m2)
