@@ -36,13 +36,15 @@ FLOATS = {"inv_h", "eps"}
 BF16 = {"u_ptr", "xp_ptr", "y_ptr", "dl_ptr", "gy_ptr", "du_ptr", "ddt_ptr"}
 
 
-def signature(kernel, constants: dict, bf16: bool) -> dict:
+def signature(kernel, constants: dict, bf16: bool | set[str]) -> dict:
+    """Argument types; ``bf16``: the map-sized tensors (BF16) in bf16, or the named pointers."""
+    bf16_names = BF16 if bf16 is True else bf16 or set()
     sig = {}
     for name, param in zip(kernel.arg_names, kernel.params):
         if param.is_constexpr:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*bf16" if bf16 and name in BF16 else "*fp32"
+            sig[name] = "*bf16" if name in bf16_names else "*fp32"
         else:
             sig[name] = "fp32" if name in FLOATS else "i32"
     return sig
@@ -122,6 +124,11 @@ VARIANTS = [
     ("selective_scan bwd d_state 16, channel lanes, 2-step chunks", selective_scan._ss_bwd_kernel,
      dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=16, BLOCK_T=2,
           SAVE_T=16, FLIP=True, LANES=True, HAS_STATES=False), {"num_warps": 1}, False),
+    ("delta GEMM bf16", ss2d_core._delta_gemm_kernel,
+     dict(R=24, BLOCK_M=64, BLOCK_C=128, BLOCK_R=32, PRECISION="tf32"), {"num_warps": 4},
+     {"xp_ptr", "w_ptr", "out_ptr"}),
+    ("delta GEMM fp32, full precision", ss2d_core._delta_gemm_kernel,
+     dict(R=6, BLOCK_M=64, BLOCK_C=128, BLOCK_R=16, PRECISION="ieee"), {"num_warps": 4}, False),
     ("layer_norm fwd, K=4 summed", layer_norm._fwd_kernel,
      dict(K=4, BLOCK_M=16, BLOCK_C=128, HAS_W=True, HAS_B=True, STORE_SUM=True), {"num_warps": 4}, False),
     ("layer_norm bwd", layer_norm._bwd_kernel,

@@ -407,3 +407,23 @@ def test_lanes_backward_agrees(state, block_t):
             assert _rel(ours, theirs) < 1e-5, (name, saved is None)
     with pytest.raises(ValueError, match="must divide"):
         k.ss2d_scan_bwd(gy, *args, config={**cfg, "BLOCK_T": 32})
+
+
+@pytest.mark.parametrize(("dtype", "rank", "channels", "config"), [
+    (torch.float32, 6, 20, None),  # R padded to 16, C not a multiple of the channel block
+    (torch.bfloat16, 24, 40, {"BLOCK_M": 16, "BLOCK_C": 16}),  # several blocks in both directions
+    (torch.float32, 33, 16, {"BLOCK_M": 32, "BLOCK_C": 16}),  # R padded to 64
+])
+def test_delta_gemm_matches_batched_matmul(dtype, rank, channels, config):
+    """The Triton Δ GEMM equals xp[..., k, :R] @ dt_weight_k^T per route, in route-major pixel order."""
+    from vmamba.ops.triton.ss2d_core import delta_gemm
+
+    g = torch.Generator().manual_seed(21)
+    batch, length, routes, state = 2, 23, 4, 1
+    xp = torch.randn(batch, length, routes, rank + 2 * state, generator=g).to(dtype)
+    weight = torch.randn(routes, channels, rank, generator=g)
+    out = delta_gemm(xp.to(DEVICE), weight.to(DEVICE), rank, dtype, config=config)
+    expected = torch.einsum("blkr,kcr->kblc", xp.double()[..., :rank], weight.to(dtype).double())
+    assert out.dtype == dtype and out.shape == (routes, batch * length, channels)
+    err = (out.cpu().double() - expected.reshape(routes, -1, channels)).norm() / expected.norm()
+    assert err < (1e-6 if dtype == torch.float32 else 1e-2), err

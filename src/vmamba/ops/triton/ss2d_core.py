@@ -9,8 +9,9 @@ Here every tensor stays in *pixel order* with channels contiguous (a channels-la
   Δ input (R values), B (N) and C (N) of each pixel: a projection of a pixel does not depend on the
   order in which a route visits it, so one GEMM serves every route.
 * Δ = dt_proj_k · xp[..., :R]: the forward computes it inside the scan kernel (R multiply-adds per
-  element, nothing stored) by default, or reads it from one batched GEMM's output (config
-  ``DELTA_GEMM=1``: benchmarks/gpu_ss2d_sweep.py times both); the backward always uses the GEMM.
+  element, nothing stored) while R is small, or reads it from the output of :func:`delta_gemm`, a
+  Triton GEMM over the routes (config ``DELTA_GEMM=1``: benchmarks/gpu_ss2d_sweep.py times both);
+  the backward always uses the GEMM.
 * y: (K, batch, L, C) in pixel order; the merge is then a sum over K (fused into the out-norm by
   :func:`vmamba.ops.layer_norm.layer_norm_sum`).
 
@@ -54,7 +55,7 @@ from .selective_scan import (
     fast_math,
 )
 
-__all__ = ["ss2d_scan_fwd", "ss2d_scan_bwd", "saved_states_shape", "NSEQ"]
+__all__ = ["delta_gemm", "ss2d_scan_fwd", "ss2d_scan_bwd", "saved_states_shape", "NSEQ"]
 
 # Distinct visiting orders per scan mode: route k >= nseq is route k - nseq reversed.
 NSEQ = {"unidi": 1, "bidi": 1, "cross2d": 2}
@@ -463,11 +464,61 @@ def _launch_options(cfg):
     return options
 
 
-def _delta_gemm(xp, dt_weight, rank, dtype):
-    """Δ before bias, (K, batch*L, C) in route-major pixel order: one batched GEMM over the routes."""
-    routes = xp.shape[2]
-    dt_low = xp[..., :rank].permute(2, 0, 1, 3).reshape(routes, -1, rank)
-    return torch.bmm(dt_low, dt_weight.to(dtype).transpose(1, 2))
+@triton.jit
+def _delta_gemm_kernel(xp_ptr, w_ptr, out_ptr, M, C, sxp_m, sxp_k, sw_k, sw_c, so_k, so_m,
+                       R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """out[k, m, c] = Σ_r xp[m, k, r] w[k, c, r] for one (BLOCK_M, BLOCK_C) tile of route k."""
+    pid_m, pid_c, k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    r = tl.arange(0, BLOCK_R)
+    mask_m, mask_c, mask_r = rows < M, cols < C, r < R
+    a = tl.load(xp_ptr + rows[:, None].to(tl.int64) * sxp_m + k * sxp_k + r[None, :],
+                mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    w = tl.load(w_ptr + k * sw_k + cols[None, :] * sw_c + r[:, None], mask=mask_r[:, None] & mask_c[None, :],
+                other=0.0)
+    # float32 operands: TF32 is exact for bf16 and fp16 values (10 mantissa bits), and the interpreter
+    # multiplies float32 correctly but not bf16
+    acc = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+    out = out_ptr + k * so_k + rows[:, None].to(tl.int64) * so_m + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+
+
+DELTA_GEMM_CONFIG = {"BLOCK_M": 64, "BLOCK_C": 128, "num_warps": 4}
+
+
+def delta_gemm(xp, dt_weight, rank, dtype, config=None):
+    """Δ before bias, (K, batch*L, C) in route-major pixel order, with xp (batch, L, K, R + 2N) and
+    dt_weight (K, C, R): Δ_k = xp[..., k, :R] @ dt_weight_k^T for every route.
+
+    A Triton kernel rather than ``torch.bmm``: with an inner dimension of R <= 64 cuBLAS' kernels are
+    bound by latency (H200, VMamba-S stage 3: 165 µs for a 154 MB output, 0.9 TB/s), while this one
+    only streams the output. float32 inputs multiply in full precision unless PyTorch's matmuls may use
+    TF32 (``torch.backends.cuda.matmul.allow_tf32``), as ``torch.bmm`` would.
+    """
+    cfg = {**DELTA_GEMM_CONFIG, **(config or {})}
+    batch, length, routes, width = xp.shape
+    channels = dt_weight.shape[1]
+    xp = xp.reshape(batch * length, routes, width)
+    if xp.stride(2) != 1:
+        xp = xp.contiguous()
+    weight = dt_weight.to(dtype)
+    if weight.stride(2) != 1:
+        weight = weight.contiguous()
+    rows = batch * length
+    out = torch.empty(routes, rows, channels, device=xp.device, dtype=dtype)
+    if out.numel() == 0:
+        return out.zero_()
+    exact_in_tf32 = dtype in (torch.bfloat16, torch.float16)
+    precision = "tf32" if exact_in_tf32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(channels, cfg["BLOCK_C"]), routes)
+    _delta_gemm_kernel[grid](
+        xp, weight, out, rows, channels, xp.stride(0), xp.stride(1), weight.stride(0), weight.stride(1),
+        out.stride(0), out.stride(1), R=rank, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), PRECISION=precision, num_warps=cfg["num_warps"],
+    )
+    return out
 
 
 def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta_softplus=True,
@@ -493,7 +544,7 @@ def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta
     if save_chunk and cfg["BLOCK_T"] % save_chunk and not (lanes and save_chunk % cfg["BLOCK_T"] == 0):
         cfg["BLOCK_T"] = save_chunk
     delta_in = bool(cfg.get("DELTA_GEMM", 0))
-    delta = _delta_gemm(xp, dt_weight, rank, u.dtype).view(y.shape) if delta_in else y
+    delta = delta_gemm(xp, dt_weight, rank, u.dtype).view(y.shape) if delta_in else y
     grid = (triton.cdiv(channels, cfg["BLOCK_D"]), routes, batch)
     _core_fwd_kernel[grid](
         u, xp, dt_weight, delta, A, D if D is not None else A, delta_bias, y, states,
@@ -546,7 +597,7 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
                 zeros(kc) if D is not None else None, zeros(kc))
     # Δ without bias, in du's layout: one batched GEMM here instead of computing it three times per
     # step inside the kernel.
-    delta = _delta_gemm(xp, dt_weight, rank, u.dtype).view(du.shape)
+    delta = delta_gemm(xp, dt_weight, rank, u.dtype).view(du.shape)
     grid = (n_blk, routes, batch)
     # states every save_chunk steps (LANES; a scratch holds its chunks' entry states), else every chunk
     interval = save_chunk if lanes else cfg["BLOCK_T"]
