@@ -174,8 +174,9 @@ def _core_fwd_kernel(
     u_base = u_ptr + b * su_b + offs_c[None, :].to(tl.int64) * su_c
     xp_base = xp_ptr + b * sxp_b + k * sxp_k
     w_base = w_ptr + k * sw_k + offs_c * sw_c
-    y_base = y_ptr + k * sy_k + b * sy_b + offs_c[None, :].to(tl.int64) * sy_c
-    dl_base = dl_ptr + k * sy_k + b * sy_b + offs_c[None, :].to(tl.int64) * sy_c  # raw Δ, laid out like y
+    # int64 route offsets: K * batch * L * C may pass 2**31 even where one image's offsets do not
+    y_base = y_ptr + k.to(tl.int64) * sy_k + b * sy_b + offs_c[None, :].to(tl.int64) * sy_c
+    dl_base = dl_ptr + k.to(tl.int64) * sy_k + b * sy_b + offs_c[None, :].to(tl.int64) * sy_c  # raw Δ, laid out like y
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
     # states entering every SAVE_T steps, for the backward (SAVE_T = 0: not saved)
@@ -304,11 +305,11 @@ def _core_bwd_kernel(
 
     c64 = offs_c[None, :].to(tl.int64)
     u_base = u_ptr + b * su_b + c64 * su_c
-    gy_base = gy_ptr + k * sg_k + b * sg_b + c64 * sg_c
+    gy_base = gy_ptr + k.to(tl.int64) * sg_k + b * sg_b + c64 * sg_c
     xp_base = xp_ptr + b * sxp_b + k * sxp_k
-    dl_base = dl_ptr + k * sd_k + b * sd_b + c64 * sd_c  # raw Δ, laid out like du and ddelta
-    du_base = du_ptr + k * sd_k + b * sd_b + c64 * sd_c
-    ddt_base = ddt_ptr + k * sd_k + b * sd_b + c64 * sd_c
+    dl_base = dl_ptr + k.to(tl.int64) * sd_k + b * sd_b + c64 * sd_c  # raw Δ, laid out like du and ddelta
+    du_base = du_ptr + k.to(tl.int64) * sd_k + b * sd_b + c64 * sd_c
+    ddt_base = ddt_ptr + k.to(tl.int64) * sd_k + b * sd_b + c64 * sd_c
     # dB / dC partials of this channel block: (blocks, batch, L, K, 2N) float32
     bc_base = dbc_ptr + pid_d * sbc_blk + b * sbc_b + k * sbc_k + offs_n[None, :]
     hws_base = hws_ptr + (b * n_saved * KC + row_s) * BLOCK_N + n_s  # (batch, interval, K*C, N)
@@ -481,7 +482,7 @@ def _delta_gemm_kernel(xp_ptr, w_ptr, out_ptr, M, C, sxp_m, sxp_k, sw_k, sw_c, s
     # float32 operands: TF32 is exact for bf16 and fp16 values (10 mantissa bits), and the interpreter
     # multiplies float32 correctly but not bf16
     acc = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
-    out = out_ptr + k * so_k + rows[:, None].to(tl.int64) * so_m + cols[None, :]
+    out = out_ptr + k.to(tl.int64) * so_k + rows[:, None].to(tl.int64) * so_m + cols[None, :]  # K*M*C >= 2^31
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
 
 
