@@ -198,3 +198,18 @@ def test_reference_matches_plain_recurrence():
             h = torch.exp(dt * A[d]) * h + dt * B[0, k, :, t] * u[0, d, t]
             expected = (h * C[0, k, :, t]).sum() + D[d] * u[0, d, t]
             assert abs(y[0, d, t].item() - expected.item()) < 1e-12
+
+
+def test_forward_keeps_states_only_for_a_triton_backward_at_small_d_state():
+    from vmamba.ops.selective_scan import SAVE_STATES_MAX_STATE, saves_states
+
+    small = random_inputs(1, 2, 2, 8, SAVE_STATES_MAX_STATE)
+    large = random_inputs(1, 2, 2, 8, SAVE_STATES_MAX_STATE + 1)
+    small[0].requires_grad_(True)
+    large[0].requires_grad_(True)
+    assert saves_states(ScanBackend.TRITON, *small)
+    assert not saves_states(ScanBackend.TORCH, *small)
+    assert not saves_states(ScanBackend.TRITON, *large)
+    with torch.no_grad():
+        assert not saves_states(ScanBackend.TRITON, *small)
+    assert not saves_states(ScanBackend.TRITON, *[t.detach() if t is not None else None for t in small])
