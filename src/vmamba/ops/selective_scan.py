@@ -118,11 +118,10 @@ def _scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
                  delta_bias: Tensor | None, delta_softplus: bool, backend: str,
                  save_states: bool = False) -> tuple[Tensor, Tensor]:
     impl = _forward_impl(ScanBackend(backend))
-    shape = _saved_states_shape(u, A, B, backend, save_states)
-    states = u.new_empty(shape, dtype=torch.float32)
-    if states.numel():  # the backward then skips its first pass, which recomputes them
-        return impl(u, delta, A, B, C, D, delta_bias, delta_softplus, states_out=states).contiguous(), states
-    return impl(u, delta, A, B, C, D, delta_bias, delta_softplus).contiguous(), states
+    states = u.new_empty(_saved_states_shape(u, A, B, backend, save_states), dtype=torch.float32)
+    # with states the backward skips its first pass, which recomputes them
+    saving = {"states_out": states} if states.numel() else {}
+    return impl(u, delta, A, B, C, D, delta_bias, delta_softplus, **saving).contiguous(), states
 
 
 @_scan_fwd_op.register_fake
@@ -136,10 +135,8 @@ def _scan_bwd_op(grad_out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tenso
                  D: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
                  backend: str, states: Tensor | None = None) -> list[Tensor]:
     impl = _backward_impl(ScanBackend(backend))
-    if states is not None and states.numel():
-        grads = impl(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, states=states)
-    else:
-        grads = impl(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus)
+    saved = {"states": states} if states is not None and states.numel() else {}
+    grads = impl(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, **saved)
     inputs = (u, delta, A, B, C, D, delta_bias)
     # Absent D / delta_bias get an empty placeholder: custom ops cannot return None.
     return [g.to(x.dtype).contiguous() if x is not None else u.new_empty(0) for g, x in zip(grads, inputs)]

@@ -582,12 +582,18 @@ def _config(cg, state, backward, overrides, length=None, elem_size=4, defaults=N
     return cfg
 
 
+def _state_interval(cfg) -> int:
+    """Positions between the states a backward of configuration ``cfg`` keeps: its chunk length, or
+    LANES_SAVE_INTERVAL for LANES, whose shorter chunks fit inside an interval."""
+    return LANES_SAVE_INTERVAL if cfg.get("LANES", 0) else cfg["BLOCK_T"]
+
+
 def _backward_interval(u, A, B, config=None) -> tuple[int, int]:
     """(positions between the states the backward keeps, BLOCK_N) of its (default, or ``config``)
     configuration."""
     channels, length = u.shape[1], u.shape[2]
     cfg = _config(channels // B.shape[1], A.shape[1], True, config, length, u.element_size())
-    return (LANES_SAVE_INTERVAL if cfg.get("LANES", 0) else cfg["BLOCK_T"]), cfg["BLOCK_N"]
+    return _state_interval(cfg), cfg["BLOCK_N"]
 
 
 def saved_states_shape(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, config=None) -> tuple[int, ...]:
@@ -608,8 +614,8 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     """Forward selective scan; returns y (batch, KC, L) float32. See the module docstring.
 
     ``states_out`` (float32, :func:`saved_states_shape`): the forward also stores there the states the
-    backward keeps, so that :func:`selective_scan_bwd` given them skips its first pass (an option,
-    untimed when added).
+    backward keeps, so that :func:`selective_scan_bwd` given them skips its first pass (the custom op
+    does this at d_state <= 2; BENCHMARKS.md, session 8).
     """
     batch, channels, length, groups, cg, state = _check(u, delta, A, B, C)
     cfg = _config(cg, state, False, config, length, u.element_size())
@@ -659,8 +665,7 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         deterministic = (os.environ.get("VMAMBA_DETERMINISTIC", "0") not in ("", "0")
                          or torch.are_deterministic_algorithms_enabled())
     lanes = bool(cfg.get("LANES", 0))
-    # states are kept every `interval` positions; LANES chunks are shorter and fit inside an interval
-    interval = LANES_SAVE_INTERVAL if lanes else cfg["BLOCK_T"]
+    interval = _state_interval(cfg)
     if interval % cfg["BLOCK_T"]:
         raise ValueError(f"LANES: BLOCK_T must divide the saved-state interval {interval}, got {cfg['BLOCK_T']}")
     n_blk = triton.cdiv(cg, cfg["BLOCK_D"])
