@@ -9,6 +9,10 @@ weights, cudnn.benchmark on. Modes per model:
   * bf16 autocast inference,
   * one training step: forward + cross-entropy + backward under bf16 autocast (optimizer excluded;
     gradients set to None between steps), peak memory measured around it.
+With --cuda-graph, also for every model: bf16 inference replayed from a CUDA graph
+(vmamba.cuda_graph.graph_for_inference) and the training step with forward and backward replayed
+from CUDA graphs (vmamba.train.engine.graph_for_training; loss and autograd glue eager), so that
+models bound by the host's issue rate are compared on their GPU work.
 Each mode: warm-up iterations, then timed iterations between CUDA events; images/s = batch*iters/time.
 """
 
@@ -44,17 +48,38 @@ def set_tf32(on):
     torch.backends.cudnn.allow_tf32 = on
 
 
-def bench_model(name, batch, warmup, iters):
+def bench_model(name, batch, warmup, iters, cuda_graph=False):
     """One row; a VMamba name ending in "@unfused" runs SS2D as cross_scan → scan → cross_merge."""
     if name.endswith("@unfused"):
         from vmamba.ops.ss2d_core import use_fused_core
 
         with use_fused_core(False):
-            return {**_bench_model(name.removesuffix("@unfused"), batch, warmup, iters), "model": name}
-    return _bench_model(name, batch, warmup, iters)
+            return {**_bench_model(name.removesuffix("@unfused"), batch, warmup, iters, cuda_graph), "model": name}
+    return _bench_model(name, batch, warmup, iters, cuda_graph)
 
 
-def _bench_model(name, batch, warmup, iters):
+def _graphed_rows(model, x, target, batch, warmup, iters):
+    """bf16 inference and the bf16 training step (no optimizer) replayed from CUDA graphs."""
+    from vmamba.cuda_graph import graph_for_inference
+    from vmamba.train.engine import graph_for_training
+
+    row = {}
+    graphed = graph_for_inference(model, x, torch.bfloat16, clone_outputs=False)
+    row["infer_bf16_graph_img_s"] = batch * 1000 / timed(lambda: graphed(x), warmup, iters)
+    step_model = graph_for_training(model, tuple(x.shape), torch.bfloat16, channels_last=True)
+
+    def train_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = F.cross_entropy(step_model(x), target)
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    row["train_bf16_graph_img_s"] = batch * 1000 / timed(train_step, warmup, iters)
+    return row
+
+
+def _bench_model(name, batch, warmup, iters, cuda_graph=False):
     model = build(name).cuda().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (batch,), device="cuda")
@@ -92,6 +117,8 @@ def _bench_model(name, batch, warmup, iters):
     ms = timed(train_step, max(1, warmup - 1), iters)
     row["train_bf16_img_s"] = batch * 1000 / ms
     row["train_bf16_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    if cuda_graph:
+        row.update(_graphed_rows(model, x, target, batch, warmup, iters))
     model.cpu()
     torch.cuda.empty_cache()
     return row
@@ -105,6 +132,8 @@ def main():
     parser.add_argument("--models", default=",".join(VMAMBA + TIMM))
     parser.add_argument("--budget-s", type=float, default=400)
     parser.add_argument("--out", default="gpu_models.json")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also bf16 inference and training steps replayed from CUDA graphs")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     import triton
@@ -130,7 +159,7 @@ def main():
             print(f"budget exhausted, skipping {name}", flush=True)
             continue
         try:
-            row = bench_model(name, args.batch, args.warmup, args.iters)
+            row = bench_model(name, args.batch, args.warmup, args.iters, args.cuda_graph)
         except Exception as exc:  # noqa: BLE001 - keep going with the other models
             traceback.print_exc()
             row = {"model": name, "error": f"{type(exc).__name__}: {exc}"[:500]}
@@ -139,13 +168,16 @@ def main():
         print(json.dumps(row), flush=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
-    print(f"\n{'model':32s} {'fp32':>8s} {'tf32':>8s} {'bf16':>8s} {'train':>8s} {'trainGiB':>8s}")
+    print(f"\n{'model':32s} {'fp32':>8s} {'tf32':>8s} {'bf16':>8s} {'train':>8s} {'trainGiB':>8s} "
+          f"{'bf16grph':>8s} {'trngrph':>8s}")
     for row in results["rows"]:
         if "error" in row:
             print(f"{row['model']:32s} ERROR {row['error'][:80]}")
             continue
         print(f"{row['model']:32s} {row['infer_fp32_img_s']:8.0f} {row['infer_fp32_tf32_img_s']:8.0f} "
-              f"{row['infer_bf16_img_s']:8.0f} {row['train_bf16_img_s']:8.0f} {row['train_bf16_peak_GiB']:8.1f}")
+              f"{row['infer_bf16_img_s']:8.0f} {row['train_bf16_img_s']:8.0f} {row['train_bf16_peak_GiB']:8.1f} "
+              f"{row.get('infer_bf16_graph_img_s', float('nan')):8.0f} "
+              f"{row.get('train_bf16_graph_img_s', float('nan')):8.0f}")
 
 
 if __name__ == "__main__":

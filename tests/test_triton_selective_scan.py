@@ -146,10 +146,11 @@ def test_float64_rejected():
         selective_scan_fwd(ins[0].double(), *ins[1:], True)
 
 
-def test_prefetch_forward_variant():
-    # software-pipelined forward (next chunk loaded during the current chunk's scan)
+@pytest.mark.parametrize("depth", [1, 2])
+def test_prefetch_forward_variant(depth):
+    # software-pipelined forward (the next one or two chunks loaded during the current chunk's scan)
     _check(batch=1, groups=2, per_group=2, state=2, length=29, dtype=torch.bfloat16, seed=12,
-           config={"PREFETCH": 1, "BLOCK_T": 8})
+           config={"PREFETCH": depth, "BLOCK_T": 8})
 
 
 @pytest.mark.parametrize("state", [1, 4])

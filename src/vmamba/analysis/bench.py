@@ -41,6 +41,7 @@ class BenchSettings:
     compile: bool = False
     compile_backend: str = "inductor"
     compile_mode: str = "default"  # "reduce-overhead" replays CUDA graphs: no per-kernel launch cost
+    cuda_graph: bool = False  # capture the eager step once as a CUDA graph and replay it (CUDA only)
     warmup: int = 5
     iters: int = 20
     device: str = "auto"
@@ -54,15 +55,23 @@ class BenchSettings:
         bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise ValueError(f"unknown bench mode(s) {bad}; choose from {', '.join(MODES)}")
+        if self.cuda_graph and self.compile:
+            raise ValueError("cuda_graph replays the eager model; it cannot be combined with compile "
+                             "(compile_mode='reduce-overhead' is torch.compile's own CUDA graphs)")
         if self.batch_size < 1 or self.iters < 1 or self.warmup < 0:
             raise ValueError("batch size and iterations must be >= 1 and warm-up >= 0")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            if self.cuda_graph and device.type != "cuda":
+                raise ValueError("cuda_graph needs a CUDA device, and none is available")
+            return device
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda requested but CUDA is not available")
+        if self.cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
         return device
 
 
@@ -83,10 +92,10 @@ def tf32_enabled(enabled: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
-def _autocast(device: torch.device, dtype: str):
+def _autocast(device: torch.device, dtype: str, cache: bool = True):
     if dtype == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype], cache_enabled=cache)
 
 
 def _peak_rss_mb() -> float:
@@ -117,7 +126,16 @@ def run_one(model: nn.Module, size: tuple[int, int], mode: str, settings: BenchS
     runner: nn.Module = model
     if settings.compile:
         runner = compile_model(model, settings.compile_mode, settings.compile_backend)
-    if mode == "infer":
+    if mode == "infer" and settings.cuda_graph:
+        from ..cuda_graph import graph_for_inference
+
+        amp = None if settings.dtype == "fp32" else DTYPES[settings.dtype]
+        with tf32_enabled(settings.tf32):
+            graphed = graph_for_inference(model, x, amp, clone_outputs=False)
+
+        def step() -> None:
+            graphed(x)
+    elif mode == "infer":
         model.eval()
 
         def step() -> None:
@@ -128,10 +146,16 @@ def run_one(model: nn.Module, size: tuple[int, int], mode: str, settings: BenchS
         labels = torch.randint(0, _num_classes(model), (settings.batch_size,), device=device)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
         scaler = torch.amp.GradScaler(device.type, enabled=settings.dtype == "fp16" and device.type == "cuda")
+        if settings.cuda_graph:  # forward and backward replayed; loss and optimizer eager (as vmamba train)
+            from ..train.engine import graph_for_training
+
+            amp = None if settings.dtype == "fp32" else DTYPES[settings.dtype]
+            with tf32_enabled(settings.tf32):
+                runner = graph_for_training(model, tuple(x.shape), amp, settings.channels_last)
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, settings.dtype):
+            with _autocast(device, settings.dtype, cache=not settings.cuda_graph):
                 out = runner(x)
                 if isinstance(out, (list, tuple)):
                     out = out[-1]

@@ -219,6 +219,9 @@ def _add_bench_options(p: argparse.ArgumentParser, batch: int = 32, warmup: int 
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode: default, reduce-overhead (replays CUDA graphs: no launch "
                         "overhead), max-autotune, max-autotune-no-cudagraphs")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture the eager step once as a CUDA graph and replay it: no per-kernel host cost "
+                        "(CUDA; training replays forward and backward, the loss and optimizer stay eager)")
     p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--iters", type=int, default=iters)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -250,7 +253,7 @@ def _bench_settings(args: argparse.Namespace, modes: tuple[str, ...], with_flops
     return BenchSettings(batch_size=args.batch_size, dtype=args.dtype, tf32=args.tf32,
                          channels_last=args.channels_last, compile=args.compile,
                          compile_backend=args.compile_backend, compile_mode=args.compile_mode,
-                         warmup=args.warmup, iters=args.iters,
+                         cuda_graph=args.cuda_graph, warmup=args.warmup, iters=args.iters,
                          device=args.device, modes=modes, with_flops=with_flops)
 
 

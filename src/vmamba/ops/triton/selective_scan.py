@@ -300,14 +300,22 @@ def _ss_fwd_kernel(
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
 
-    if PREFETCH:
+    if PREFETCH >= 1:
         u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, offs_t, L, mask_d, mask_n,
                                                su_l, sdt_l, sB_l, sC_l)
+    if PREFETCH == 2:
+        u_n2, raw_n2, B_n2, C_n2 = _load_chunk(u_base, dt_base, B_base, C_base, offs_t + BLOCK_T, L, mask_d,
+                                               mask_n, su_l, sdt_l, sB_l, sC_l)
     for t0 in range(0, L, BLOCK_T):
         t = offs_t + t0
         mask_t = t < L
         m2 = mask_t[:, None] & mask_d[None, :]
-        if PREFETCH:
+        if PREFETCH == 2:  # two chunks' loads in flight: a warp per SM has few bytes otherwise
+            u, raw, Bt, Ct = u_nx, raw_nx, B_nx, C_nx
+            u_nx, raw_nx, B_nx, C_nx = u_n2, raw_n2, B_n2, C_n2
+            u_n2, raw_n2, B_n2, C_n2 = _load_chunk(u_base, dt_base, B_base, C_base, t + 2 * BLOCK_T, L, mask_d,
+                                                   mask_n, su_l, sdt_l, sB_l, sC_l)
+        elif PREFETCH == 1:
             # software pipelining: the next chunk's loads are in flight during this chunk's scan
             u, raw, Bt, Ct = u_nx, raw_nx, B_nx, C_nx
             u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, t + BLOCK_T, L, mask_d,
@@ -640,7 +648,7 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         Dt.stride(0), bt.stride(0), y.stride(0), y.stride(1),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
-        PREFETCH=bool(cfg.get("PREFETCH", 0)), LANES=bool(cfg.get("LANES", 0)), SAVE_T=save_t,
+        PREFETCH=int(cfg.get("PREFETCH", 0)), LANES=bool(cfg.get("LANES", 0)), SAVE_T=save_t,
         num_warps=cfg["num_warps"],
     )
     return y
