@@ -285,6 +285,9 @@ def main():
     parser.add_argument("--no-cross", action="store_true")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown --models {unknown}; choose from {', '.join(MODELS)}")
     torch.backends.cuda.matmul.allow_tf32 = False
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -204,6 +204,26 @@ def test_interface_triton_path_matches_f_layer_norm(forced_triton):
     assert forced_triton.calls == calls
 
 
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+def test_interface_without_gradients_skips_autograd_function(forced_triton, no_grad, monkeypatch):
+    """Inference calls the forward directly (no autograd.Function: host time), with the same result."""
+    c = 24
+    norm = LayerNorm2d(c)
+    torch.nn.init.normal_(norm.weight)
+    fmap = torch.randn(2, c, 3, 5).contiguous(memory_format=torch.channels_last)
+    expected = norm(fmap)
+    assert expected.grad_fn is not None  # parameters need gradients: through the autograd.Function
+
+    def refuse(*args):
+        raise AssertionError("autograd.Function used without gradients")
+
+    monkeypatch.setattr(ln._NormEager, "apply", refuse)
+    with no_grad():
+        out = norm(fmap)
+    assert forced_triton.calls == 2 and out.grad_fn is None
+    torch.testing.assert_close(out, expected.detach(), rtol=0, atol=0)
+
+
 def test_interface_triton_sum_gradient_and_dtypes(forced_triton):
     c = 96
     xs = torch.randn(3, 2, 4, c, requires_grad=True)

@@ -97,6 +97,26 @@ def test_fused_core_matches_composition(mode, batch, height, width, channels, ra
         assert _rel(ours.grad.cpu(), theirs.grad) < 2e-5, name
 
 
+def test_fused_core_without_gradients_matches(monkeypatch):
+    """Inference calls the forward directly (no autograd.Function), with the same output."""
+    from vmamba.ops import ss2d_core as core_module
+
+    mode = ScanMode.CROSS2D
+    x = torch.randn(1, 4, 5, 6, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    params = [t.to(DEVICE).requires_grad_() for t in _params(mode, 6, 2, 1, seed=4)]
+    expected = ss2d_core(x, *params, mode)
+    assert expected.grad_fn is not None
+
+    def refuse(*args):
+        raise AssertionError("autograd.Function used without gradients")
+
+    monkeypatch.setattr(core_module._CoreEager, "apply", refuse)
+    with torch.inference_mode():
+        out = ss2d_core(x, *params, mode)
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, expected.detach(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("config", [{"DELTA_GEMM": 1}, {"DELTA_GEMM": 1, "PREFETCH": 1, "BLOCK_T": 8},
                                     {"PREFETCH": 1, "BLOCK_D": 16}])
 def test_forward_kernel_options_agree(config):

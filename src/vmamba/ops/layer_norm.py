@@ -165,7 +165,7 @@ def _triton_norm(xs: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     otherwise; the output has shape (*rows, C)."""
     k, c = xs.shape[0], xs.shape[-1]
     rows = xs.view(k, -1, c)
-    op = _fwd_op if compiling() else _NormEager.apply
+    op = _fwd_op if compiling() else _NormEager.call
     out = op(rows, weight, bias, float(eps), _output_dtype(xs, out_dtype), _needs_sum(xs, weight, bias))[0]
     return out.view(xs.shape[1:])
 

@@ -162,5 +162,5 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tens
     # backward a pass (on short ones recomputing cost no more, and the states cost memory).
     save_states = (x.shape[1] * x.shape[2] >= SAVE_STATES_MIN_LENGTH and torch.is_grad_enabled()
                    and any(t is not None and t.requires_grad for t in inputs))
-    op = _core_fwd if compiling() else _CoreEager.apply
+    op = _core_fwd if compiling() else _CoreEager.call
     return op(*inputs, FUSED_MODES[mode], save_states)[0]
