@@ -101,6 +101,12 @@ def _load_delta(dt_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.conste
     """Returns (dΔ/d(delta + bias), Δ) for a (T, D) tile (the slope is 1 without softplus); Δ is zero
     outside the mask."""
     raw = tl.load(dt_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return _delta_of(raw, mask, bias, HAS_BIAS, SOFTPLUS, FAST)
+
+
+@triton.jit
+def _delta_of(raw, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+    """(slope, Δ) of a loaded (T, D) tile of raw delta (see :func:`_load_delta`)."""
     if HAS_BIAS:
         raw = raw + bias[None, :]
     dt = raw
@@ -359,20 +365,26 @@ def _ss_state_after(h, t, L, u_base, dt_base, B_base, mask_d, mask_n, su_l, sdt_
 
 
 @triton.jit
-def _ss_bwd_chunk(t, h0, g, L, u_base, dt_base, gy_base, du_base, ddt_base, B_base, C_base, dB_base, dC_base,
-                  mask_d, mask_n, su_l, sdt_l, sg_l, sB_l, sC_l, A, A2, bias, dskip, first, last, HAS_D: tl.constexpr,
+def _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n, su_l, sdt_l, sg_l, sB_l, sC_l):
+    """The backward's (T, D) tiles of u, raw delta and gy and (T, N) tiles of B and C at positions t."""
+    u, raw, Bt, Ct = _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n, su_l, sdt_l, sB_l, sC_l)
+    m2 = (t < L)[:, None] & mask_d[None, :]
+    gy = tl.load(gy_base + t[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
+    return u, raw, gy, Bt, Ct
+
+
+@triton.jit
+def _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h0, g, L, dt_base, du_base, ddt_base, dB_base, dC_base,
+                  mask_d, mask_n, sdt_l, A, A2, bias, dskip, first, last, HAS_D: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr, FAST: tl.constexpr,
                   FLIP: tl.constexpr, LANES: tl.constexpr):
-    """One chunk of the backward (positions t, entry state h0, adjoint carry g from the chunk after it):
-    stores du, ddelta and the dB/dC partials; returns (g for the chunk before, dA, dD, dbias partials)."""
+    """One chunk of the backward (positions t, its loaded tiles, entry state h0, adjoint carry g from
+    the chunk after it): stores du, ddelta and the dB/dC partials; returns (g for the chunk before, dA,
+    dD, dbias partials)."""
     mask_t = t < L
     m2 = mask_t[:, None] & mask_d[None, :]
     mtn = mask_t[:, None] & mask_n[None, :]
-    u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
-    gy = tl.load(gy_base + t[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
-    slope, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS, FAST)
-    Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
-    Ct = tl.load(C_base + t[:, None] * sC_l, mask=mtn, other=0.0).to(tl.float32)
+    slope, dt = _delta_of(raw, m2, bias, HAS_BIAS, SOFTPLUS, FAST)
 
     a = tl.exp2(_per_channel(dt, LANES) * A2[None, :, :])
     dtu = dt * u
@@ -411,7 +423,7 @@ def _ss_bwd_kernel(
     sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr,
     FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SAVE_T: tl.constexpr,
-    FLIP: tl.constexpr, LANES: tl.constexpr, HAS_STATES: tl.constexpr,
+    FLIP: tl.constexpr, LANES: tl.constexpr, HAS_STATES: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Pass 1 (unless HAS_STATES: the forward stored them) walks L forwards storing the state entering
     every SAVE_T positions; pass 2 walks chunks of
@@ -475,9 +487,22 @@ def _ss_bwd_kernel(
     dA_acc = tl.zeros(state_mask.shape, tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
+    if PREFETCH:  # (SUB = 1) the last chunk's tiles and entry state
+        c = n_saved - 1
+        nx_u, nx_raw, nx_gy, nx_B, nx_C = _ss_bwd_loads(c * BLOCK_T + offs_t, L, u_base, dt_base, gy_base, B_base,
+                                                        C_base, mask_d, mask_n, su_l, sdt_l, sg_l, sB_l, sC_l)
+        nx_h = tl.load(hws_base + c * BLOCK_N, mask=state_mask, other=0.0)
     for i in range(0, n_saved):
         c = n_saved - 1 - i
-        h = tl.load(hws_base + c * BLOCK_N, mask=state_mask, other=0.0)
+        if PREFETCH:
+            u, raw, gy, Bt, Ct, h = nx_u, nx_raw, nx_gy, nx_B, nx_C, nx_h
+            # the chunk before is loaded while this one is computed (c = 0: every load is masked)
+            nx_u, nx_raw, nx_gy, nx_B, nx_C = _ss_bwd_loads((c - 1) * BLOCK_T + offs_t, L, u_base, dt_base, gy_base,
+                                                            B_base, C_base, mask_d, mask_n, su_l, sdt_l, sg_l, sB_l,
+                                                            sC_l)
+            nx_h = tl.load(hws_base + (c - 1) * BLOCK_N, mask=state_mask & (c > 0), other=0.0)
+        else:
+            h = tl.load(hws_base + c * BLOCK_N, mask=state_mask, other=0.0)
         if SUB > 1:
             tl.store(scr_base, h)
             for j in range(0, SUB - 1):  # entry states of the interval's later chunks
@@ -488,13 +513,16 @@ def _ss_bwd_kernel(
             tl.debug_barrier()  # the scratch is read by other threads than wrote it
         for jj in range(0, SUB):
             j = SUB - 1 - jj
+            t = (c * SUB + j) * BLOCK_T + offs_t
             if SUB > 1:
                 h = tl.load(scr_base + j * tile)
-            g, dA_p, dD_p, dbias_p = _ss_bwd_chunk((c * SUB + j) * BLOCK_T + offs_t, h, g, L, u_base, dt_base,
-                                                   gy_base, du_base, ddt_base, B_base, C_base, dB_base, dC_base,
-                                                   mask_d, mask_n, su_l, sdt_l, sg_l, sB_l, sC_l, A, A2, bias,
-                                                   dskip, first, last, HAS_D, HAS_BIAS, SOFTPLUS, ATOMIC, FAST,
-                                                   FLIP, LANES)
+            if not PREFETCH:
+                u, raw, gy, Bt, Ct = _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n,
+                                                   su_l, sdt_l, sg_l, sB_l, sC_l)
+            g, dA_p, dD_p, dbias_p = _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h, g, L, dt_base, du_base, ddt_base,
+                                                   dB_base, dC_base, mask_d, mask_n, sdt_l, A, A2, bias, dskip,
+                                                   first, last, HAS_D, HAS_BIAS, SOFTPLUS, ATOMIC, FAST, FLIP,
+                                                   LANES)
             dA_acc += dA_p
             if HAS_D:
                 dD_acc += dD_p
@@ -655,8 +683,10 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
 
 
 def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True,
-                       deterministic=None, config=None, states=None):
+                       deterministic=None, config=None, states=None, input_dtype_grads=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias), float32; dD / ddelta_bias None if absent.
+    ``input_dtype_grads``: du and ddelta are stored in the dtypes of u and delta instead (rounded once
+    from float32, as a cast would), sparing half-precision callers a cast pass over both.
 
     dB / dC partials of the channel blocks of a group go to a workspace summed afterwards (deterministic);
     only when that workspace would exceed ``WORKSPACE_LIMIT_BYTES`` and ``deterministic`` is false
@@ -678,8 +708,8 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         raise ValueError(f"LANES: BLOCK_T must divide the saved-state interval {interval}, got {cfg['BLOCK_T']}")
     n_blk = triton.cdiv(cg, cfg["BLOCK_D"])
     n_saved = triton.cdiv(length, interval)
-    du = torch.empty(batch, channels, length, device=dev, dtype=f32)
-    ddelta = torch.empty(batch, channels, length, device=dev, dtype=f32)
+    du = torch.empty(batch, channels, length, device=dev, dtype=u.dtype if input_dtype_grads else f32)
+    ddelta = torch.empty(batch, channels, length, device=dev, dtype=delta.dtype if input_dtype_grads else f32)
     dA_part = torch.empty(batch, channels, state, device=dev, dtype=f32)
     dD_part = torch.empty(batch, channels, device=dev, dtype=f32) if D is not None else None
     dbias_part = torch.empty(batch, channels, device=dev, dtype=f32) if delta_bias is not None else None
@@ -722,7 +752,8 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         du.stride(0), du.stride(1), dB_ws.stride(0), dB_ws.stride(1), blk_stride, dB_ws.stride(-2),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SAVE_T=interval,
-        FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, HAS_STATES=has_states, num_warps=cfg["num_warps"],
+        FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, HAS_STATES=has_states,
+        PREFETCH=bool(cfg.get("PREFETCH", 0)) and sub == 1, num_warps=cfg["num_warps"],
     )
     if atomic:
         dB, dC = dB_ws, dC_ws
