@@ -366,7 +366,9 @@ def _ss_state_after(h, t, L, u_base, dt_base, B_base, mask_d, mask_n, su_l, sdt_
 
 @triton.jit
 def _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n, su_l, sdt_l, sg_l, sB_l, sC_l):
-    """The backward's (T, D) tiles of u, raw delta and gy and (T, N) tiles of B and C at positions t."""
+    """The backward's (T, D) tiles of u, raw delta and gy and (T, N) tiles of B and C at positions t
+    (zero at positions outside [0, L): the prefetch past the first chunk asks for negative ones)."""
+    t = tl.where(t >= 0, t, L)
     u, raw, Bt, Ct = _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n, su_l, sdt_l, sB_l, sC_l)
     m2 = (t < L)[:, None] & mask_d[None, :]
     gy = tl.load(gy_base + t[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
