@@ -367,8 +367,7 @@ def _ss_state_after(h, t, L, u_base, dt_base, B_base, mask_d, mask_n, su_l, sdt_
 @triton.jit
 def _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n, su_l, sdt_l, sg_l, sB_l, sC_l):
     """The backward's (T, D) tiles of u, raw delta and gy and (T, N) tiles of B and C at positions t
-    (zero at positions outside [0, L): the prefetch past the first chunk asks for negative ones)."""
-    t = tl.where(t >= 0, t, L)
+    (zero at t >= L). t must stay an offset plus a range (no select), so the loads stay vectorised."""
     u, raw, Bt, Ct = _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n, su_l, sdt_l, sB_l, sC_l)
     m2 = (t < L)[:, None] & mask_d[None, :]
     gy = tl.load(gy_base + t[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
@@ -498,8 +497,10 @@ def _ss_bwd_kernel(
         c = n_saved - 1 - i
         if PREFETCH:
             u, raw, gy, Bt, Ct, h = nx_u, nx_raw, nx_gy, nx_B, nx_C, nx_h
-            # the chunk before is loaded while this one is computed (c = 0: every load is masked)
-            nx_u, nx_raw, nx_gy, nx_B, nx_C = _ss_bwd_loads((c - 1) * BLOCK_T + offs_t, L, u_base, dt_base, gy_base,
+            # the chunk before is loaded while this one is computed (after chunk 0: the last one again,
+            # unused, as positions below 0 would need a select that breaks vectorised loads)
+            before = (c + n_saved - 1) % n_saved
+            nx_u, nx_raw, nx_gy, nx_B, nx_C = _ss_bwd_loads(before * BLOCK_T + offs_t, L, u_base, dt_base, gy_base,
                                                             B_base, C_base, mask_d, mask_n, su_l, sdt_l, sg_l, sB_l,
                                                             sC_l)
             nx_h = tl.load(hws_base + (c - 1) * BLOCK_N, mask=state_mask & (c > 0), other=0.0)
@@ -579,7 +580,7 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
         block_t = 8
     elif block_n <= 2:
         prefetch = int(long_seq)
-        block_t = 8 if prefetch and elem_size >= 4 else 16
+        block_t = 32 if prefetch and elem_size >= 4 else 16
     elif block_n <= 16:  # one channel and all its states per lane (LANES)
         return {"BLOCK_D": 32, "BLOCK_N": block_n, "BLOCK_T": 8, "num_warps": 1, "PREFETCH": 1, "LANES": 1}
     else:
