@@ -49,12 +49,14 @@ MODELS = {
     "vanilla": ([192, 384, 768, 1536], 16),
 }
 LENGTHS = [56 * 56, 28 * 28, 14 * 14, 7 * 7]
-SWEEP = {  # (BLOCK_D, BLOCK_T, num_warps, PREFETCH[, LANES: one channel and all its states per lane[, FLIP]])
+SWEEP = {  # (BLOCK_D, BLOCK_T, num_warps, PREFETCH[, LANES: one channel and all its states per lane[, FLIP
+    # [, STAGES: chunks in flight through Triton's pipeliner]]])
     # the default first; earlier sweeps' losers (BENCHMARKS.md) dropped
-    ("fwd", 1): [(32, 8, 1, 1), (32, 32, 1, 1), (32, 64, 1, 1), (32, 16, 1, 1), (32, 32, 1, 0), (32, 16, 1, 0)],
+    ("fwd", 1): [(32, 32, 1, 1), (32, 16, 1, 1), (32, 32, 1, 0, 0, 0, 3), (32, 16, 1, 0, 0, 0, 3),
+                 (32, 32, 1, 0, 0, 0, 4), (32, 8, 1, 0, 0, 0, 4)],
     ("fwd", 16): [(8, 32, 4, 0), (8, 16, 4, 1), (8, 32, 4, 1), (16, 16, 8, 0), (16, 16, 8, 1),
                   (32, 4, 1, 1, 1), (64, 4, 2, 1, 1), (32, 8, 1, 1, 1), (128, 4, 4, 1, 1), (32, 2, 1, 1, 1)],
-    ("bwd", 1): [(32, 8, 1, 0), (32, 8, 1, 1), (32, 4, 1, 1), (64, 4, 1, 1), (64, 8, 1, 0), (32, 16, 1, 1)],
+    ("bwd", 1): [(32, 8, 1, 0), (32, 8, 1, 1)],
     ("bwd", 16): [(8, 16, 4, 0), (8, 8, 4, 0), (16, 8, 8, 0), (32, 2, 1, 0, 1, 1), (32, 4, 1, 0, 1, 1),
                   (32, 2, 1, 0, 1, 0)],
 }
@@ -151,8 +153,9 @@ def sweep(kind, n, ins, gy):
     best = None
     ref = selective_scan_fwd(*ins, True) if kind == "fwd" else selective_scan_bwd(gy, *ins, True)
     for bd, bt, nw, pf, *extra in SWEEP[(kind, n)]:
-        lanes, flip = (*extra, 0, 0)[:2]
-        cfg = {"BLOCK_D": bd, "BLOCK_T": bt, "num_warps": nw, "PREFETCH": pf, "LANES": lanes, "FLIP": flip}
+        lanes, flip, stages = (*extra, 0, 0, 1)[:3]
+        cfg = {"BLOCK_D": bd, "BLOCK_T": bt, "num_warps": nw, "PREFETCH": pf, "LANES": lanes, "FLIP": flip,
+               "STAGES": stages}
         try:
             if kind == "fwd":
                 ms = bench(lambda: selective_scan_fwd(*ins, True, config=cfg))

@@ -163,11 +163,12 @@ def test_input_dtype_grads_are_the_float32_grads_rounded(dtype):
         assert ours.dtype == torch.float32 and torch.equal(ours, ref)
 
 
-@pytest.mark.parametrize("depth", [1, 2])
-def test_prefetch_forward_variant(depth):
-    # software-pipelined forward (the next one or two chunks loaded during the current chunk's scan)
+@pytest.mark.parametrize("config", [{"PREFETCH": 1}, {"PREFETCH": 2}, {"PREFETCH": 0, "STAGES": 3}])
+def test_prefetch_forward_variant(config):
+    # software-pipelined forward (the next one or two chunks loaded during the current chunk's scan, by
+    # hand or by Triton's pipeliner)
     _check(batch=1, groups=2, per_group=2, state=2, length=29, dtype=torch.bfloat16, seed=12,
-           config={"PREFETCH": depth, "BLOCK_T": 8})
+           config={**config, "BLOCK_T": 8})
 
 
 @pytest.mark.parametrize("state", [1, 4])

@@ -14,7 +14,7 @@ from chunk to chunk in registers. Every input is read once and the output writte
 
 Backward: the adjoint state g_t = C_t gy_t + a_{t+1} g_{t+1} runs the same recurrence in reverse.
 The kernel first walks L forwards storing the state at the start of each chunk (a small workspace,
-(batch, KC, n_chunks, N) float32), then walks the chunks in reverse, recomputing the chunk's states
+(batch, n_chunks, KC, N) float32), then walks the chunks in reverse, recomputing the chunk's states
 from its start state and scanning the adjoint backwards (``reverse=True``, or with FLIP as a forward
 scan of the time-flipped chunk). With LANES tiles ((T, N, D): one lane per channel and all its states;
 the default for d_state 3-16) the chunks are 2-4 positions long and the workspace holds the state
@@ -271,12 +271,12 @@ def _ss_fwd_kernel(
     sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias, sy_b, sy_d,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
-    LANES: tl.constexpr, SAVE_T: tl.constexpr,
+    LANES: tl.constexpr, SAVE_T: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Tiles (T, D, N); with LANES (T, N, D): one lane owns one channel and all its states, so the sum
     over the states for y stays in the thread and Δ is computed once per channel. SAVE_T > 0 also
     stores the state entering every SAVE_T positions in the backward's workspace layout
-    (batch, KC, n_saved, BLOCK_N), so that the backward can skip its first pass."""
+    (batch, n_saved, KC, BLOCK_N), so that the backward can skip its first pass."""
     pid_d = tl.program_id(0)
     k = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -302,7 +302,10 @@ def _ss_fwd_kernel(
     y_base = y_ptr + b * sy_b + d[None, :] * sy_d
     B_base = B_ptr + b * sB_b + k * sB_k + offs_n[None, :] * sB_n
     C_base = C_ptr + b * sC_b + k * sC_k + offs_n[None, :] * sC_n
-    hws_base = hws_ptr + (b * (tl.num_programs(1) * CG) + rows) * (n_saved * BLOCK_N) + states
+    # interval-major: a warp's channels store one interval's states side by side (coalesced)
+    KC = tl.num_programs(1) * CG
+    hws_base = hws_ptr + (b * n_saved * KC + rows) * BLOCK_N + states
+    interval_stride = KC * BLOCK_N
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
 
@@ -312,7 +315,8 @@ def _ss_fwd_kernel(
     if PREFETCH == 2:
         u_n2, raw_n2, B_n2, C_n2 = _load_chunk(u_base, dt_base, B_base, C_base, offs_t + BLOCK_T, L, mask_d,
                                                mask_n, su_l, sdt_l, sB_l, sC_l)
-    for t0 in range(0, L, BLOCK_T):
+    # STAGES > 1: Triton's software pipeliner keeps that many chunks' loads in flight (asynchronous copies)
+    for t0 in tl.range(0, L, BLOCK_T, num_stages=STAGES):
         t = offs_t + t0
         mask_t = t < L
         m2 = mask_t[:, None] & mask_d[None, :]
@@ -338,10 +342,10 @@ def _ss_fwd_kernel(
         a = tl.exp2(_per_channel(dt, LANES) * A2[None, :, :])
         x = _per_channel(dt * u, LANES) * _per_state(Bt, LANES)
         if SAVE_T > 0:
-            _save_entry_state(h, t0, hws_base, BLOCK_N, state_mask, SAVE_T, BLOCK_T % SAVE_T == 0)
+            _save_entry_state(h, t0, hws_base, interval_stride, state_mask, SAVE_T, BLOCK_T % SAVE_T == 0)
         hs, h = _scan_chunk(a, x, h, first, last)
         if SAVE_T > 0:
-            _save_inner_states(hs, t0, offs_t, L, hws_base, BLOCK_N, state_mask, SAVE_T, BLOCK_T)
+            _save_inner_states(hs, t0, offs_t, L, hws_base, interval_stride, state_mask, SAVE_T, BLOCK_T)
         y = tl.sum(hs * _per_state(Ct, LANES), axis=2 - LANES)
         if HAS_D:
             y += dskip[None, :] * u
@@ -461,8 +465,9 @@ def _ss_bwd_kernel(
     C_base = C_ptr + b * sC_b + k * sC_k + offs_n[None, :] * sC_n
     dB_base = dB_ptr + b * sdB_b + k * sdB_k + pid_d * sdB_blk + offs_n[None, :] * sdB_n
     dC_base = dC_ptr + b * sdB_b + k * sdB_k + pid_d * sdB_blk + offs_n[None, :] * sdB_n
-    # interval-entry states: (batch, KC, n_saved, BLOCK_N), contiguous
-    hws_base = hws_ptr + (b * KC + rows) * (n_saved * BLOCK_N) + states
+    # interval-entry states: (batch, n_saved, KC, BLOCK_N), contiguous; a warp's channels side by side
+    hws_base = hws_ptr + (b * n_saved * KC + rows) * BLOCK_N + states
+    interval_stride = KC * BLOCK_N
     program = (b * tl.num_programs(1) + k) * tl.num_programs(0) + pid_d
     tile = BLOCK_N * BLOCK_D
     channel = rows - (k * CG + pid_d * BLOCK_D)  # within the block
@@ -476,7 +481,7 @@ def _ss_bwd_kernel(
     if not HAS_STATES:  # pass 1: forwards along L, storing the state entering each interval
         h = tl.zeros(state_mask.shape, tl.float32)
         for c in range(0, n_saved):
-            tl.store(hws_base + c * BLOCK_N, h, mask=state_mask)
+            tl.store(hws_base + c * interval_stride, h, mask=state_mask)
             for j in range(0, SUB):
                 h = _ss_state_after(h, (c * SUB + j) * BLOCK_T + offs_t, L, u_base, dt_base, B_base, mask_d,
                                     mask_n, su_l, sdt_l, sB_l, bias, A2, first, last, HAS_BIAS, SOFTPLUS, FAST,
@@ -492,7 +497,7 @@ def _ss_bwd_kernel(
         c = n_saved - 1
         nx_u, nx_raw, nx_gy, nx_B, nx_C = _ss_bwd_loads(c * BLOCK_T + offs_t, L, u_base, dt_base, gy_base, B_base,
                                                         C_base, mask_d, mask_n, su_l, sdt_l, sg_l, sB_l, sC_l)
-        nx_h = tl.load(hws_base + c * BLOCK_N, mask=state_mask, other=0.0)
+        nx_h = tl.load(hws_base + c * interval_stride, mask=state_mask, other=0.0)
     for i in range(0, n_saved):
         c = n_saved - 1 - i
         if PREFETCH:
@@ -503,9 +508,9 @@ def _ss_bwd_kernel(
             nx_u, nx_raw, nx_gy, nx_B, nx_C = _ss_bwd_loads(before * BLOCK_T + offs_t, L, u_base, dt_base, gy_base,
                                                             B_base, C_base, mask_d, mask_n, su_l, sdt_l, sg_l, sB_l,
                                                             sC_l)
-            nx_h = tl.load(hws_base + (c - 1) * BLOCK_N, mask=state_mask & (c > 0), other=0.0)
+            nx_h = tl.load(hws_base + (c - 1) * interval_stride, mask=state_mask & (c > 0), other=0.0)
         else:
-            h = tl.load(hws_base + c * BLOCK_N, mask=state_mask, other=0.0)
+            h = tl.load(hws_base + c * interval_stride, mask=state_mask, other=0.0)
         if SUB > 1:
             tl.store(scr_base, h)
             for j in range(0, SUB - 1):  # entry states of the interval's later chunks
@@ -636,10 +641,10 @@ def _backward_interval(u, A, B, config=None) -> tuple[int, int]:
 
 
 def saved_states_shape(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, config=None) -> tuple[int, ...]:
-    """Shape of the float32 states :func:`selective_scan_bwd` keeps, (batch, KC, intervals, BLOCK_N): the
+    """Shape of the float32 states :func:`selective_scan_bwd` keeps, (batch, intervals, KC, BLOCK_N): the
     state entering every interval of its (default, or ``config``) configuration."""
     interval, block_n = _backward_interval(u, A, B, config)
-    return u.shape[0], u.shape[1], triton.cdiv(u.shape[2], interval), block_n
+    return u.shape[0], triton.cdiv(u.shape[2], interval), u.shape[1], block_n
 
 
 def check_states(states: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -665,7 +670,7 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     if states_out is not None:
         save_t, block_n = _backward_interval(u, A, B)
         n_saved = triton.cdiv(length, save_t)
-        check_states(states_out, (batch, channels, n_saved, block_n))
+        check_states(states_out, (batch, n_saved, channels, block_n))
         if cfg["BLOCK_T"] % save_t and save_t % cfg["BLOCK_T"]:  # neither chunk length fits the other's
             cfg["BLOCK_T"] = save_t
     dummy = y
@@ -680,7 +685,7 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
         PREFETCH=int(cfg.get("PREFETCH", 0)), LANES=bool(cfg.get("LANES", 0)), SAVE_T=save_t,
-        num_warps=cfg["num_warps"],
+        STAGES=int(cfg.get("STAGES", 1)), num_warps=cfg["num_warps"],
     )
     return y
 
@@ -736,8 +741,8 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
                 None if delta_bias is None else zeros(delta_bias.shape, device=dev))
     has_states = states is not None and states.numel() > 0
     if has_states:
-        check_states(states, (batch, channels, n_saved, cfg["BLOCK_N"]))
-    hws = states if has_states else torch.empty(batch, channels, n_saved, cfg["BLOCK_N"], device=dev, dtype=f32)
+        check_states(states, (batch, n_saved, channels, cfg["BLOCK_N"]))
+    hws = states if has_states else torch.empty(batch, n_saved, channels, cfg["BLOCK_N"], device=dev, dtype=f32)
     grid = (n_blk, groups, batch)
     sub = interval // cfg["BLOCK_T"]
     scratch = (torch.empty(n_blk * groups * batch, sub, cfg["BLOCK_N"], cfg["BLOCK_D"], device=dev, dtype=f32)
