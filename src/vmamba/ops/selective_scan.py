@@ -135,10 +135,8 @@ def _scan_bwd_op(grad_out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tenso
                  D: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
                  backend: str, states: Tensor | None = None) -> list[Tensor]:
     impl = _backward_impl(ScanBackend(backend))
-    options = {"states": states} if states is not None and states.numel() else {}
-    if ScanBackend(backend) is ScanBackend.TRITON:  # du, ddelta stored in their inputs' dtypes: no cast pass
-        options["input_dtype_grads"] = True
-    grads = impl(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, **options)
+    saved = {"states": states} if states is not None and states.numel() else {}
+    grads = impl(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, **saved)
     inputs = (u, delta, A, B, C, D, delta_bias)
     # Absent D / delta_bias get an empty placeholder: custom ops cannot return None.
     return [g.to(x.dtype).contiguous() if x is not None else u.new_empty(0) for g, x in zip(grads, inputs)]

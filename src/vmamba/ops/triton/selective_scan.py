@@ -309,23 +309,15 @@ def _ss_fwd_kernel(
     first = (offs_t == 0)[:, None, None]
     last = (offs_t == BLOCK_T - 1)[:, None, None]
 
-    if PREFETCH >= 1:
+    if PREFETCH:
         u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, offs_t, L, mask_d, mask_n,
                                                su_l, sdt_l, sB_l, sC_l)
-    if PREFETCH == 2:
-        u_n2, raw_n2, B_n2, C_n2 = _load_chunk(u_base, dt_base, B_base, C_base, offs_t + BLOCK_T, L, mask_d,
-                                               mask_n, su_l, sdt_l, sB_l, sC_l)
     # STAGES > 1: Triton's software pipeliner keeps that many chunks' loads in flight (asynchronous copies)
     for t0 in tl.range(0, L, BLOCK_T, num_stages=STAGES):
         t = offs_t + t0
         mask_t = t < L
         m2 = mask_t[:, None] & mask_d[None, :]
-        if PREFETCH == 2:  # two chunks' loads in flight: a warp per SM has few bytes otherwise
-            u, raw, Bt, Ct = u_nx, raw_nx, B_nx, C_nx
-            u_nx, raw_nx, B_nx, C_nx = u_n2, raw_n2, B_n2, C_n2
-            u_n2, raw_n2, B_n2, C_n2 = _load_chunk(u_base, dt_base, B_base, C_base, t + 2 * BLOCK_T, L, mask_d,
-                                                   mask_n, su_l, sdt_l, sB_l, sC_l)
-        elif PREFETCH == 1:
+        if PREFETCH:
             # software pipelining: the next chunk's loads are in flight during this chunk's scan
             u, raw, Bt, Ct = u_nx, raw_nx, B_nx, C_nx
             u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, t + BLOCK_T, L, mask_d,
@@ -371,7 +363,7 @@ def _ss_state_after(h, t, L, u_base, dt_base, B_base, mask_d, mask_n, su_l, sdt_
 @triton.jit
 def _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n, su_l, sdt_l, sg_l, sB_l, sC_l):
     """The backward's (T, D) tiles of u, raw delta and gy and (T, N) tiles of B and C at positions t
-    (zero at t >= L). t must stay an offset plus a range (no select), so the loads stay vectorised."""
+    (zero at t >= L)."""
     u, raw, Bt, Ct = _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n, su_l, sdt_l, sB_l, sC_l)
     m2 = (t < L)[:, None] & mask_d[None, :]
     gy = tl.load(gy_base + t[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
@@ -428,7 +420,7 @@ def _ss_bwd_kernel(
     sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr,
     FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SAVE_T: tl.constexpr,
-    FLIP: tl.constexpr, LANES: tl.constexpr, HAS_STATES: tl.constexpr, PREFETCH: tl.constexpr,
+    FLIP: tl.constexpr, LANES: tl.constexpr, HAS_STATES: tl.constexpr,
 ):
     """Pass 1 (unless HAS_STATES: the forward stored them) walks L forwards storing the state entering
     every SAVE_T positions; pass 2 walks chunks of
@@ -493,24 +485,9 @@ def _ss_bwd_kernel(
     dA_acc = tl.zeros(state_mask.shape, tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
-    if PREFETCH:  # (SUB = 1) the last chunk's tiles and entry state
-        c = n_saved - 1
-        nx_u, nx_raw, nx_gy, nx_B, nx_C = _ss_bwd_loads(c * BLOCK_T + offs_t, L, u_base, dt_base, gy_base, B_base,
-                                                        C_base, mask_d, mask_n, su_l, sdt_l, sg_l, sB_l, sC_l)
-        nx_h = tl.load(hws_base + c * interval_stride, mask=state_mask, other=0.0)
     for i in range(0, n_saved):
         c = n_saved - 1 - i
-        if PREFETCH:
-            u, raw, gy, Bt, Ct, h = nx_u, nx_raw, nx_gy, nx_B, nx_C, nx_h
-            # the chunk before is loaded while this one is computed (after chunk 0: the last one again,
-            # unused, as positions below 0 would need a select that breaks vectorised loads)
-            before = (c + n_saved - 1) % n_saved
-            nx_u, nx_raw, nx_gy, nx_B, nx_C = _ss_bwd_loads(before * BLOCK_T + offs_t, L, u_base, dt_base, gy_base,
-                                                            B_base, C_base, mask_d, mask_n, su_l, sdt_l, sg_l, sB_l,
-                                                            sC_l)
-            nx_h = tl.load(hws_base + (c - 1) * interval_stride, mask=state_mask & (c > 0), other=0.0)
-        else:
-            h = tl.load(hws_base + c * interval_stride, mask=state_mask, other=0.0)
+        h = tl.load(hws_base + c * interval_stride, mask=state_mask, other=0.0)
         if SUB > 1:
             tl.store(scr_base, h)
             for j in range(0, SUB - 1):  # entry states of the interval's later chunks
@@ -524,9 +501,8 @@ def _ss_bwd_kernel(
             t = (c * SUB + j) * BLOCK_T + offs_t
             if SUB > 1:
                 h = tl.load(scr_base + j * tile)
-            if not PREFETCH:
-                u, raw, gy, Bt, Ct = _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n,
-                                                   su_l, sdt_l, sg_l, sB_l, sC_l)
+            u, raw, gy, Bt, Ct = _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n,
+                                               su_l, sdt_l, sg_l, sB_l, sC_l)
             g, dA_p, dD_p, dbias_p = _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h, g, L, dt_base, du_base, ddt_base,
                                                    dB_base, dC_base, mask_d, mask_n, sdt_l, A, A2, bias, dskip,
                                                    first, last, HAS_D, HAS_BIAS, SOFTPLUS, ATOMIC, FAST, FLIP,
@@ -556,7 +532,9 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     """Block sizes: a thread per (channel, state) pair, or with LANES per channel; BLOCK_T steps in registers.
 
     Picked from H200 sweeps (benchmarks/gpu_scan.py, BENCHMARKS.md): forward with one warp of 32
-    channels for d_state 1-2, software-pipelined loads (PREFETCH) for long sequences; for d_state 3-16
+    channels for d_state 1-2, for long sequences in 32-step chunks with Triton's pipeliner keeping three
+    chunks' loads in flight (STAGES 3; session 9, VMamba-T stage 1: fp32 0.543 ms against 0.684 with the
+    hand-written one-chunk PREFETCH, bf16 0.475 against 0.513); for d_state 3-16
     LANES tiles (one channel and all its states per lane; one warp, 8-step chunks, PREFETCH: 2.5x the
     (channel, state)-per-lane forward at vanilla-T stage 1, 1.9x at stage 3, session 6), 128 threads
     above; backward with 32 threads for d_state 1-2, LANES tiles in 4-position chunks with the flipped
@@ -584,8 +562,10 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     if backward:
         block_t = 8
     elif block_n <= 2:
-        prefetch = int(long_seq)
-        block_t = 32 if prefetch and elem_size >= 4 else 16
+        if long_seq:
+            return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": 32, "num_warps": num_warps, "PREFETCH": 0,
+                    "STAGES": 3}
+        block_t = 16
     elif block_n <= 16:  # one channel and all its states per lane (LANES)
         return {"BLOCK_D": 32, "BLOCK_N": block_n, "BLOCK_T": 8, "num_warps": 1, "PREFETCH": 1, "LANES": 1}
     else:
@@ -684,17 +664,15 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         Dt.stride(0), bt.stride(0), y.stride(0), y.stride(1),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
-        PREFETCH=int(cfg.get("PREFETCH", 0)), LANES=bool(cfg.get("LANES", 0)), SAVE_T=save_t,
+        PREFETCH=bool(cfg.get("PREFETCH", 0)), LANES=bool(cfg.get("LANES", 0)), SAVE_T=save_t,
         STAGES=int(cfg.get("STAGES", 1)), num_warps=cfg["num_warps"],
     )
     return y
 
 
 def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True,
-                       deterministic=None, config=None, states=None, input_dtype_grads=False):
+                       deterministic=None, config=None, states=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias), float32; dD / ddelta_bias None if absent.
-    ``input_dtype_grads``: du and ddelta are stored in the dtypes of u and delta instead (rounded once
-    from float32, as a cast would), sparing half-precision callers a cast pass over both.
 
     dB / dC partials of the channel blocks of a group go to a workspace summed afterwards (deterministic);
     only when that workspace would exceed ``WORKSPACE_LIMIT_BYTES`` and ``deterministic`` is false
@@ -716,8 +694,8 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         raise ValueError(f"LANES: BLOCK_T must divide the saved-state interval {interval}, got {cfg['BLOCK_T']}")
     n_blk = triton.cdiv(cg, cfg["BLOCK_D"])
     n_saved = triton.cdiv(length, interval)
-    du = torch.empty(batch, channels, length, device=dev, dtype=u.dtype if input_dtype_grads else f32)
-    ddelta = torch.empty(batch, channels, length, device=dev, dtype=delta.dtype if input_dtype_grads else f32)
+    du = torch.empty(batch, channels, length, device=dev, dtype=f32)
+    ddelta = torch.empty(batch, channels, length, device=dev, dtype=f32)
     dA_part = torch.empty(batch, channels, state, device=dev, dtype=f32)
     dD_part = torch.empty(batch, channels, device=dev, dtype=f32) if D is not None else None
     dbias_part = torch.empty(batch, channels, device=dev, dtype=f32) if delta_bias is not None else None
@@ -760,8 +738,7 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         du.stride(0), du.stride(1), dB_ws.stride(0), dB_ws.stride(1), blk_stride, dB_ws.stride(-2),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SAVE_T=interval,
-        FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, HAS_STATES=has_states,
-        PREFETCH=bool(cfg.get("PREFETCH", 0)) and sub == 1, num_warps=cfg["num_warps"],
+        FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, HAS_STATES=has_states, num_warps=cfg["num_warps"],
     )
     if atomic:
         dB, dC = dB_ws, dC_ws
