@@ -63,6 +63,15 @@ def test_bench_errors_and_flags():
     assert rows[0]["status"].startswith("build failed")
 
 
+def test_bench_cuda_graph_flag_errors(capsys):
+    from vmamba.cli import main
+
+    assert main(["bench", "vmamba_tiny_s1l8", "--cuda-graph", "--device", "cpu", "--no-flops"]) == 2
+    assert "cuda_graph needs a CUDA device" in capsys.readouterr().err
+    assert main(["bench", "vmamba_tiny_s1l8", "--cuda-graph", "--compile", "--no-flops"]) == 2
+    assert "cannot be combined with compile" in capsys.readouterr().err
+
+
 def test_missing_matplotlib_gives_a_clear_error(monkeypatch):
     import sys
 
