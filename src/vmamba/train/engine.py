@@ -233,9 +233,9 @@ def graph_for_training(model: nn.Module, batch_shape: tuple[int, ...], amp_dtype
                 buffer.copy_(saved)
 
 
-def _warn_on_accumulate_grad_stream_mismatch(enabled: bool) -> None:
+def warn_on_accumulate_grad_stream_mismatch(enabled: bool) -> None:
     """PyTorch's warning when a gradient accumulator runs on another stream than it was made on (torch >= 2.9)."""
-    setter = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+    setter = getattr(torch.autograd.graph, "setwarn_on_accumulate_grad_stream_mismatch", None)
     if setter is not None:
         setter(enabled)
 
@@ -435,12 +435,12 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
     if graphed:
         # expected with graphs: the capture's warm-up runs on a side stream, which the parameters'
         # gradient accumulators remember; the accumulation itself is outside the graphs
-        _warn_on_accumulate_grad_stream_mismatch(False)
+        warn_on_accumulate_grad_stream_mismatch(False)
         try:
             train_model = graph_for_training(model, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), amp_dtype,
                                              cfg.channels_last)
         except RuntimeError as exc:
-            _warn_on_accumulate_grad_stream_mismatch(True)
+            warn_on_accumulate_grad_stream_mismatch(True)
             if cfg.cuda_graph:  # asked for explicitly: the failure is the answer
                 raise
             graphed = False
