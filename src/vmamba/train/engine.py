@@ -235,7 +235,7 @@ def graph_for_training(model: nn.Module, batch_shape: tuple[int, ...], amp_dtype
 
 def warn_on_accumulate_grad_stream_mismatch(enabled: bool) -> None:
     """PyTorch's warning when a gradient accumulator runs on another stream than it was made on (torch >= 2.9)."""
-    setter = getattr(torch.autograd.graph, "setwarn_on_accumulate_grad_stream_mismatch", None)
+    setter = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
     if setter is not None:
         setter(enabled)
 
