@@ -38,6 +38,17 @@ def test_bench_settings_refuse_cuda_graph_without_cuda():
         BenchSettings(cuda_graph=True, device="cpu").resolved_device()
 
 
+def test_accumulate_grad_stream_warning_switch_reaches_pytorch(monkeypatch):
+    """The switch that graph captures turn off must reach PyTorch's setter (torch >= 2.9), by its name."""
+    from vmamba.train.engine import warn_on_accumulate_grad_stream_mismatch
+
+    calls = []
+    monkeypatch.setattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", calls.append,
+                        raising=False)
+    warn_on_accumulate_grad_stream_mismatch(False)
+    assert calls == [False]
+
+
 @needs_gpu
 def test_model_on_cpu_is_refused():
     with pytest.raises(ValueError, match="not on cuda"):
