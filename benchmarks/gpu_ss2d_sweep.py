@@ -36,7 +36,11 @@ FORWARD = [  # the short list, from the session-3 and session-4 sweeps
     dict(BLOCK_D=32, BLOCK_T=8, num_warps=1, PREFETCH=1, maxnreg=128),
     dict(BLOCK_D=64, BLOCK_T=8, num_warps=1, PREFETCH=1, maxnreg=128),
     # longer chunks (the plain scan's fp32 forward gained 11 % from 8 to 32 steps; session 9)
-    dict(BLOCK_D=32, BLOCK_T=16, num_warps=1, PREFETCH=1), dict(BLOCK_D=32, BLOCK_T=32, num_warps=1, PREFETCH=1)]
+    dict(BLOCK_D=32, BLOCK_T=16, num_warps=1, PREFETCH=1), dict(BLOCK_D=32, BLOCK_T=32, num_warps=1, PREFETCH=1),
+    # Triton's pipeliner (STAGES; untimed in the core when added, session 9: in bf16 its pixel gathers of
+    # 2-byte elements compile to plain loads, not asynchronous copies; in fp32 they do)
+    dict(BLOCK_D=32, BLOCK_T=32, num_warps=1, PREFETCH=0, STAGES=3), dict(BLOCK_D=32, BLOCK_T=8, num_warps=1,
+                                                                        PREFETCH=0, STAGES=3)]
 BACKWARD = [
     dict(BLOCK_D=32, BLOCK_T=4, num_warps=1), dict(BLOCK_D=32, BLOCK_T=8, num_warps=1),
     dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=128), dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=96),
@@ -46,7 +50,9 @@ BACKWARD = [
     *(dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=cap, FLIP=1) for cap in (104, 96, 80, 72, 64)),
     dict(BLOCK_D=64, BLOCK_T=4, num_warps=2, maxnreg=96, FLIP=1),
     # the next chunk's loads in flight during the current one (PREFETCH; untimed when added, session 7)
-    *(dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=cap, FLIP=1, PREFETCH=1) for cap in (128, 104, 96, 80))]
+    *(dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=cap, FLIP=1, PREFETCH=1) for cap in (128, 104, 96, 80)),
+    # Triton's pipeliner instead of the hand-written prefetch (untimed when added, session 9)
+    dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=128, FLIP=1, PREFETCH=0, STAGES=3)]
 
 
 def configs(state, full, kinds=("fwd", "bwd")):

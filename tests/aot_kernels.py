@@ -62,7 +62,7 @@ DIVISIBLE_INTS = {"M", "C", "stride_xm", "stride_dym", "stride_xk"}
 
 
 def core(**overrides):
-    base = dict(R=6, N=1, NSEQ=2, HAS_D=True, SOFTPLUS=True, BLOCK_D=32, BLOCK_N=1, FAST=True, WIDE=False)
+    base = dict(R=6, N=1, NSEQ=2, HAS_D=True, SOFTPLUS=True, BLOCK_D=32, BLOCK_N=1, FAST=True, WIDE=False, STAGES=1)
     return {**base, **overrides}
 
 
@@ -72,6 +72,8 @@ VARIANTS = [
     ("core_fwd d_state 1, Δ from GEMM, int64 offsets", ss2d_core._core_fwd_kernel,
      core(R=24, BLOCK_D=64, BLOCK_T=8, PREFETCH=True, DELTA_IN=True, SAVE_T=0, WIDE=True, LANES=False),
      {"num_warps": 1}, True),
+    ("core_fwd d_state 1, Δ from GEMM, 32-step chunks, 3 pipeline stages", ss2d_core._core_fwd_kernel,
+     core(BLOCK_T=32, PREFETCH=False, DELTA_IN=True, SAVE_T=0, LANES=False, STAGES=3), {"num_warps": 1}, True),
     ("core_fwd d_state 16", ss2d_core._core_fwd_kernel,
      core(N=16, BLOCK_N=16, BLOCK_D=16, BLOCK_T=16, PREFETCH=True, DELTA_IN=False, SAVE_T=16, LANES=False),
      {"num_warps": 8},
@@ -91,6 +93,9 @@ VARIANTS = [
     ("core_bwd d_state 1, saved states, register cap, FLIP, prefetch", ss2d_core._core_bwd_kernel,
      core(BLOCK_T=4, SAVE_T=4, HAS_STATES=True, FLIP=True, LANES=False, PREFETCH=True),
      {"num_warps": 1, "maxnreg": 96}, True),
+    ("core_bwd d_state 1, saved states, FLIP, 3 pipeline stages", ss2d_core._core_bwd_kernel,
+     core(BLOCK_T=4, SAVE_T=4, HAS_STATES=True, FLIP=True, LANES=False, PREFETCH=False, STAGES=3),
+     {"num_warps": 1, "maxnreg": 128}, True),
     ("core_bwd d_state 1, recomputing, int64 offsets", ss2d_core._core_bwd_kernel,
      core(BLOCK_T=4, SAVE_T=4, HAS_STATES=False, WIDE=True, FLIP=False, LANES=False, PREFETCH=False),
      {"num_warps": 1}, True),

@@ -118,7 +118,7 @@ def test_fused_core_without_gradients_matches(monkeypatch):
 
 
 @pytest.mark.parametrize("config", [{"DELTA_GEMM": 1}, {"DELTA_GEMM": 1, "PREFETCH": 1, "BLOCK_T": 8},
-                                    {"PREFETCH": 1, "BLOCK_D": 16}])
+                                    {"PREFETCH": 1, "BLOCK_D": 16}, {"PREFETCH": 0, "STAGES": 3, "BLOCK_T": 4}])
 def test_forward_kernel_options_agree(config):
     """Δ read from the batched GEMM instead of computed in-kernel, and the prefetching loop, give the
     same routes as the default forward."""
@@ -134,7 +134,8 @@ def test_forward_kernel_options_agree(config):
     assert _rel(other, default) < 1e-6
 
 
-@pytest.mark.parametrize(("state", "config"), [(1, None), (1, {"BLOCK_T": 16, "PREFETCH": 1}), (4, None)])
+@pytest.mark.parametrize(("state", "config"), [(1, None), (1, {"BLOCK_T": 16, "PREFETCH": 1}), (4, None),
+                                               (1, {"BLOCK_T": 8, "PREFETCH": 0, "STAGES": 3})])
 def test_states_saved_by_the_forward_replace_the_backward_first_pass(state, config):
     """The forward's saved chunk states (taken at sub-chunk steps when its chunks are longer) give the
     backward the same gradients as its own first pass, and leave the outputs unchanged."""
@@ -179,8 +180,10 @@ def test_backward_prefetch_agrees(with_states):
     saved = states if with_states else None
     plain = k.ss2d_scan_bwd(gy, *args, states=saved, config={"PREFETCH": 0})
     prefetching = k.ss2d_scan_bwd(gy, *args, states=saved, config={"PREFETCH": 1})
-    for a, b in zip(prefetching, plain):
-        assert _rel(a, b) < 1e-6
+    pipelined = k.ss2d_scan_bwd(gy, *args, states=saved, config={"PREFETCH": 0, "STAGES": 3})  # Triton's pipeliner
+    for ours in (prefetching, pipelined):
+        for a, b in zip(ours, plain):
+            assert _rel(a, b) < 1e-6
 
 
 @pytest.mark.parametrize(("state", "lanes"), [(1, 0), (4, 0), (4, 1)])
