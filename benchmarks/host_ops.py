@@ -6,11 +6,12 @@ In eager mode a VMamba training step on an H200 is bound by the host (BENCHMARKS
 roughly the number of PyTorch ops and kernel launches it issues. This script runs the CUDA code path
 on the CPU (the fused SS2D core and the Triton LayerNorm under TRITON_INTERPRET=1, forced on) and
 counts, per training step (bf16 autocast forward + cross-entropy + backward) and per inference
-forward, the aten ops dispatched by our code and the Triton kernel launches. The counts for one VSS
+forward (inference mode, bf16 autocast), the aten ops dispatched by our code and the Triton kernel
+launches. The counts for one VSS
 block are the difference between two models that differ by one stage-3 block. Kernel-internal work
-of the interpreter is not counted. With --by-source the training step's ops per block are also
-listed by the line of vmamba or torch.nn code that issued them ("autograd engine": backward formulas
-of PyTorch's own ops and gradient accumulation).
+of the interpreter is not counted. With --by-source the ops per block are also listed by the line
+of vmamba or torch.nn code that issued them ("autograd engine": backward formulas of PyTorch's own
+ops and gradient accumulation).
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ def count(model, train: bool, counter_ref: list, by_source: bool = False) -> Hos
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = F.cross_entropy(model(x), target)
             loss.backward()
-        else:
-            with torch.no_grad():
+        else:  # as the benchmarks run inference: inference mode, bf16 autocast
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
                 model(x)
     counter_ref[:] = [None]
     return counter
@@ -94,22 +95,21 @@ def count(model, train: bool, counter_ref: list, by_source: bool = False) -> Hos
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="vmamba_tiny_s1l8")
-    parser.add_argument("--by-source", action="store_true", help="list the training step's ops by source line")
+    parser.add_argument("--by-source", action="store_true", help="list the ops per block by source line")
     args = parser.parse_args()
     import vmamba
 
     counter_ref: list = [None]
     force_cuda_path(counter_ref)
     torch.manual_seed(0)
-    result = {}
+    result, sources = {}, {}
     for mode, train in (("train_step", True), ("inference", False)):
         counts = []
         for blocks in (1, 2):
             model = vmamba.create_model(args.model, dims=16, depths=[1, 1, blocks, 1])
             counts.append(count(model.to(memory_format=torch.channels_last), train, counter_ref, args.by_source))
         per_block = counts[1].ops - counts[0].ops
-        if train and args.by_source:
-            sources = counts[1].sources - counts[0].sources
+        sources[mode] = counts[1].sources - counts[0].sources
         result[mode] = {"aten_ops_per_block": sum(per_block.values()),
                         "triton_launches_per_block": counts[1].launches - counts[0].launches,
                         "top_ops": per_block.most_common(12)}
@@ -117,9 +117,9 @@ def main() -> None:
         top = ", ".join(f"{name} {n}" for name, n in row["top_ops"])
         print(f"{mode}: {row['aten_ops_per_block']} aten ops and {row['triton_launches_per_block']} Triton launches "
               f"per block; most frequent: {top}")
-    if args.by_source:
-        print("training step, ops per block by source line:")
-        for line, ops in by_line(sources):
+    for mode in result if args.by_source else ():
+        print(f"{mode}, ops per block by source line:")
+        for line, ops in by_line(sources[mode]):
             print(f"  {sum(ops.values()):4d} {line}: " + ", ".join(f"{op.removeprefix('aten.')} x{n}"
                                                                   for op, n in ops.most_common()))
 
