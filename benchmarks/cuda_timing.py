@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import torch
@@ -27,3 +28,16 @@ def copy_bandwidth(nbytes: int = 2**30) -> float:
     dst = torch.empty_like(src)
     ms = timed(lambda: dst.copy_(src), 3, 20)
     return 2 * nbytes / ms / 1e6
+
+
+def run_models(bench: Callable[[str], dict], names: list[str], out: str, batch: int) -> list[dict]:
+    """``bench(name)`` for every model: each row printed as a JSON line, all saved to ``out`` with the
+    torch version and GPU."""
+    rows = []
+    for name in names:
+        rows.append(bench(name))
+        print(json.dumps(rows[-1]), flush=True)
+    with open(out, "w") as fh:
+        json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "batch": batch, "rows": rows},
+                  fh, indent=1)
+    return rows

@@ -17,10 +17,9 @@ once per tree with PYTHONPATH pointing at each, alternating, in one device call.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
-from cuda_timing import timed
+from cuda_timing import run_models, timed
 from gpu_models import build
 from gpu_train_step import host_profile, host_time
 
@@ -56,13 +55,8 @@ def main() -> None:
     parser.add_argument("--out", default="gpu_infer_host.json")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
-    rows = []
-    for name in args.models.split(","):
-        rows.append(bench(name, args.batch, args.iters, args.host_profile))
-        print(json.dumps(rows[-1]), flush=True)
-    with open(args.out, "w") as fh:
-        json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "batch": args.batch,
-                   "rows": rows}, fh, indent=1)
+    run_models(lambda name: bench(name, args.batch, args.iters, args.host_profile), args.models.split(","),
+               args.out, args.batch)
 
 
 if __name__ == "__main__":

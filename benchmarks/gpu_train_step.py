@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import pstats
 import time
 
 import torch
 import torch.nn.functional as F
-from cuda_timing import timed
+from cuda_timing import run_models, timed
 from gpu_models import build
 
 
@@ -141,13 +140,8 @@ def main():
     parser.add_argument("--out", default="gpu_train_step.json")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
-    rows = []
-    for name in args.models.split(","):
-        rows.append(bench(name, args.batch, args.iters, args.compile_mode, args.host_profile))
-        print(json.dumps(rows[-1]), flush=True)
-    with open(args.out, "w") as fh:
-        json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "batch": args.batch,
-                   "rows": rows}, fh, indent=1)
+    run_models(lambda name: bench(name, args.batch, args.iters, args.compile_mode, args.host_profile),
+               args.models.split(","), args.out, args.batch)
 
 
 if __name__ == "__main__":
