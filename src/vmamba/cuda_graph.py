@@ -60,7 +60,7 @@ def graph_for_inference(model: nn.Module, example: Tensor, amp_dtype: torch.dtyp
         raise ValueError(f"graph_for_inference: the model's parameters (e.g. {on_other_device[0]}) are not on "
                          f"{example.device}, the input's device")
     model.eval()
-    static_input = torch.empty_like(example).copy_(example)
+    static_input = example.clone()  # same strides (channels-last stays channels-last)
 
     def forward() -> Any:
         with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,

@@ -147,10 +147,8 @@ def run_one(model: nn.Module, size: tuple[int, int], mode: str, settings: BenchS
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
         scaler = torch.amp.GradScaler(device.type, enabled=settings.dtype == "fp16" and device.type == "cuda")
         if settings.cuda_graph:  # forward and backward replayed; loss and optimizer eager (as vmamba train)
-            from ..train.engine import graph_for_training, warn_on_accumulate_grad_stream_mismatch
+            from ..train.engine import graph_for_training
 
-            # expected with graphs (the capture's warm-up runs on a side stream), as in vmamba train
-            warn_on_accumulate_grad_stream_mismatch(False)
             amp = None if settings.dtype == "fp32" else DTYPES[settings.dtype]
             with tf32_enabled(settings.tf32):
                 runner = graph_for_training(model, tuple(x.shape), amp, settings.channels_last)

@@ -217,6 +217,10 @@ def graph_for_training(model: nn.Module, batch_shape: tuple[int, ...], amp_dtype
     The parameters' ``.grad`` may alias the graph's static gradient buffers, which the next replay
     overwrites: use the gradients (optimizer step) before the next call, and do not accumulate them
     over several calls (pytorch/pytorch#181723).
+
+    PyTorch's AccumulateGrad stream warning is turned off for the process while the graphs are in use
+    (the capture's warm-up runs on a side stream, which the gradient accumulators remember; the
+    accumulation itself is outside the graphs); it is turned back on if the capture fails.
     """
     sample = torch.randn(batch_shape, device="cuda")
     if channels_last:
@@ -224,9 +228,13 @@ def graph_for_training(model: nn.Module, batch_shape: tuple[int, ...], amp_dtype
     model.train()
     # the warm-up runs on random inputs would otherwise move BatchNorm running statistics
     buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
+    warn_on_accumulate_grad_stream_mismatch(False)
     try:
         with _autocast(sample.device, amp_dtype, cache=False):
             return torch.cuda.make_graphed_callables(model, (sample,), num_warmup_iters=warmup_iters)
+    except BaseException:
+        warn_on_accumulate_grad_stream_mismatch(True)
+        raise
     finally:  # also when the capture fails and training goes on eagerly
         with torch.no_grad():
             for buffer, saved in buffers:
@@ -433,14 +441,10 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> TrainResult
     graphed = use_cuda_graph(cfg.cuda_graph, ds.device, ds.distributed, cfg.compile, cfg.grad_checkpointing,
                              accumulating=cfg.accum_steps > 1)
     if graphed:
-        # expected with graphs: the capture's warm-up runs on a side stream, which the parameters'
-        # gradient accumulators remember; the accumulation itself is outside the graphs
-        warn_on_accumulate_grad_stream_mismatch(False)
         try:
             train_model = graph_for_training(model, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), amp_dtype,
                                              cfg.channels_last)
         except RuntimeError as exc:
-            warn_on_accumulate_grad_stream_mismatch(True)
             if cfg.cuda_graph:  # asked for explicitly: the failure is the answer
                 raise
             graphed = False

@@ -555,23 +555,20 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     if cand * block_n >= 32 or cand * 2 >= block_d:
         block_d = cand
     num_warps = max(1, min(8, block_d * block_n // 32))
-    prefetch = 0
+    stages = 1
     if backward and 4 <= block_n <= 16:  # LANES: 4-position chunks inside 16-position state intervals
         return {"BLOCK_D": 32, "BLOCK_N": block_n, "BLOCK_T": 4, "num_warps": 1, "PREFETCH": 0, "LANES": 1,
                 "FLIP": 1}
     if backward:
         block_t = 8
     elif block_n <= 2:
-        if long_seq:
-            return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": 32, "num_warps": num_warps, "PREFETCH": 0,
-                    "STAGES": 3}
-        block_t = 16
+        block_t, stages = (32, 3) if long_seq else (16, 1)
     elif block_n <= 16:  # one channel and all its states per lane (LANES)
         return {"BLOCK_D": 32, "BLOCK_N": block_n, "BLOCK_T": 8, "num_warps": 1, "PREFETCH": 1, "LANES": 1}
     else:
         block_t = 8
-    return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps,
-            "PREFETCH": prefetch}
+    return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0,
+            "STAGES": stages}
 
 
 def _check(u, delta, A, B, C):
