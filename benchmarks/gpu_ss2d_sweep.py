@@ -40,7 +40,13 @@ FORWARD = [  # the short list, from the session-3 and session-4 sweeps
     # Triton's pipeliner (STAGES; untimed in the core when added, session 9: in bf16 its pixel gathers of
     # 2-byte elements compile to plain loads, not asynchronous copies; in fp32 they do)
     dict(BLOCK_D=32, BLOCK_T=32, num_warps=1, PREFETCH=0, STAGES=3), dict(BLOCK_D=32, BLOCK_T=8, num_warps=1,
-                                                                        PREFETCH=0, STAGES=3)]
+                                                                        PREFETCH=0, STAGES=3),
+    # around session 10's d_state-1 default at small rank (32-step chunks, STAGES 3)
+    dict(BLOCK_D=32, BLOCK_T=64, num_warps=1, PREFETCH=0, STAGES=3), dict(BLOCK_D=32, BLOCK_T=32, num_warps=1,
+                                                                        PREFETCH=0, STAGES=2),
+    dict(BLOCK_D=32, BLOCK_T=16, num_warps=1, PREFETCH=0, STAGES=3), dict(BLOCK_D=64, BLOCK_T=16, num_warps=1,
+                                                                        PREFETCH=0, STAGES=3),
+    dict(BLOCK_D=64, BLOCK_T=32, num_warps=1, PREFETCH=0, STAGES=3)]
 BACKWARD = [
     dict(BLOCK_D=32, BLOCK_T=4, num_warps=1), dict(BLOCK_D=32, BLOCK_T=8, num_warps=1),
     dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=128), dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=96),
@@ -76,7 +82,7 @@ def sweep_stage(ss2d, batch, size, dtype, full=False, kinds=("fwd", "bwd")):
     u, xp, w, A, D, bias = stage_inputs(ss2d, batch, size, dtype)
     args = (u, xp, w, A, D, bias, size, size, 2)
     gy = torch.randn(ss2d.routes, *u.shape, device="cuda", dtype=dtype)
-    results = {"fwd": [], "bwd": []}
+    results = {"fwd": [], "bwd": [], "fwd_saving_states": []}
     candidates = list(configs(ss2d.d_state, full, kinds))
     if ss2d.d_state > 2:  # the short list is tuned for d_state 1
         base = k.core_config(u.shape[-1], ss2d.d_state, w.shape[2], True, size * size, u.element_size())
@@ -100,17 +106,20 @@ def sweep_stage(ss2d, batch, size, dtype, full=False, kinds=("fwd", "bwd")):
             if cfg["forward"]:
                 ms = timed(lambda cfg=cfg: k.ss2d_scan_fwd(*args, config=cfg))
                 results["fwd"].append((ms, cfg))
+                if ss2d.d_state <= 2:  # the training forward: the same kernel also storing the chunk states
+                    ms = timed(lambda cfg=cfg: k.ss2d_scan_fwd(*args, config=cfg, save_states=True))
+                    results["fwd_saving_states"].append((ms, cfg))
             if cfg["backward"]:
                 ms = timed(lambda cfg=cfg: k.ss2d_scan_bwd(gy, *args, config=cfg))
                 results["bwd"].append((ms, cfg))
         except Exception as exc:  # noqa: BLE001 - a configuration that does not compile is skipped
             print("skip", cfg, type(exc).__name__, str(exc)[:100], flush=True)
     _, states = k.ss2d_scan_fwd(*args, save_states=True)
-    default = {"fwd": timed(lambda: k.ss2d_scan_fwd(*args)), "bwd": timed(lambda: k.ss2d_scan_bwd(gy, *args))}
+    default = {"fwd": timed(lambda: k.ss2d_scan_fwd(*args)), "bwd": timed(lambda: k.ss2d_scan_bwd(gy, *args)),
+               "fwd_saving_states": timed(lambda: k.ss2d_scan_fwd(*args, save_states=True))}
     out = {name: {"default_ms": default[name], "best": sorted(rows, key=lambda r: r[0])[:4]}
            for name, rows in results.items()}
-    # training pair: the forward saving its chunk states, and the backward that uses them
-    out["fwd"]["default_saving_states_ms"] = timed(lambda: k.ss2d_scan_fwd(*args, save_states=True))
+    # training pair: the backward using the forward's saved states
     out["bwd"]["default_with_saved_states_ms"] = timed(lambda: k.ss2d_scan_bwd(gy, *args, states=states))
     lanes = [cfg for cfg in candidates if cfg.get("LANES") and cfg["backward"]]
     out["bwd"]["lanes_with_saved_states_ms"] = [

@@ -227,3 +227,26 @@ def test_custom_op_keeps_the_states_for_its_backward():
     y_ref.backward(gy.double().cpu())
     for ours, ref in zip(results[0], [y_ref.detach()] + [t.grad for t in leaves]):
         assert _rel(ours.cpu(), ref) < 1e-2  # bf16 inputs: gradients are returned in bf16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gradients_are_the_float32_ones_rounded(dtype):
+    """HALF_GRADS stores du and ddelta in the inputs' dtype from the kernel: the float32 gradients of the
+    same configuration, rounded once; the other gradients are unchanged."""
+    ins = _inputs(2, 2, 8, 1, 37, dtype, seed=15)
+    gy = torch.randn(ins[0].shape, generator=torch.Generator().manual_seed(16)).to(DEVICE)
+    config = {"BLOCK_T": 16, "FLIP": 1}
+    full = selective_scan_bwd(gy, *ins, True, deterministic=True, config=config)
+    half = selective_scan_bwd(gy, *ins, True, deterministic=True, config={**config, "HALF_GRADS": 1})
+    assert half[0].dtype == dtype and half[1].dtype == dtype
+    ulp = torch.finfo(dtype).eps  # relative size of one unit in the last place (at the low end of a binade)
+    for i in (0, 1):
+        # one rounding of the same float32 value (to nearest on the GPU; the interpreter truncates):
+        # each element within one unit in the last place of the float32 gradient
+        exact = full[i].cpu().double()
+        assert ((half[i].cpu().double() - exact).abs() <= exact.abs() * ulp + 1e-30).all()
+    for a, b in zip(half[2:], full[2:]):
+        assert a.dtype == torch.float32 and torch.equal(a.cpu(), b.cpu())
+    fp32 = _inputs(2, 2, 8, 1, 37, torch.float32, seed=15)
+    same = selective_scan_bwd(gy, *fp32, True, deterministic=True, config={**config, "HALF_GRADS": 1})
+    assert same[0].dtype == torch.float32  # float32 inputs: float32 gradients

@@ -532,13 +532,16 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     """Block sizes: a thread per (channel, state) pair, or with LANES per channel; BLOCK_T steps in registers.
 
     Picked from H200 sweeps (benchmarks/gpu_scan.py, BENCHMARKS.md): forward with one warp of 32
-    channels for d_state 1-2, for long sequences in 32-step chunks with Triton's pipeliner keeping three
-    chunks' loads in flight (STAGES 3; session 9, VMamba-T stage 1: fp32 0.543 ms against 0.684 with the
-    hand-written one-chunk PREFETCH, bf16 0.475 against 0.513); for d_state 3-16
+    channels for d_state 1-2, for long sequences in 64-step chunks with Triton's pipeliner keeping three
+    chunks' loads in flight (STAGES 3; VMamba-T stage 1: session 9, 32-step chunks, fp32 0.543 ms against
+    0.684 with the hand-written one-chunk PREFETCH, bf16 0.475 against 0.513; session 10, 64-step chunks
+    fp32 0.503 against 0.554, bf16 0.436 against 0.484); for d_state 3-16
     LANES tiles (one channel and all its states per lane; one warp, 8-step chunks, PREFETCH: 2.5x the
     (channel, state)-per-lane forward at vanilla-T stage 1, 1.9x at stage 3, session 6), 128 threads
-    above; backward with 32 threads for d_state 1-2, LANES tiles in 4-position chunks with the flipped
-    adjoint scan for d_state 3-16 (2.7x faster fp32, 3.1x bf16 at vanilla-T stage 1), else 128 threads.
+    above; backward with 32 threads for d_state 1-2 and the adjoint as a forward scan of the flipped chunk
+    (FLIP; session 10, stage 1: fp32 2.290 against 2.431 ms, bf16 1.670 against 1.801), LANES tiles in
+    4-position chunks with the flipped adjoint scan for d_state 3-16 (2.7x faster fp32, 3.1x bf16 at
+    vanilla-T stage 1), else 128 threads.
     BLOCK_D divides the group's channels where a power of two does, so no lane idles.
     """
     block_n = _next_pow2(state)
@@ -559,16 +562,17 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     if backward and 4 <= block_n <= 16:  # LANES: 4-position chunks inside 16-position state intervals
         return {"BLOCK_D": 32, "BLOCK_N": block_n, "BLOCK_T": 4, "num_warps": 1, "PREFETCH": 0, "LANES": 1,
                 "FLIP": 1}
+    flip = 0
     if backward:
-        block_t = 8
+        block_t, flip = 8, int(block_n <= 2)
     elif block_n <= 2:
-        block_t, stages = (32, 3) if long_seq else (16, 1)
+        block_t, stages = (64, 3) if long_seq else (16, 1)
     elif block_n <= 16:  # one channel and all its states per lane (LANES)
         return {"BLOCK_D": 32, "BLOCK_N": block_n, "BLOCK_T": 8, "num_warps": 1, "PREFETCH": 1, "LANES": 1}
     else:
         block_t = 8
     return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0,
-            "STAGES": stages}
+            "STAGES": stages, "FLIP": flip}
 
 
 def _check(u, delta, A, B, C):
@@ -667,9 +671,18 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     return y
 
 
+def _grad_dtype(x: torch.Tensor, cfg: dict) -> torch.dtype:
+    """float32, or x's half precision with HALF_GRADS (the kernel's stores convert)."""
+    half = cfg.get("HALF_GRADS", 0) and x.dtype in (torch.float16, torch.bfloat16)
+    return x.dtype if half else torch.float32
+
+
 def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True,
                        deterministic=None, config=None, states=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias), float32; dD / ddelta_bias None if absent.
+
+    With the configuration key ``HALF_GRADS`` du and ddelta are stored in the dtype of u and delta
+    when that is float16 / bfloat16 (no separate cast pass over them), still computed in float32.
 
     dB / dC partials of the channel blocks of a group go to a workspace summed afterwards (deterministic);
     only when that workspace would exceed ``WORKSPACE_LIMIT_BYTES`` and ``deterministic`` is false
@@ -691,8 +704,8 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         raise ValueError(f"LANES: BLOCK_T must divide the saved-state interval {interval}, got {cfg['BLOCK_T']}")
     n_blk = triton.cdiv(cg, cfg["BLOCK_D"])
     n_saved = triton.cdiv(length, interval)
-    du = torch.empty(batch, channels, length, device=dev, dtype=f32)
-    ddelta = torch.empty(batch, channels, length, device=dev, dtype=f32)
+    du = torch.empty(batch, channels, length, device=dev, dtype=_grad_dtype(u, cfg))
+    ddelta = torch.empty(batch, channels, length, device=dev, dtype=_grad_dtype(delta, cfg))
     dA_part = torch.empty(batch, channels, state, device=dev, dtype=f32)
     dD_part = torch.empty(batch, channels, device=dev, dtype=f32) if D is not None else None
     dbias_part = torch.empty(batch, channels, device=dev, dtype=f32) if delta_bias is not None else None
