@@ -539,13 +539,15 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     LANES tiles (one channel and all its states per lane; one warp, 8-step chunks, PREFETCH: 2.5x the
     (channel, state)-per-lane forward at vanilla-T stage 1, 1.9x at stage 3, session 6), 128 threads
     above; backward with 32 threads for d_state 1-2 and the adjoint as a forward scan of the flipped chunk
-    (FLIP; session 10, stage 1: fp32 2.290 against 2.431 ms, bf16 1.670 against 1.801), LANES tiles in
+    (FLIP; session 10, stage 1: fp32 2.290 against 2.431 ms, bf16 1.670 against 1.801) and, for 2-byte
+    inputs, du / ddelta stored in their dtype (HALF_GRADS; 16-step chunks from L 2048: stage 1 bf16 0.825
+    against 1.087 ms, no cast pass afterwards), LANES tiles in
     4-position chunks with the flipped adjoint scan for d_state 3-16 (2.7x faster fp32, 3.1x bf16 at
     vanilla-T stage 1), else 128 threads.
     BLOCK_D divides the group's channels where a power of two does, so no lane idles.
     """
     block_n = _next_pow2(state)
-    long_seq = length is None or length >= (512 if elem_size <= 2 else 1024)
+    long_seq = length is None or length >= 512
     if backward:
         threads = 32 if block_n <= 2 else 128
     else:
@@ -562,9 +564,14 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     if backward and 4 <= block_n <= 16:  # LANES: 4-position chunks inside 16-position state intervals
         return {"BLOCK_D": 32, "BLOCK_N": block_n, "BLOCK_T": 4, "num_warps": 1, "PREFETCH": 0, "LANES": 1,
                 "FLIP": 1}
-    flip = 0
-    if backward:
-        block_t, flip = 8, int(block_n <= 2)
+    flip = half_grads = 0
+    if backward and block_n <= 2:
+        # 2-byte inputs: du / ddelta stored in their dtype, in 16-step chunks on long sequences (whole
+        # 32-byte sectors per channel); 8-step chunks were faster at L 784 (session 10)
+        half_grads = int(elem_size == 2)
+        block_t, flip = 16 if half_grads and (length is None or length >= 2048) else 8, 1
+    elif backward:
+        block_t = 8
     elif block_n <= 2:
         block_t, stages = (64, 3) if long_seq else (16, 1)
     elif block_n <= 16:  # one channel and all its states per lane (LANES)
@@ -572,7 +579,7 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     else:
         block_t = 8
     return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0,
-            "STAGES": stages, "FLIP": flip}
+            "STAGES": stages, "FLIP": flip, "HALF_GRADS": half_grads}
 
 
 def _check(u, delta, A, B, C):
