@@ -168,6 +168,12 @@ def test_flipped_adjoint_scan_variant(state):
            config={"FLIP": 1})
 
 
+def test_pipelined_backward_variant():
+    # the backward's interval loop through Triton's pipeliner (config STAGES), several intervals
+    _check(batch=1, groups=2, per_group=3, state=1, length=37, dtype=torch.bfloat16, seed=17,
+           config={"FLIP": 1, "BLOCK_T": 8, "STAGES": 3})
+
+
 @pytest.mark.parametrize(("state", "block_t", "prefetch"), [(1, 4, 0), (4, 2, 1), (16, 4, 1)])
 def test_lanes_forward_variant(state, block_t, prefetch):
     # one channel and all its states per lane (config LANES): tiles (T, N, D), y summed in-thread

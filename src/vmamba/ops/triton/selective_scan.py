@@ -420,7 +420,7 @@ def _ss_bwd_kernel(
     sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr,
     FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SAVE_T: tl.constexpr,
-    FLIP: tl.constexpr, LANES: tl.constexpr, HAS_STATES: tl.constexpr,
+    FLIP: tl.constexpr, LANES: tl.constexpr, HAS_STATES: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Pass 1 (unless HAS_STATES: the forward stored them) walks L forwards storing the state entering
     every SAVE_T positions; pass 2 walks chunks of
@@ -485,7 +485,8 @@ def _ss_bwd_kernel(
     dA_acc = tl.zeros(state_mask.shape, tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
-    for i in range(0, n_saved):
+    # STAGES > 1: Triton's pipeliner issues later intervals' loads during the current one (as the forward)
+    for i in tl.range(0, n_saved, num_stages=STAGES):
         c = n_saved - 1 - i
         h = tl.load(hws_base + c * interval_stride, mask=state_mask, other=0.0)
         if SUB > 1:
@@ -540,8 +541,9 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     (channel, state)-per-lane forward at vanilla-T stage 1, 1.9x at stage 3, session 6), 128 threads
     above; backward with 32 threads for d_state 1-2 and the adjoint as a forward scan of the flipped chunk
     (FLIP; session 10, stage 1: fp32 2.290 against 2.431 ms, bf16 1.670 against 1.801) and, for 2-byte
-    inputs, du / ddelta stored in their dtype (HALF_GRADS; 16-step chunks from L 2048: stage 1 bf16 0.825
-    against 1.087 ms, no cast pass afterwards), LANES tiles in
+    inputs, du / ddelta stored in their dtype in 16-step chunks (HALF_GRADS, no cast pass afterwards; bf16
+    forward + backward through the op, stages 1-3: 1.853 / 1.396 / 1.099 ms against 2.273 / 1.638 / 1.511
+    with 8-step chunks and float32 gradients cast afterwards), LANES tiles in
     4-position chunks with the flipped adjoint scan for d_state 3-16 (2.7x faster fp32, 3.1x bf16 at
     vanilla-T stage 1), else 128 threads.
     BLOCK_D divides the group's channels where a power of two does, so no lane idles.
@@ -566,10 +568,10 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
                 "FLIP": 1}
     flip = half_grads = 0
     if backward and block_n <= 2:
-        # 2-byte inputs: du / ddelta stored in their dtype, in 16-step chunks on long sequences (whole
-        # 32-byte sectors per channel); 8-step chunks were faster at L 784 (session 10)
+        # 2-byte inputs: du / ddelta stored in their dtype, in 16-step chunks (whole 32-byte sectors
+        # per channel row; 8-step chunks' half-sector stores were slower at every stage, session 10)
         half_grads = int(elem_size == 2)
-        block_t, flip = 16 if half_grads and (length is None or length >= 2048) else 8, 1
+        block_t, flip = 16 if half_grads else 8, 1
     elif backward:
         block_t = 8
     elif block_n <= 2:
@@ -755,7 +757,8 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         du.stride(0), du.stride(1), dB_ws.stride(0), dB_ws.stride(1), blk_stride, dB_ws.stride(-2),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SAVE_T=interval,
-        FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, HAS_STATES=has_states, num_warps=cfg["num_warps"],
+        FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, HAS_STATES=has_states, STAGES=int(cfg.get("STAGES", 1)),
+        num_warps=cfg["num_warps"],
     )
     if atomic:
         dB, dC = dB_ws, dC_ws

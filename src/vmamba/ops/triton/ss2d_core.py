@@ -421,13 +421,14 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
     warp; the backward in chunks of 4 steps, loading the next chunk's inputs while it computes the
     current one (PREFETCH; VMamba-S, session 8: stages 1-3 9-18 % faster than without it at 80 or 128
     registers); the forward computes Δ in the kernel while the rank is small (R <= 8: stage 1 of the
-    tiny and small models) and otherwise reads it from one batched GEMM (DELTA_GEMM), two channels per
-    lane. d_state 3-16 (vanilla models): LANES tiles, one channel and all its states per lane; forward
-    in chunks of 4 steps with Δ from the GEMM, backward in chunks of 2 steps inside the 16-step saved-
-    state interval (session 6 sweep at vanilla-T stages 1 and 3: forward 9x and 32x, backward 2.9x and
-    2.9x faster than the (channel, state)-per-lane tiles). Larger d_state: the plain selective-scan
-    defaults. Every backward runs its adjoint as a forward scan of the time-flipped chunk (FLIP: no
-    shuffles for Triton's reverse scan): 11 % faster at d_state 1 and 7 % at d_state 16, stages 1 and 3
+    tiny and small models; 32-step chunks through Triton's pipeliner, session 10) and otherwise reads it
+    from one batched GEMM (DELTA_GEMM), two channels per lane. d_state 3-16 (vanilla models): LANES
+    tiles, one channel and all its states per lane; forward in chunks of 4 steps with Δ from the GEMM,
+    backward in chunks of 2 steps inside the 16-step saved-state interval (session 6 sweep at vanilla-T
+    stages 1 and 3: forward 9x and 32x, backward 2.9x and 2.9x faster than the (channel, state)-per-lane
+    tiles). Larger d_state: the plain selective-scan defaults. Every backward runs its adjoint as a
+    forward scan of the time-flipped chunk (FLIP: no shuffles for Triton's reverse scan): 11 % faster at
+    d_state 1 and 7 % at d_state 16, stages 1 and 3
     (session 5 sweeps).
     """
     defaults = default_config(channels, state, backward, length, elem_size)
@@ -438,7 +439,7 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
             defaults.update(BLOCK_D=32, num_warps=1, maxnreg=128, PREFETCH=1)
         elif rank > 8:
             defaults.update(BLOCK_D=64, BLOCK_T=8, num_warps=1, PREFETCH=1, DELTA_GEMM=1, STAGES=1)
-        else:  # 32-step chunks through Triton's pipeliner (session 10, VMamba-S stage 1 bf16: 0.810 / 1.185 ms)
+        else:  # VMamba-S stage 1 bf16: 0.810 ms against 1.185 with 8-step chunks and PREFETCH (session 10)
             defaults.update(BLOCK_D=32, BLOCK_T=32, num_warps=1, PREFETCH=0, DELTA_GEMM=0, STAGES=3)
     elif state <= 16:
         if backward:
