@@ -436,7 +436,7 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
         defaults.update(BLOCK_T=saved_state_chunk(state), FLIP=1)
     if state <= 2:
         if backward:
-            defaults.update(BLOCK_D=32, num_warps=1, maxnreg=128, PREFETCH=1)
+            defaults.update(BLOCK_D=32, num_warps=1, maxnreg=128, PREFETCH=1, STAGES=1)
         elif rank > 8:
             defaults.update(BLOCK_D=64, BLOCK_T=8, num_warps=1, PREFETCH=1, DELTA_GEMM=1, STAGES=1)
         else:  # VMamba-S stage 1 bf16: 0.810 ms against 1.185 with 8-step chunks and PREFETCH (session 10)
