@@ -693,8 +693,9 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
                        deterministic=None, config=None, states=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias), float32; dD / ddelta_bias None if absent.
 
-    With the configuration key ``HALF_GRADS`` du and ddelta are stored in the dtype of u and delta
-    when that is float16 / bfloat16 (no separate cast pass over them), still computed in float32.
+    With the configuration key ``HALF_GRADS`` (the d_state <= 2 default for 2-byte inputs) du and
+    ddelta are stored in the dtype of u and delta when that is float16 / bfloat16, still computed in
+    float32: no separate cast pass over them.
 
     dB / dC partials of the channel blocks of a group go to a workspace summed afterwards (deterministic);
     only when that workspace would exceed ``WORKSPACE_LIMIT_BYTES`` and ``deterministic`` is false
