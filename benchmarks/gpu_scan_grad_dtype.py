@@ -22,8 +22,9 @@ from vmamba.ops.selective_scan import selective_scan
 VARIANTS = {  # by input element size; the current default first
     2: [{"BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 3}, {"BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 1},
         {"BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 2},
-        # 16 channels per warp: twice the programs (untimed)
+        # 16 or 8 channels per warp: two or four times the programs (untimed)
         {"BLOCK_D": 16, "BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 3},
+        {"BLOCK_D": 8, "BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 3},
         {"BLOCK_D": 16, "BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 1}, {"BLOCK_T": 8, "HALF_GRADS": 0}],
     4: [{"BLOCK_T": 8}, {"BLOCK_T": 8, "STAGES": 2}, {"BLOCK_T": 8, "STAGES": 3}, {"BLOCK_T": 16, "STAGES": 2}],
 }
