@@ -94,6 +94,16 @@ def bench(fn, grad_to_none=None):
     return do_bench(fn, warmup=25, rep=150, grad_to_none=grad_to_none, return_mode="median")
 
 
+def op_fwd_bwd_ms(ins, gy):
+    """Forward + backward through the public op (custom op, saved states, gradient casts), ms."""
+    leaves = [x.detach().requires_grad_() for x in ins]
+
+    def step():
+        selective_scan(*leaves, delta_softplus=True, backend="triton").backward(gy)
+
+    return bench(step, grad_to_none=leaves)
+
+
 def copy_bandwidth():
     x = torch.empty(2 * 1024**3 // 4, device="cuda", dtype=torch.float32).normal_()
     y = torch.empty_like(x)
@@ -208,13 +218,7 @@ def bench_scan(results, copy_gbs, quick, no_sweep=False, models=None, sweep_stag
                 t_fwd_saving = bench(lambda: selective_scan_fwd(*ins, True, states_out=states))
                 t_bwd_saved = bench(lambda: selective_scan_bwd(gy, *ins, True, states=states))
                 # through the public autograd API (custom op, casts of gradients to input dtype)
-                leaves = [x.detach().requires_grad_() for x in ins]
-
-                def step():
-                    y = selective_scan(*leaves, delta_softplus=True, backend="triton")
-                    y.backward(gy)
-
-                t_api = bench(step, grad_to_none=leaves)
+                t_api = op_fwd_bwd_ms(ins, gy)
                 t_torch = float("nan")
                 if not quick and stage == 0 and dtype == torch.float32:
                     t_torch = bench(lambda: selective_scan(*ins, delta_softplus=True, backend="torch"))

@@ -14,10 +14,9 @@ import argparse
 import json
 
 import torch
-from gpu_scan import BATCH, LENGTHS, MODELS, K, bench, copy_bandwidth, make_inputs, scan_bytes
+from gpu_scan import BATCH, LENGTHS, MODELS, K, copy_bandwidth, make_inputs, op_fwd_bwd_ms, scan_bytes
 
 import vmamba.ops.triton.selective_scan as scan_kernels
-from vmamba.ops.selective_scan import selective_scan
 
 VARIANTS = {  # by input element size; the current default first
     2: [{"BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 3}, {"BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 1},
@@ -38,14 +37,6 @@ def with_backward_defaults(variant):
         cfg = original(channels, state, backward, length, elem_size)
         return {**cfg, **variant} if backward else cfg
     return original, patched
-
-
-def time_op(ins, gy):
-    leaves = [x.detach().requires_grad_() for x in ins]
-
-    def step():
-        selective_scan(*leaves, delta_softplus=True, backend="triton").backward(gy)
-    return bench(step, grad_to_none=leaves)
 
 
 def main():
@@ -71,7 +62,7 @@ def main():
                 original, patched = with_backward_defaults(variant)
                 scan_kernels.default_config = patched
                 try:
-                    times[i].append(time_op(ins, gy))
+                    times[i].append(op_fwd_bwd_ms(ins, gy))
                 finally:
                     scan_kernels.default_config = original
         for i, variant in enumerate(variants):

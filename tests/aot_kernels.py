@@ -4,12 +4,14 @@ Triton compiles ahead of time for a named target with its bundled ptxas, so the 
 that the interpreter never takes (the inline-PTX fast math, the int64 offsets, saved states, the
 register cap) are compiled here for the variants the models use. Prints one JSON line per variant.
 
-    python tests/aot_kernels.py [--resources] [--sass]
+    python tests/aot_kernels.py [--resources] [--sass] [--candidates]
 
 ``--resources`` adds each kernel's registers per thread and spill bytes, from ptxas -v; ``--sass``
 adds the length of each loop in SASS instructions and its most frequent opcodes, from the bundled
 cuobjdump (the time-step loops of the scans: divide by BLOCK_T for instructions per step). Triton's
-version here may differ from the GPU machine's, so treat both as indicative.
+version here may differ from the GPU machine's, so treat both as indicative. ``--candidates``
+compiles the plain scan's defaults and sweep candidates at the shapes' run-time specialisations
+instead (BENCHMARKS.md, session 10's static table).
 """
 
 from __future__ import annotations
@@ -197,17 +199,62 @@ def sass_loops(cubin: bytes) -> list[dict]:
     return loops
 
 
+def scan_candidates() -> list[tuple]:
+    """The plain scan's d_state-1 defaults and next sweep candidates (BENCHMARKS.md, session 10)."""
+    fwd = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, BLOCK_D=32, BLOCK_N=1, BLOCK_T=64, PREFETCH=0,
+               LANES=False, SAVE_T=16, STAGES=3)
+    bwd = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=1, BLOCK_T=16,
+               SAVE_T=16, FLIP=True, LANES=False, HAS_STATES=True, STAGES=3)
+    half_in = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr"}
+    half_grads = half_in | {"du_ptr", "ddt_ptr"}
+    f, b = selective_scan._ss_fwd_kernel, selective_scan._ss_bwd_kernel
+    one_warp = {"num_warps": 1}
+    return [
+        ("fwd, bf16, 64-step, STAGES 3 (default)", f, fwd, one_warp, half_in),
+        ("fwd, fp32, same (default)", f, fwd, one_warp, False),
+        ("fwd, bf16, 16 channels per warp", f, {**fwd, "BLOCK_D": 16}, one_warp, half_in),
+        ("fwd, bf16, 8 channels per warp", f, {**fwd, "BLOCK_D": 8}, one_warp, half_in),
+        ("fwd, bf16, two channels per lane", f, {**fwd, "BLOCK_D": 64}, one_warp, half_in),
+        ("bwd, bf16 gradients, 16-step, STAGES 3 (default at stage 1)", b, bwd, one_warp, half_grads),
+        ("bwd, same, STAGES 1", b, {**bwd, "STAGES": 1}, one_warp, half_grads),
+        ("bwd, same, 16 channels per warp", b, {**bwd, "BLOCK_D": 16}, one_warp, half_grads),
+        ("bwd, same, 8 channels per warp", b, {**bwd, "BLOCK_D": 8}, one_warp, half_grads),
+        ("bwd, bf16 gradients, 8-step, STAGES 1", b, {**bwd, "BLOCK_T": 8, "SAVE_T": 8, "STAGES": 1}, one_warp,
+         half_grads),
+        ("bwd, fp32, 8-step, FLIP (default)", b, {**bwd, "BLOCK_T": 8, "SAVE_T": 8, "STAGES": 1}, one_warp, False),
+    ]
+
+
+def run_time_specialised(kernel, constants: dict, bf16) -> tuple[dict, dict, dict]:
+    """(signature, constants, divisibility) as Triton's launcher specialises the stage 1-2 shapes of the
+    plain scan: unit strides along L become constexpr 1; L, the channel counts and the row strides are
+    multiples of 16."""
+    unit = {n: 1 for n in ("su_l", "sdt_l", "sB_l", "sC_l", "sg_l") if n in kernel.arg_names}
+    constants = {**constants, **unit}
+    sig = signature(kernel, constants, bf16)
+    sig.update({n: "constexpr" for n in unit})
+    per_element = {"sA_n", "sD", "sbias", "sB_n", "sC_n", "sdB_n"}
+    rows = {n for n in kernel.arg_names if n.startswith("s") and not n.endswith("_l") and n not in per_element}
+    return sig, constants, divisibility(kernel, DIVISIBLE_INTS | rows | {"L", "CG", "KC", "n_saved"})
+
+
 def main() -> int:
+    """Compile VARIANTS; with --candidates, scan_candidates() at the run-time specialisations instead."""
     failures = 0
-    for name, kernel, constants, options, bf16 in VARIANTS:
+    candidates = "--candidates" in sys.argv
+    for name, kernel, constants, options, bf16 in scan_candidates() if candidates else VARIANTS:
         try:
-            source = ASTSource(kernel, signature(kernel, constants, bf16), constants,
-                               divisibility(kernel, DIVISIBLE_INTS))
-            compiled = triton.compile(source, target=HOPPER, options=options)
+            if candidates:
+                sig, constants, divisible = run_time_specialised(kernel, constants, bf16)
+            else:
+                sig, divisible = signature(kernel, constants, bf16), divisibility(kernel, DIVISIBLE_INTS)
+            compiled = triton.compile(ASTSource(kernel, sig, constants, divisible), target=HOPPER, options=options)
+            ptx = compiled.asm["ptx"]
             row = {"variant": name, "ok": True, "cubin_bytes": len(compiled.asm["cubin"]),
-                   "fast_math_ptx": "lg2.approx" in compiled.asm["ptx"]}
+                   "fast_math_ptx": "lg2.approx" in ptx,
+                   "async_copies": ptx.count("cp.async.cg") + ptx.count("cp.async.ca")}
             if "--resources" in sys.argv:
-                row.update(resources(compiled.asm["ptx"], options))
+                row.update(resources(ptx, options))
             if "--sass" in sys.argv:
                 row["loops"] = sass_loops(compiled.asm["cubin"])
         except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
