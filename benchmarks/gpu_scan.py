@@ -50,18 +50,21 @@ MODELS = {
 }
 LENGTHS = [56 * 56, 28 * 28, 14 * 14, 7 * 7]
 SWEEP = {  # (BLOCK_D, BLOCK_T, num_warps, PREFETCH[, LANES: one channel and all its states per lane[, FLIP
-    # [, STAGES: chunks in flight through Triton's pipeliner[, HALF_GRADS: du / ddelta stored in u's dtype]]]])
+    # [, STAGES: chunks in flight through Triton's pipeliner[, HALF_GRADS: du / ddelta stored in u's dtype
+    # [, maxnreg: register cap per thread, 0 none]]]]])
     # the default first; earlier sweeps' losers (BENCHMARKS.md) dropped
-    ("fwd", 1): [(32, 64, 1, 0, 0, 0, 3), (32, 32, 1, 0, 0, 0, 3), (32, 16, 1, 0, 0, 0, 3),
-                 # 16 channels per warp, two lanes per channel: twice the programs (stage 2, with twice stage
-                 # 1's, reached 71 % against 66 % in bf16, session 10); two channels per lane: half the
-                 # programs, more independent work per thread (540 bytes of spills offline); both untimed
-                 (16, 64, 1, 0, 0, 0, 3), (16, 32, 1, 0, 0, 0, 3), (64, 64, 1, 0, 0, 0, 3), (8, 64, 1, 0, 0, 0, 3)],
+    # The 64-step forward takes 253 registers (offline, sm_90a): 8 one-warp programs per SM, so stage 1's
+    # 1536 run in 1.45 waves; a cap of 168 fits 12 per SM (one wave) at 112 bytes of spills (bf16)
+    ("fwd", 1): [(32, 64, 1, 0, 0, 0, 3), (32, 64, 1, 0, 0, 0, 3, 0, 168), (32, 64, 1, 0, 0, 0, 3, 0, 128),
+                 (32, 64, 1, 0, 0, 0, 2), (32, 64, 1, 0, 0, 0, 4), (32, 32, 1, 0, 0, 0, 3), (32, 32, 1, 0, 0, 0, 4),
+                 (32, 128, 1, 0, 0, 0, 2)],
     ("fwd", 16): [(8, 32, 4, 0), (8, 16, 4, 1), (8, 32, 4, 1), (16, 16, 8, 0), (16, 16, 8, 1),
                   (32, 4, 1, 1, 1), (64, 4, 2, 1, 1), (32, 8, 1, 1, 1), (128, 4, 4, 1, 1), (32, 2, 1, 1, 1)],
     # bf16 grads with 8-step chunks are 16-byte half sectors per channel: 16-step chunks write whole ones
-    ("bwd", 1): [(32, 8, 1, 0, 0, 1), (32, 16, 1, 0, 0, 1, 3, 1), (32, 16, 1, 0, 0, 1, 1, 1), (32, 16, 1, 0, 0, 1),
-                 (16, 16, 1, 0, 0, 1, 3, 1), (16, 8, 1, 0, 0, 1, 3, 1), (8, 16, 1, 0, 0, 1, 3, 1)],
+    # the bf16 default (16-step, STAGES 3) takes 212 registers: 9 programs per SM, 1.29 waves at stage 1
+    ("bwd", 1): [(32, 8, 1, 0, 0, 1), (32, 16, 1, 0, 0, 1, 3, 1), (32, 16, 1, 0, 0, 1, 3, 1, 168),
+                 (32, 16, 1, 0, 0, 1, 1, 1), (16, 16, 1, 0, 0, 1, 1, 1), (16, 16, 1, 0, 0, 1, 2, 1),
+                 (16, 32, 1, 0, 0, 1, 1, 1), (32, 8, 1, 0, 0, 1, 1, 0, 128)],
     ("bwd", 16): [(8, 16, 4, 0), (8, 8, 4, 0), (16, 8, 8, 0), (32, 2, 1, 0, 1, 1), (32, 4, 1, 0, 1, 1),
                   (32, 2, 1, 0, 1, 0)],
 }
@@ -168,9 +171,9 @@ def sweep(kind, n, ins, gy):
     best = None
     ref = selective_scan_fwd(*ins, True) if kind == "fwd" else selective_scan_bwd(gy, *ins, True)
     for bd, bt, nw, pf, *extra in SWEEP[(kind, n)]:
-        lanes, flip, stages, half = (*extra, *(0, 0, 1, 0)[len(extra):])
+        lanes, flip, stages, half, maxnreg = (*extra, *(0, 0, 1, 0, 0)[len(extra):])
         cfg = {"BLOCK_D": bd, "BLOCK_T": bt, "num_warps": nw, "PREFETCH": pf, "LANES": lanes, "FLIP": flip,
-               "STAGES": stages, "HALF_GRADS": half}
+               "STAGES": stages, "HALF_GRADS": half, "maxnreg": maxnreg}
         try:
             if kind == "fwd":
                 ms = bench(lambda: selective_scan_fwd(*ins, True, config=cfg))

@@ -619,6 +619,16 @@ def _config(cg, state, backward, overrides, length=None, elem_size=4, defaults=N
     return cfg
 
 
+def _launch_options(cfg) -> dict:
+    """num_warps, and the register cap per thread ``maxnreg`` where the configuration sets one: one-warp
+    programs at 200+ registers leave room for only 8-9 warps per SM, fewer than the grid has at
+    VMamba-T stage 1, so a cap can turn a second, partial wave into a single one (or spill)."""
+    options = {"num_warps": cfg["num_warps"]}
+    if cfg.get("maxnreg"):
+        options["maxnreg"] = int(cfg["maxnreg"])
+    return options
+
+
 def _state_interval(cfg) -> int:
     """Positions between the states a backward of configuration ``cfg`` keeps: its chunk length, or
     LANES_SAVE_INTERVAL for LANES, whose shorter chunks fit inside an interval."""
@@ -678,7 +688,7 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
         PREFETCH=bool(cfg.get("PREFETCH", 0)), LANES=bool(cfg.get("LANES", 0)), SAVE_T=save_t,
-        STAGES=int(cfg.get("STAGES", 1)), num_warps=cfg["num_warps"],
+        STAGES=int(cfg.get("STAGES", 1)), **_launch_options(cfg),
     )
     return y
 
@@ -762,7 +772,7 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SAVE_T=interval,
         FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, HAS_STATES=has_states, STAGES=int(cfg.get("STAGES", 1)),
-        num_warps=cfg["num_warps"],
+        **_launch_options(cfg),
     )
     if atomic:
         dB, dC = dB_ws, dC_ws
