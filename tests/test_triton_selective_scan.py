@@ -168,6 +168,13 @@ def test_flipped_adjoint_scan_variant(state):
            config={"FLIP": 1})
 
 
+def test_sixteen_channels_per_warp_backward_variant():
+    # the stage-1 default of 2-byte inputs: 16 channels per block, 16-step chunks; 20 channels per group
+    # (a full and a partial block), 37 positions (a partial last chunk)
+    _check(batch=1, groups=2, per_group=20, state=1, length=37, dtype=torch.bfloat16, seed=18,
+           config={"BLOCK_D": 16, "BLOCK_T": 16, "FLIP": 1, "num_warps": 1})
+
+
 def test_pipelined_backward_variant():
     # the backward's interval loop through Triton's pipeliner (config STAGES), several intervals
     _check(batch=1, groups=2, per_group=3, state=1, length=37, dtype=torch.bfloat16, seed=17,
@@ -242,13 +249,15 @@ def test_custom_op_keeps_the_states_for_its_backward():
         assert _rel(ours.cpu(), ref) < 1e-2  # bf16 inputs: gradients are returned in bf16
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_gradients_are_the_float32_ones_rounded(dtype):
+@pytest.mark.parametrize(("dtype", "config"), [
+    (torch.bfloat16, {"BLOCK_D": 16, "BLOCK_T": 16, "FLIP": 1}),  # the default of long 2-byte sequences
+    (torch.float16, {"BLOCK_T": 16, "FLIP": 1, "STAGES": 3}),  # the interval loop through the pipeliner
+])
+def test_half_precision_gradients_are_the_float32_ones_rounded(dtype, config):
     """HALF_GRADS stores du and ddelta in the inputs' dtype from the kernel: the float32 gradients of the
     same configuration, rounded once; the other gradients are unchanged."""
     ins = _inputs(2, 2, 8, 1, 37, dtype, seed=15)
     gy = torch.randn(ins[0].shape, generator=torch.Generator().manual_seed(16)).to(DEVICE)
-    config = {"BLOCK_T": 16, "FLIP": 1, "STAGES": 3}  # the default of long bf16 sequences
     full = selective_scan_bwd(gy, *ins, True, deterministic=True, config=config)
     half = selective_scan_bwd(gy, *ins, True, deterministic=True, config={**config, "HALF_GRADS": 1})
     assert half[0].dtype == dtype and half[1].dtype == dtype

@@ -543,8 +543,9 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     (FLIP; session 10, stage 1: fp32 2.290 against 2.431 ms, bf16 1.670 against 1.801) and, for 2-byte
     inputs, du / ddelta stored in their dtype in 16-step chunks (HALF_GRADS, no cast pass afterwards; bf16
     forward + backward through the op, stages 1-3: 1.853 / 1.396 / 1.099 ms against 2.273 / 1.638 / 1.511
-    with 8-step chunks and float32 gradients cast afterwards), from L 2048 with Triton's pipeliner over
-    the intervals (STAGES 3; stage 1: 1.688 against 1.854 ms; no gain in fp32 or at stage 2), LANES tiles in
+    with 8-step chunks and float32 gradients cast afterwards), from L 2048 with 16 channels per warp
+    (twice the programs; stage 1, session 11: 1.609 against 1.692 ms for 32 channels with Triton's
+    pipeliner over the intervals, itself 1.688 against 1.854 without), LANES tiles in
     4-position chunks with the flipped adjoint scan for d_state 3-16 (2.7x faster fp32, 3.1x bf16 at
     vanilla-T stage 1), else 128 threads.
     BLOCK_D divides the group's channels where a power of two does, so no lane idles.
@@ -573,8 +574,10 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
         # per channel row; 8-step chunks' half-sector stores were slower at every stage, session 10)
         half_grads = int(elem_size == 2)
         block_t, flip = 16 if half_grads else 8, 1
-        if half_grads and (length is None or length >= 2048):  # the pipeliner over intervals: stage 1 only
-            stages = 3
+        if half_grads and (length is None or length >= 2048):
+            # stage 1: 16 channels per warp (two lanes per channel, twice the programs; session 11:
+            # 1.609 ms against 1.692 for 32 channels with the pipeliner over intervals, STAGES 3)
+            block_d = min(block_d, 16)
     elif backward:
         block_t = 8
     elif block_n <= 2:
