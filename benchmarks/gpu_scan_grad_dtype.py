@@ -19,15 +19,10 @@ from gpu_scan import BATCH, LENGTHS, MODELS, K, copy_bandwidth, make_inputs, op_
 import vmamba.ops.triton.selective_scan as scan_kernels
 
 VARIANTS = {  # by input element size; the current default first
-    2: [{"BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 3},
-        # register cap: 12 one-warp programs per SM instead of 9 (116 bytes of spills offline; untimed)
-        {"BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 3, "maxnreg": 168},
-        {"BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 1},
-        # 16 channels per warp: twice the programs (session 11 call 1, stage 1: 1.608 against 1.689 ms)
-        {"BLOCK_D": 16, "BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 1},
-        {"BLOCK_D": 16, "BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 2},
-        {"BLOCK_D": 16, "BLOCK_T": 32, "HALF_GRADS": 1, "STAGES": 1},
-        {"BLOCK_D": 16, "BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 1, "maxnreg": 128}],
+    2: [{"BLOCK_D": 16, "BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 1},
+        {"BLOCK_D": 16, "BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 1, "EVEN": 0},  # bounds masks kept
+        {"BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 3},  # the session-10 default at stage 1
+        {"BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 1}],  # the default at stage 2
     4: [{"BLOCK_T": 8}, {"BLOCK_T": 8, "STAGES": 2}, {"BLOCK_T": 8, "STAGES": 3}, {"BLOCK_T": 16, "STAGES": 2}],
 }
 

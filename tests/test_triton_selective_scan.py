@@ -168,6 +168,27 @@ def test_flipped_adjoint_scan_variant(state):
            config={"FLIP": 1})
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_chunks_drop_the_bounds_masks(dtype):
+    # 16 channels per group, 64 positions, d_state 1: the default launches cover whole chunks, intervals
+    # and channel blocks, so the kernels run without bounds masks (EVEN); same results as with them
+    from vmamba.ops.triton.selective_scan import _even
+
+    elem = torch.finfo(dtype).bits // 8
+    for backward in (False, True):
+        cfg = default_config(16, 1, backward, 64, elem)
+        assert _even(cfg, 16, 1, 64, cfg["BLOCK_T"]) and not _even({**cfg, "EVEN": 0}, 16, 1, 64, cfg["BLOCK_T"])
+        assert not _even(cfg, 16, 1, 63, cfg["BLOCK_T"]) and not _even(cfg, 15, 1, 64, cfg["BLOCK_T"])
+    _check(batch=1, groups=2, per_group=16, state=1, length=64, dtype=dtype, seed=19)
+    ins = _inputs(1, 2, 16, 1, 64, dtype, seed=19)
+    gy = torch.randn(ins[0].shape, generator=torch.Generator().manual_seed(20)).to(DEVICE)
+    masked = {"EVEN": 0}
+    assert torch.equal(selective_scan_fwd(*ins, True), selective_scan_fwd(*ins, True, config=masked))
+    for a, b in zip(selective_scan_bwd(gy, *ins, True, deterministic=True),
+                    selective_scan_bwd(gy, *ins, True, deterministic=True, config=masked)):
+        assert torch.equal(a, b)
+
+
 def test_sixteen_channels_per_warp_backward_variant():
     # the stage-1 default of 2-byte inputs: 16 channels per block, 16-step chunks; 20 channels per group
     # (a full and a partial block), 37 positions (a partial last chunk)

@@ -117,9 +117,20 @@ def _delta_of(raw, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, F
 
 
 @triton.jit
-def _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n, su_l, sdt_l, sB_l, sC_l):
+def _in_range(index, bound, EVEN: tl.constexpr):
+    """index < bound; EVEN: the launch guarantees it (whole chunks and channel blocks), so the mask is a
+    constant the compiler drops from loads, stores and selects."""
+    if EVEN:
+        inside = tl.full(index.shape, 1, tl.int1)
+    else:
+        inside = index < bound
+    return inside
+
+
+@triton.jit
+def _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n, su_l, sdt_l, sB_l, sC_l, EVEN: tl.constexpr):
     """(T, D) tiles of u and raw delta, (T, N) tiles of B and C at positions t (float32, 0 outside)."""
-    mask_t = t < L
+    mask_t = _in_range(t, L, EVEN)
     m2 = mask_t[:, None] & mask_d[None, :]
     mtn = mask_t[:, None] & mask_n[None, :]
     u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
@@ -271,7 +282,7 @@ def _ss_fwd_kernel(
     sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias, sy_b, sy_d,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
-    LANES: tl.constexpr, SAVE_T: tl.constexpr, STAGES: tl.constexpr,
+    LANES: tl.constexpr, SAVE_T: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr,
 ):
     """Tiles (T, D, N); with LANES (T, N, D): one lane owns one channel and all its states, so the sum
     over the states for y stays in the thread and Δ is computed once per channel. SAVE_T > 0 also
@@ -281,10 +292,10 @@ def _ss_fwd_kernel(
     k = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_c < CG
+    mask_d = _in_range(offs_c, CG, EVEN)
     d = (k * CG + offs_c).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    mask_n = _in_range(offs_n, N, EVEN)
     offs_t = tl.arange(0, BLOCK_T)
 
     rows, states, state_mask = _state_grid(d, offs_n, mask_d, mask_n, LANES)
@@ -311,20 +322,20 @@ def _ss_fwd_kernel(
 
     if PREFETCH:
         u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, offs_t, L, mask_d, mask_n,
-                                               su_l, sdt_l, sB_l, sC_l)
+                                               su_l, sdt_l, sB_l, sC_l, False)
     # STAGES > 1: Triton's software pipeliner keeps that many chunks' loads in flight (asynchronous copies)
     for t0 in tl.range(0, L, BLOCK_T, num_stages=STAGES):
         t = offs_t + t0
-        mask_t = t < L
+        mask_t = _in_range(t, L, EVEN)
         m2 = mask_t[:, None] & mask_d[None, :]
         if PREFETCH:
             # software pipelining: the next chunk's loads are in flight during this chunk's scan
             u, raw, Bt, Ct = u_nx, raw_nx, B_nx, C_nx
             u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, t + BLOCK_T, L, mask_d,
-                                                   mask_n, su_l, sdt_l, sB_l, sC_l)
+                                                   mask_n, su_l, sdt_l, sB_l, sC_l, False)
         else:
             u, raw, Bt, Ct = _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n,
-                                         su_l, sdt_l, sB_l, sC_l)
+                                         su_l, sdt_l, sB_l, sC_l, EVEN)
         if HAS_BIAS:
             raw = raw + bias[None, :]
         dt = raw
@@ -346,9 +357,10 @@ def _ss_fwd_kernel(
 
 @triton.jit
 def _ss_state_after(h, t, L, u_base, dt_base, B_base, mask_d, mask_n, su_l, sdt_l, sB_l, bias, A2, first, last,
-                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, LANES: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, LANES: tl.constexpr,
+                    EVEN: tl.constexpr):
     """The state after the chunk of positions t entered with state h (the backward's recomputation)."""
-    mask_t = t < L
+    mask_t = _in_range(t, L, EVEN)
     m2 = mask_t[:, None] & mask_d[None, :]
     mtn = mask_t[:, None] & mask_n[None, :]
     u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
@@ -361,11 +373,13 @@ def _ss_state_after(h, t, L, u_base, dt_base, B_base, mask_d, mask_n, su_l, sdt_
 
 
 @triton.jit
-def _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n, su_l, sdt_l, sg_l, sB_l, sC_l):
+def _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n, su_l, sdt_l, sg_l, sB_l, sC_l,
+                  EVEN: tl.constexpr):
     """The backward's (T, D) tiles of u, raw delta and gy and (T, N) tiles of B and C at positions t
     (zero at t >= L)."""
-    u, raw, Bt, Ct = _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n, su_l, sdt_l, sB_l, sC_l)
-    m2 = (t < L)[:, None] & mask_d[None, :]
+    u, raw, Bt, Ct = _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n, su_l, sdt_l, sB_l, sC_l,
+                                 EVEN)
+    m2 = _in_range(t, L, EVEN)[:, None] & mask_d[None, :]
     gy = tl.load(gy_base + t[:, None] * sg_l, mask=m2, other=0.0).to(tl.float32)
     return u, raw, gy, Bt, Ct
 
@@ -374,11 +388,11 @@ def _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n
 def _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h0, g, L, dt_base, du_base, ddt_base, dB_base, dC_base,
                   mask_d, mask_n, sdt_l, A, A2, bias, dskip, first, last, HAS_D: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr, FAST: tl.constexpr,
-                  FLIP: tl.constexpr, LANES: tl.constexpr):
+                  FLIP: tl.constexpr, LANES: tl.constexpr, EVEN: tl.constexpr):
     """One chunk of the backward (positions t, its loaded tiles, entry state h0, adjoint carry g from
     the chunk after it): stores du, ddelta and the dB/dC partials; returns (g for the chunk before, dA,
     dD, dbias partials)."""
-    mask_t = t < L
+    mask_t = _in_range(t, L, EVEN)
     m2 = mask_t[:, None] & mask_d[None, :]
     mtn = mask_t[:, None] & mask_n[None, :]
     slope, dt = _delta_of(raw, m2, bias, HAS_BIAS, SOFTPLUS, FAST)
@@ -420,7 +434,7 @@ def _ss_bwd_kernel(
     sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr,
     FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SAVE_T: tl.constexpr,
-    FLIP: tl.constexpr, LANES: tl.constexpr, HAS_STATES: tl.constexpr, STAGES: tl.constexpr,
+    FLIP: tl.constexpr, LANES: tl.constexpr, HAS_STATES: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr,
 ):
     """Pass 1 (unless HAS_STATES: the forward stored them) walks L forwards storing the state entering
     every SAVE_T positions; pass 2 walks chunks of
@@ -431,10 +445,10 @@ def _ss_bwd_kernel(
     k = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_c < CG
+    mask_d = _in_range(offs_c, CG, EVEN)
     d = (k * CG + offs_c).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    mask_n = _in_range(offs_n, N, EVEN)
     offs_t = tl.arange(0, BLOCK_T)
     SUB: tl.constexpr = SAVE_T // BLOCK_T
 
@@ -477,7 +491,7 @@ def _ss_bwd_kernel(
             for j in range(0, SUB):
                 h = _ss_state_after(h, (c * SUB + j) * BLOCK_T + offs_t, L, u_base, dt_base, B_base, mask_d,
                                     mask_n, su_l, sdt_l, sB_l, bias, A2, first, last, HAS_BIAS, SOFTPLUS, FAST,
-                                    LANES)
+                                    LANES, EVEN)
         tl.debug_barrier()
 
     # Pass 2: chunks in reverse, the adjoint's carry in registers (g_t = C_t gy_t + a_{t+1} g_{t+1}).
@@ -494,7 +508,7 @@ def _ss_bwd_kernel(
             for j in range(0, SUB - 1):  # entry states of the interval's later chunks
                 h = _ss_state_after(h, (c * SUB + j) * BLOCK_T + offs_t, L, u_base, dt_base, B_base, mask_d,
                                     mask_n, su_l, sdt_l, sB_l, bias, A2, first, last, HAS_BIAS, SOFTPLUS, FAST,
-                                    LANES)
+                                    LANES, EVEN)
                 tl.store(scr_base + (j + 1) * tile, h)
             tl.debug_barrier()  # the scratch is read by other threads than wrote it
         for jj in range(0, SUB):
@@ -503,11 +517,11 @@ def _ss_bwd_kernel(
             if SUB > 1:
                 h = tl.load(scr_base + j * tile)
             u, raw, gy, Bt, Ct = _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n,
-                                               su_l, sdt_l, sg_l, sB_l, sC_l)
+                                               su_l, sdt_l, sg_l, sB_l, sC_l, EVEN)
             g, dA_p, dD_p, dbias_p = _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h, g, L, dt_base, du_base, ddt_base,
                                                    dB_base, dC_base, mask_d, mask_n, sdt_l, A, A2, bias, dskip,
                                                    first, last, HAS_D, HAS_BIAS, SOFTPLUS, ATOMIC, FAST, FLIP,
-                                                   LANES)
+                                                   LANES, EVEN)
             dA_acc += dA_p
             if HAS_D:
                 dD_acc += dD_p
@@ -622,6 +636,15 @@ def _config(cg, state, backward, overrides, length=None, elem_size=4, defaults=N
     return cfg
 
 
+def _even(cfg: dict, channels_per_group: int, state: int, length: int, interval: int) -> bool:
+    """Whether a launch covers whole chunks, intervals, channel blocks and state blocks, so the kernels
+    may drop their bounds masks (configuration key EVEN=0 keeps them). Not with LANES or PREFETCH,
+    which read past the last chunk or interval."""
+    return bool(cfg.get("EVEN", 1) and not cfg.get("LANES", 0) and not cfg.get("PREFETCH", 0)
+                and length % cfg["BLOCK_T"] == 0 and length % interval == 0
+                and channels_per_group % cfg["BLOCK_D"] == 0 and state == cfg["BLOCK_N"])
+
+
 def _launch_options(cfg) -> dict:
     """num_warps, and the register cap per thread ``maxnreg`` where the configuration sets one: one-warp
     programs at 200+ registers leave room for only 8-9 warps per SM, fewer than the grid has at
@@ -691,7 +714,8 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
         PREFETCH=bool(cfg.get("PREFETCH", 0)), LANES=bool(cfg.get("LANES", 0)), SAVE_T=save_t,
-        STAGES=int(cfg.get("STAGES", 1)), **_launch_options(cfg),
+        STAGES=int(cfg.get("STAGES", 1)), EVEN=_even(cfg, cg, state, length, cfg["BLOCK_T"]),
+        **_launch_options(cfg),
     )
     return y
 
@@ -775,7 +799,7 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SAVE_T=interval,
         FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, HAS_STATES=has_states, STAGES=int(cfg.get("STAGES", 1)),
-        **_launch_options(cfg),
+        EVEN=_even(cfg, cg, state, length, interval), **_launch_options(cfg),
     )
     if atomic:
         dB, dC = dB_ws, dC_ws
