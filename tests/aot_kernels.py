@@ -207,33 +207,32 @@ def sass_loops(cubin: bytes) -> list[dict]:
 def scan_candidates() -> list[tuple]:
     """The plain scan's d_state-1 defaults and sweep candidates (BENCHMARKS.md, sessions 10-11)."""
     fwd = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, BLOCK_D=32, BLOCK_N=1, BLOCK_T=64, PREFETCH=0,
-               LANES=False, SAVE_T=16, STAGES=3, EVEN=True)
+               LANES=False, SAVE_T=16, STAGES=3, EVEN=False)
     bwd = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=1, BLOCK_T=16,
-               SAVE_T=16, FLIP=True, LANES=False, HAS_STATES=True, STAGES=3, EVEN=True)
+               SAVE_T=16, FLIP=True, LANES=False, HAS_STATES=True, STAGES=3, EVEN=False)
     half_in = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr"}
     half_grads = half_in | {"du_ptr", "ddt_ptr"}
     f, b = selective_scan._ss_fwd_kernel, selective_scan._ss_bwd_kernel
     one_warp = {"num_warps": 1}
     return [
-        ("fwd, bf16, 64-step, STAGES 3 (default; whole chunks: no bounds masks)", f, fwd, one_warp, half_in),
-        ("fwd, bf16, same, bounds masks (EVEN 0)", f, {**fwd, "EVEN": False}, one_warp, half_in),
-        ("fwd, fp32, same (default)", f, fwd, one_warp, False),
+        ("fwd, bf16, 64-step, STAGES 3, bounds masks (default)", f, fwd, one_warp, half_in),
+        ("fwd, bf16, same without bounds masks (EVEN)", f, {**fwd, "EVEN": True}, one_warp, half_in),
+        ("fwd, fp32, same without bounds masks (default)", f, {**fwd, "EVEN": True}, one_warp, False),
         ("fwd, bf16, 16 channels per warp", f, {**fwd, "BLOCK_D": 16}, one_warp, half_in),
         ("fwd, bf16, 8 channels per warp", f, {**fwd, "BLOCK_D": 8}, one_warp, half_in),
         ("fwd, bf16, two channels per lane", f, {**fwd, "BLOCK_D": 64}, one_warp, half_in),
         # register caps: 12 one-warp programs per SM at 168 (all 1536 of stage 1 in one wave), 16 at 128
         ("fwd, bf16, default, cap 168 registers", f, fwd, {**one_warp, "maxnreg": 168}, half_in),
-        ("fwd, fp32, default, cap 168 registers", f, fwd, {**one_warp, "maxnreg": 168}, False),
+        ("fwd, fp32, bounds masks, cap 168 registers", f, fwd, {**one_warp, "maxnreg": 168}, False),
         ("fwd, bf16, default, cap 128 registers", f, fwd, {**one_warp, "maxnreg": 128}, half_in),
         ("fwd, bf16, 32-step, STAGES 3", f, {**fwd, "BLOCK_T": 32}, one_warp, half_in),
         ("bwd, bf16 gradients, 16-step, STAGES 3 (session-10 default at stage 1)", b, bwd, one_warp, half_grads),
         ("bwd, same, STAGES 1", b, {**bwd, "STAGES": 1}, one_warp, half_grads),
         ("bwd, same, cap 168 registers", b, bwd, {**one_warp, "maxnreg": 168}, half_grads),
         ("bwd, same, 16 channels per warp", b, {**bwd, "BLOCK_D": 16}, one_warp, half_grads),
-        ("bwd, same, 16 channels per warp, STAGES 1 (default at stage 1)", b, {**bwd, "BLOCK_D": 16, "STAGES": 1},
-         one_warp, half_grads),
-        ("bwd, same, bounds masks (EVEN 0)", b, {**bwd, "BLOCK_D": 16, "STAGES": 1, "EVEN": False}, one_warp,
-         half_grads),
+        ("bwd, same, 16 channels per warp, STAGES 1, EVEN (default at stage 1)", b,
+         {**bwd, "BLOCK_D": 16, "STAGES": 1, "EVEN": True}, one_warp, half_grads),
+        ("bwd, same with bounds masks", b, {**bwd, "BLOCK_D": 16, "STAGES": 1}, one_warp, half_grads),
         ("bwd, same, 8 channels per warp", b, {**bwd, "BLOCK_D": 8}, one_warp, half_grads),
         ("bwd, bf16 gradients, 8-step, STAGES 1", b, {**bwd, "BLOCK_T": 8, "SAVE_T": 8, "STAGES": 1}, one_warp,
          half_grads),
