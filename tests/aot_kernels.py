@@ -236,7 +236,10 @@ def scan_candidates() -> list[tuple]:
         ("bwd, same, 8 channels per warp", b, {**bwd, "BLOCK_D": 8}, one_warp, half_grads),
         ("bwd, bf16 gradients, 8-step, STAGES 1", b, {**bwd, "BLOCK_T": 8, "SAVE_T": 8, "STAGES": 1}, one_warp,
          half_grads),
-        ("bwd, fp32, 8-step, FLIP (default)", b, {**bwd, "BLOCK_T": 8, "SAVE_T": 8, "STAGES": 1}, one_warp, False),
+        ("bwd, fp32, 8-step, FLIP (session-10 default)", b, {**bwd, "BLOCK_T": 8, "SAVE_T": 8, "STAGES": 1}, one_warp,
+         False),
+        ("bwd, fp32, 16 channels per warp, 32-step, EVEN (default from L 512)", b,
+         {**bwd, "BLOCK_D": 16, "BLOCK_T": 32, "SAVE_T": 32, "STAGES": 1, "EVEN": True}, one_warp, False),
     ]
 
 

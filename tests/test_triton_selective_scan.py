@@ -203,6 +203,15 @@ def test_sixteen_channels_per_warp_backward_variant():
            config={"BLOCK_D": 16, "BLOCK_T": 16, "FLIP": 1, "num_warps": 1})
 
 
+def test_sixteen_channels_per_warp_float32_backward_variant():
+    # the float32 default from L 512: 16 channels per block in 32-step chunks; 20 channels per group,
+    # 75 positions (two whole chunks and a partial one)
+    _check(batch=1, groups=2, per_group=20, state=1, length=75, dtype=torch.float32, seed=21,
+           config={"BLOCK_D": 16, "BLOCK_T": 32, "FLIP": 1, "num_warps": 1})
+    cfg = default_config(96, 1, True, 3136, 4)
+    assert (cfg["BLOCK_D"], cfg["BLOCK_T"], cfg["EVEN"]) == (16, 32, 1)
+
+
 def test_pipelined_backward_variant():
     # the backward's interval loop through Triton's pipeliner (config STAGES), several intervals
     _check(batch=1, groups=2, per_group=3, state=1, length=37, dtype=torch.bfloat16, seed=17,

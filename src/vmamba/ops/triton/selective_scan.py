@@ -559,7 +559,8 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     forward + backward through the op, stages 1-3: 1.853 / 1.396 / 1.099 ms against 2.273 / 1.638 / 1.511
     with 8-step chunks and float32 gradients cast afterwards), from L 2048 with 16 channels per warp
     (twice the programs; stage 1, session 11: 1.609 against 1.692 ms for 32 channels with Triton's
-    pipeliner over the intervals, itself 1.688 against 1.854 without), LANES tiles in
+    pipeliner over the intervals, itself 1.688 against 1.854 without); float32 from L 512 with 16
+    channels per warp in 32-step chunks (stage 1: 1.819 against 2.156 ms), LANES tiles in
     4-position chunks with the flipped adjoint scan for d_state 3-16 (2.7x faster fp32, 3.1x bf16 at
     vanilla-T stage 1), else 128 threads.
     BLOCK_D divides the group's channels where a power of two does, so no lane idles.
@@ -588,6 +589,10 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
         # per channel row; 8-step chunks' half-sector stores were slower at every stage, session 10)
         half_grads = int(elem_size == 2)
         block_t, flip = 16 if half_grads else 8, 1
+        if not half_grads and long_seq:
+            # float32: 16 channels per warp in 32-step chunks (session 11, through the op with saved
+            # states: stage 1 1.819 against 2.156 ms, stage 2 1.035 against 1.373)
+            block_d, block_t = min(block_d, 16), 32
         if half_grads and (length is None or length >= 2048):
             # stage 1: 16 channels per warp (two lanes per channel, twice the programs; session 11:
             # 1.609 ms against 1.692 for 32 channels with the pipeliner over intervals, STAGES 3)
