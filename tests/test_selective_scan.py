@@ -213,3 +213,37 @@ def test_forward_keeps_states_only_for_a_triton_backward_at_small_d_state():
     with torch.no_grad():
         assert not saves_states(ScanBackend.TRITON, *small)
     assert not saves_states(ScanBackend.TRITON, *[t.detach() if t is not None else None for t in small])
+
+
+def test_eager_calls_skip_the_custom_op_and_agree_with_it(monkeypatch):
+    """Plain eager calls run the autograd.Function twin; torch.compile and dispatch modes (FlopCounterMode)
+    see the custom op; both give the same output and gradients, with and without D / delta_bias."""
+    import importlib
+
+    scan_module = importlib.import_module("vmamba.ops.selective_scan")  # the package exports a function of that name
+    calls = []
+    custom_op = scan_module._scan_fwd_op
+    monkeypatch.setattr(scan_module, "_scan_fwd_op", lambda *a: calls.append("custom") or custom_op(*a))
+    for with_d in (True, False):
+        inputs = random_inputs(2, 2, 3, 9, 2, with_d=with_d, with_bias=with_d)
+        eager = run(inputs, "torch")
+        assert calls == []  # eager: the autograd.Function twin
+        with FlopCounterMode(display=False) as counter:
+            run(inputs, "torch")
+        assert calls == ["custom"] and counter.get_total_flops() > 0
+        calls.clear()
+        torch._dynamo.reset()
+        compiled_scan = torch.compile(lambda *t: selective_scan(*t, backend="torch"), backend="aot_eager",
+                                      fullgraph=True)
+        leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
+        y = compiled_scan(*leaves)
+        weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+        (y * weights).sum().backward()
+        torch._dynamo.reset()
+        assert calls and set(calls) == {"custom"}  # traced: the custom op
+        calls.clear()
+        assert rel_err(y.detach(), eager[0]) < 1e-6
+        for leaf, grad in zip(leaves, eager[1]):
+            assert (leaf is None) == (grad is None)
+            if leaf is not None:
+                assert rel_err(leaf.grad, grad) < 1e-6

@@ -19,6 +19,12 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def intercepted() -> bool:
+    """True while a Python dispatch mode (``FlopCounterMode``, op counters) sees every op: it should then
+    see the custom op, whose FLOP formula is registered, rather than the implementation's own ops."""
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
 def eager_function(forward: Callable, setup_context: Callable, backward: Callable) -> type[torch.autograd.Function]:
     """An autograd.Function running ``forward(*inputs)``, then ``setup_context(ctx, inputs, output)``,
     with ``backward(ctx, *grads)``: the signatures of ``torch.library`` custom-op registration."""

@@ -5,7 +5,8 @@ Layout (same as the published implementation): u, delta (batch, K*C, L); A (K*C,
 
 The forward and the backward are two opaque ``torch.library`` custom ops with fake (meta)
 implementations, so ``torch.compile(fullgraph=True)`` traces models without graph breaks and
-``FlopCounterMode`` sees a single op per scan.
+``FlopCounterMode`` sees a single op per scan. Plain eager calls run the same functions as an
+``autograd.Function`` instead, without the custom-op dispatch (:mod:`vmamba.ops._eager`).
 """
 
 import contextlib
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from ._eager import compiling, eager_function, intercepted
 from .selective_scan_ref import selective_scan_reference
 from .selective_scan_torch import selective_scan_torch_bwd, selective_scan_torch_fwd
 
@@ -113,15 +115,17 @@ def _saved_states_shape(u: Tensor, A: Tensor, B: Tensor, backend: str, save_stat
     return (0,)
 
 
-@torch.library.custom_op("vmamba::selective_scan_fwd", mutates_args=())
-def _scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                 delta_bias: Tensor | None, delta_softplus: bool, backend: str,
-                 save_states: bool = False) -> tuple[Tensor, Tensor]:
+def _scan_fwd_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                   delta_bias: Tensor | None, delta_softplus: bool, backend: str,
+                   save_states: bool = False) -> tuple[Tensor, Tensor]:
     impl = _forward_impl(ScanBackend(backend))
     states = u.new_empty(_saved_states_shape(u, A, B, backend, save_states), dtype=torch.float32)
     # with states the backward skips its first pass, which recomputes them
     saving = {"states_out": states} if states.numel() else {}
     return impl(u, delta, A, B, C, D, delta_bias, delta_softplus, **saving).contiguous(), states
+
+
+_scan_fwd_op = torch.library.custom_op("vmamba::selective_scan_fwd", _scan_fwd_impl, mutates_args=())
 
 
 @_scan_fwd_op.register_fake
@@ -130,16 +134,18 @@ def _(u, delta, A, B, C, D, delta_bias, delta_softplus, backend, save_states=Fal
     return u.new_empty(u.shape, dtype=_out_dtype(u, delta, A, B, C)), u.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("vmamba::selective_scan_bwd", mutates_args=())
-def _scan_bwd_op(grad_out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                 D: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
-                 backend: str, states: Tensor | None = None) -> list[Tensor]:
+def _scan_bwd_impl(grad_out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                   D: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
+                   backend: str, states: Tensor | None = None) -> list[Tensor]:
     impl = _backward_impl(ScanBackend(backend))
     saved = {"states": states} if states is not None and states.numel() else {}
     grads = impl(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, **saved)
     inputs = (u, delta, A, B, C, D, delta_bias)
     # Absent D / delta_bias get an empty placeholder: custom ops cannot return None.
     return [g.to(x.dtype).contiguous() if x is not None else u.new_empty(0) for g, x in zip(grads, inputs)]
+
+
+_scan_bwd_op = torch.library.custom_op("vmamba::selective_scan_bwd", _scan_bwd_impl, mutates_args=())
 
 
 @_scan_bwd_op.register_fake
@@ -156,15 +162,22 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, grad_out, _grad_states):
-    u, delta, A, B, C, D, delta_bias, states = ctx.saved_tensors
-    grads = _scan_bwd_op(grad_out, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus, ctx.backend, states)
-    d_u, d_delta, d_A, d_B, d_C, d_D, d_bias = grads
-    return (d_u, d_delta, d_A, d_B, d_C, d_D if D is not None else None,
-            d_bias if delta_bias is not None else None, None, None, None)
+def _backward_with(scan_bwd: Callable) -> Callable:
+    def backward(ctx, grad_out, _grad_states):
+        if grad_out is None:  # eager twin, no gradient reached the output: every input's is zero
+            return (None,) * 10
+        u, delta, A, B, C, D, delta_bias, states = ctx.saved_tensors
+        grads = scan_bwd(grad_out, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus, ctx.backend, states)
+        d_u, d_delta, d_A, d_B, d_C, d_D, d_bias = grads
+        return (d_u, d_delta, d_A, d_B, d_C, d_D if D is not None else None,
+                d_bias if delta_bias is not None else None, None, None, None)
+
+    return backward
 
 
-_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_scan_fwd_op.register_autograd(_backward_with(_scan_bwd_op), setup_context=_setup_context)
+# Eager calls skip the custom-op dispatch (vmamba.ops._eager); torch.compile traces the custom ops.
+_ScanEager = eager_function(_scan_fwd_impl, _setup_context, _backward_with(_scan_bwd_impl))
 
 
 def _check_shapes(u, delta, A, B, C, D, delta_bias) -> None:
@@ -204,7 +217,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         # The oracle stays plain autograd code, outside the custom op.
         return selective_scan_reference(u, delta, A, B, C, D, delta_bias, bool(delta_softplus))
     save_states = saves_states(chosen, u, delta, A, B, C, D, delta_bias)
-    return _scan_fwd_op(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), chosen.value, save_states)[0]
+    op = _scan_fwd_op if compiling() or intercepted() else _ScanEager.call
+    return op(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), chosen.value, save_states)[0]
 
 
 def saves_states(backend: ScanBackend, *inputs: Tensor | None) -> bool:
