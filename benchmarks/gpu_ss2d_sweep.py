@@ -80,14 +80,15 @@ def configs(state, full, kinds=("fwd", "bwd")):
         yield {**cfg, "forward": False, "backward": True}
 
 
-def sweep_stage(ss2d, batch, size, dtype, full=False, kinds=("fwd", "bwd")):
+def sweep_stage(ss2d, batch, size, dtype, full=False, kinds=("fwd", "bwd"), where=None):
     from vmamba.ops.triton import ss2d_core as k
 
     u, xp, w, A, D, bias = stage_inputs(ss2d, batch, size, dtype)
     args = (u, xp, w, A, D, bias, size, size, 2)
     gy = torch.randn(ss2d.routes, *u.shape, device="cuda", dtype=dtype)
     results = {"fwd": [], "bwd": [], "fwd_saving_states": []}
-    candidates = list(configs(ss2d.d_state, full, kinds))
+    candidates = [cfg for cfg in configs(ss2d.d_state, full, kinds)
+                  if all(cfg.get(key) == value for key, value in (where or {}).items())]
     if ss2d.d_state > 2:  # the short list is tuned for d_state 1
         base = k.core_config(u.shape[-1], ss2d.d_state, w.shape[2], True, size * size, u.element_size())
         candidates = [{**base, "FLIP": flip, "forward": False, "backward": True} for flip in (0, 1)]
@@ -103,8 +104,7 @@ def sweep_stage(ss2d, batch, size, dtype, full=False, kinds=("fwd", "bwd")):
             candidates.append({"LANES": 1, "BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": block_d // 32,
                                "PREFETCH": 1, "DELTA_GEMM": delta_gemm, "forward": True, "backward": False})
     for cfg in candidates:
-        block_d, warps = cfg["BLOCK_D"], cfg["num_warps"]
-        if block_d * ss2d.d_state < 32 * warps:
+        if cfg["BLOCK_D"] * ss2d.d_state * cfg["BLOCK_T"] < 32 * cfg["num_warps"]:  # idle lanes
             continue
         try:
             if cfg["forward"]:
@@ -144,7 +144,9 @@ def main():
     parser.add_argument("--out", default="gpu_ss2d_sweep.json")
     parser.add_argument("--full", action="store_true", help="the full grid instead of the short list")
     parser.add_argument("--kinds", default="fwd,bwd", help="which kernels of the short list to sweep")
+    parser.add_argument("--where", default="", help="only candidates with these integer keys, e.g. BLOCK_D=16")
     args = parser.parse_args()
+    where = {key: int(value) for key, value in (item.split("=") for item in args.where.split(",") if item)}
     import vmamba
     from vmamba.layers.ss2d import SS2D
 
@@ -156,7 +158,7 @@ def main():
             continue
         ss2d = next(m for m in layer.modules() if isinstance(m, SS2D))
         size = 56 >> stage
-        out[stage + 1] = sweep_stage(ss2d, args.batch, size, dtype, args.full, tuple(args.kinds.split(",")))
+        out[stage + 1] = sweep_stage(ss2d, args.batch, size, dtype, args.full, tuple(args.kinds.split(",")), where)
         print(stage + 1, json.dumps(out[stage + 1]), flush=True)
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
