@@ -589,13 +589,13 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
         # per channel row; 8-step chunks' half-sector stores were slower at every stage, session 10)
         half_grads = int(elem_size == 2)
         block_t, flip = 16 if half_grads else 8, 1
-        if not half_grads and long_seq:
-            # float32: 16 channels per warp in 32-step chunks (session 11, through the op with saved
-            # states: stage 1 1.819 against 2.156 ms, stage 2 1.035 against 1.373)
+        # session 11, d_state 1 only (where measured): 16 channels per warp, two lanes per channel
+        if block_n == 1 and not half_grads and long_seq:
+            # float32, in 32-step chunks (through the op with saved states: stage 1 1.819 against
+            # 2.156 ms, stage 2 1.035 against 1.373)
             block_d, block_t = min(block_d, 16), 32
-        if half_grads and (length is None or length >= 2048):
-            # stage 1: 16 channels per warp (two lanes per channel, twice the programs; session 11:
-            # 1.609 ms against 1.692 for 32 channels with the pipeliner over intervals, STAGES 3)
+        if block_n == 1 and half_grads and (length is None or length >= 2048):
+            # stage 1 (1.609 ms against 1.692 for 32 channels with the pipeliner over intervals, STAGES 3)
             block_d = min(block_d, 16)
     elif backward:
         block_t = 8
@@ -605,10 +605,10 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
         return {"BLOCK_D": 32, "BLOCK_N": block_n, "BLOCK_T": 8, "num_warps": 1, "PREFETCH": 1, "LANES": 1}
     else:
         block_t = 8
-    # Bounds masks dropped where a launch covers whole chunks (d_state 1-2; session 11, stage 1: fp32 forward
-    # 0.490 against 0.504 ms, bf16 backward 1.614 against 1.630 through the op), except the 2-byte forward,
-    # which then spills (48 bytes offline) and lost (0.440 against 0.434 ms)
-    even = int(block_n <= 2 and (backward or elem_size != 2))
+    # Bounds masks dropped where a launch covers whole chunks (d_state 1, where measured; session 11, stage
+    # 1: fp32 forward 0.490 against 0.504 ms, bf16 backward 1.614 against 1.630 through the op), except the
+    # 2-byte forward, which then spills (48 bytes offline) and lost (0.440 against 0.434 ms)
+    even = int(block_n == 1 and (backward or elem_size != 2))
     return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0,
             "STAGES": stages, "FLIP": flip, "HALF_GRADS": half_grads, "EVEN": even}
 
@@ -654,10 +654,11 @@ def _even(cfg: dict, channels_per_group: int, state: int, length: int, interval:
                 and channels_per_group % cfg["BLOCK_D"] == 0 and state == cfg["BLOCK_N"])
 
 
-def _launch_options(cfg) -> dict:
-    """num_warps, and the register cap per thread ``maxnreg`` where the configuration sets one: one-warp
-    programs at 200+ registers leave room for only 8-9 warps per SM, fewer than the grid has at
-    VMamba-T stage 1, so a cap can turn a second, partial wave into a single one (or spill)."""
+def launch_options(cfg) -> dict:
+    """Triton launch options of a configuration (this module's kernels and the fused core's): num_warps,
+    and the register cap per thread ``maxnreg`` where set. The core's d_state-1 backward runs capped at
+    128; the plain scan's defaults are not capped (caps that fit stage 1 in one wave spilled and lost,
+    session 11)."""
     options = {"num_warps": cfg["num_warps"]}
     if cfg.get("maxnreg"):
         options["maxnreg"] = int(cfg["maxnreg"])
@@ -724,7 +725,7 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
         PREFETCH=bool(cfg.get("PREFETCH", 0)), LANES=bool(cfg.get("LANES", 0)), SAVE_T=save_t,
         STAGES=int(cfg.get("STAGES", 1)), EVEN=_even(cfg, cg, state, length, cfg["BLOCK_T"]),
-        **_launch_options(cfg),
+        **launch_options(cfg),
     )
     return y
 
@@ -808,7 +809,7 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SAVE_T=interval,
         FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, HAS_STATES=has_states, STAGES=int(cfg.get("STAGES", 1)),
-        EVEN=_even(cfg, cg, state, length, interval), **_launch_options(cfg),
+        EVEN=_even(cfg, cg, state, length, interval), **launch_options(cfg),
     )
     if atomic:
         dB, dC = dB_ws, dC_ws

@@ -53,6 +53,7 @@ from .selective_scan import (
     check_states,
     default_config,
     fast_math,
+    launch_options,
 )
 
 __all__ = ["delta_gemm", "ss2d_scan_fwd", "ss2d_scan_bwd", "saved_states_shape", "NSEQ"]
@@ -461,13 +462,6 @@ def saved_states_shape(batch: int, routes: int, channels: int, length: int, stat
     return batch, triton.cdiv(length, saved_state_chunk(state)), routes * channels, triton.next_power_of_2(state)
 
 
-def _launch_options(cfg):
-    options = {"num_warps": cfg["num_warps"]}
-    if cfg.get("maxnreg"):  # a register cap per thread (more resident warps, perhaps spills)
-        options["maxnreg"] = cfg["maxnreg"]
-    return options
-
-
 @triton.jit
 def _delta_gemm_kernel(xp_ptr, w_ptr, out_ptr, M, C, sxp_m, sxp_k, sw_k, sw_c, so_k, so_m,
                        R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -559,7 +553,7 @@ def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta
         PREFETCH=bool(cfg.get("PREFETCH", 0)), STAGES=int(cfg.get("STAGES", 1)), DELTA_IN=delta_in,
         FAST=fast_math(u),
         WIDE=_wide(length, u.stride(1), xp.stride(1), y.stride(2)), SAVE_T=save_chunk, LANES=lanes,
-        **_launch_options(cfg),
+        **launch_options(cfg),
     )
     return y, states
 
@@ -621,7 +615,7 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
         WIDE=_wide(length, grad_y.stride(2), u.stride(1), xp.stride(1), du.stride(2), dbc.stride(2)),
         HAS_STATES=has_states, FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes,
         PREFETCH=bool(cfg.get("PREFETCH", 0)) and interval == cfg["BLOCK_T"], STAGES=int(cfg.get("STAGES", 1)),
-        **_launch_options(cfg),
+        **launch_options(cfg),
     )
     dbc = dbc[0] if n_blk == 1 else dbc.sum(0)
     return du, ddelta, dbc, dA.sum(0), dD.sum(0) if D is not None else None, dbias.sum(0)
