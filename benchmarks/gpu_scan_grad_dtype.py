@@ -23,9 +23,8 @@ VARIANTS = {  # by input element size; the current default first
         {"BLOCK_D": 16, "BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 1, "EVEN": 0},  # bounds masks kept
         {"BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 3},  # the session-10 default at stage 1
         {"BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 1}],  # the default at stage 2
-    # float32: 16 channels per warp in 32-step chunks was 11 % faster as a recomputing kernel (session 11)
-    4: [{"BLOCK_T": 8}, {"BLOCK_D": 16, "BLOCK_T": 32}, {"BLOCK_D": 16, "BLOCK_T": 16},
-        {"BLOCK_D": 16, "BLOCK_T": 32, "STAGES": 2}, {"BLOCK_T": 16}],
+    # float32 (session 11: 16-step chunks and 2 pipeline stages lost)
+    4: [{"BLOCK_D": 16, "BLOCK_T": 32}, {"BLOCK_T": 8}],  # the default from L 512, session 10's
 }
 
 

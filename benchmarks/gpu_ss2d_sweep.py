@@ -60,7 +60,7 @@ BACKWARD = [
     # Triton's pipeliner instead of the hand-written prefetch (untimed when added, session 9)
     dict(BLOCK_D=32, BLOCK_T=4, num_warps=1, maxnreg=128, FLIP=1, PREFETCH=0, STAGES=3),
     # 16 channels per warp, twice the programs (the plain scan's backward gained 5 % in bf16 and, with
-    # 32-step chunks, 16 % in fp32; session 11; untimed in the core)
+    # 32-step chunks, 16 % in fp32; in the core, session 11 call 8: stage 1 2.131 against 1.671 ms)
     dict(BLOCK_D=16, BLOCK_T=4, num_warps=1, maxnreg=128, FLIP=1, PREFETCH=1),
     dict(BLOCK_D=16, BLOCK_T=4, num_warps=1, FLIP=1, PREFETCH=1)]
 

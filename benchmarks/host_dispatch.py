@@ -25,15 +25,17 @@ def _noop(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
 
-def per_call_us(fn, calls):
+def per_call_us(fn, calls, sync=None):
+    """Host time to issue one call of ``fn``, µs (``sync`` waits for the device: CUDA's by default)."""
+    sync = sync or torch.cuda.synchronize
     for _ in range(50):
         fn()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
     host = time.perf_counter() - start
-    torch.cuda.synchronize()
+    sync()
     return host / calls * 1e6
 
 

@@ -13,20 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import time
 
 import torch
-
-
-def per_call_us(fn, calls: int, sync) -> float:
-    for _ in range(50):
-        fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / calls * 1e6
+from host_dispatch import per_call_us
 
 
 def main() -> None:

@@ -221,7 +221,8 @@ def scan_candidates() -> list[tuple]:
         ("fwd, bf16, 16 channels per warp", f, {**fwd, "BLOCK_D": 16}, one_warp, half_in),
         ("fwd, bf16, 8 channels per warp", f, {**fwd, "BLOCK_D": 8}, one_warp, half_in),
         ("fwd, bf16, two channels per lane", f, {**fwd, "BLOCK_D": 64}, one_warp, half_in),
-        # register caps: 12 one-warp programs per SM at 168 (all 1536 of stage 1 in one wave), 16 at 128
+        # register caps: 12 one-warp programs per SM at 168 (all 1536 of stage 1 in one wave), 16 at 128;
+        # they spill, and were slower on the GPU (session 11)
         ("fwd, bf16, default, cap 168 registers", f, fwd, {**one_warp, "maxnreg": 168}, half_in),
         ("fwd, fp32, bounds masks, cap 168 registers", f, fwd, {**one_warp, "maxnreg": 168}, False),
         ("fwd, bf16, default, cap 128 registers", f, fwd, {**one_warp, "maxnreg": 128}, half_in),
