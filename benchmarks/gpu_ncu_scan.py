@@ -3,10 +3,10 @@
     ncu --clock-control none -k regex:_ss_ -c 2 --section SpeedOfLight --section Occupancy \\
         --section WarpStateStats --section SchedulerStats --section LaunchStats \\
         --section MemoryWorkloadAnalysis --section InstructionStats \\
-        python benchmarks/gpu_ncu_scan.py [stage] [dtype]
+        python benchmarks/gpu_ncu_scan.py [stage] [dtype] [inference]
 
 ``-c 2`` profiles the first forward (saving the backward's states, as the op does in training) and the
-first backward launch. Batch 128, default launch configurations, inputs as in ``gpu_scan.py``.
+first backward launch; with ``inference``, forwards only, without saving states. Batch 128, default launch configurations, inputs as in ``gpu_scan.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ def main() -> None:
     ins = make_inputs(BATCH, kc, state, length, dtype, seed=stage)
     grad = torch.randn(BATCH, kc, length, device="cuda")
     states = torch.empty(saved_states_shape(ins[0], ins[2], ins[3]), device="cuda")
+    inference = len(sys.argv) > 3 and sys.argv[3] == "inference"
     for _ in range(2):
+        if inference:
+            selective_scan_fwd(*ins, True)
+            continue
         selective_scan_fwd(*ins, True, states_out=states)
         selective_scan_bwd(grad, *ins, True, states=states)
     torch.cuda.synchronize()

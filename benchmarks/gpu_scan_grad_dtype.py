@@ -6,6 +6,7 @@ backward configuration in turn, so the forward saves the states at that variant'
 in training. Rounds interleave the variants to spread drift.
 
     PYTHONPATH=src python benchmarks/gpu_scan_grad_dtype.py [--dtype bfloat16] [--stages 1,2,3]
+        [--variants '[{"BLOCK_D": 32, "BLOCK_T": 8, "FLAT": 1}, {}]']
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def main():
     parser.add_argument("--stages", default="1,2,3")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default="gpu_scan_grad_dtype.json")
+    parser.add_argument("--graph", action="store_true",
+                        help="time CUDA-graph replays of the op (no host overhead; stages 2-4 are host-bound)")
+    parser.add_argument("--variants", help="JSON list of backward configurations, instead of VARIANTS")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     dims, n = MODELS["s1l8"]
@@ -54,19 +58,20 @@ def main():
         ins = make_inputs(BATCH, kc, n, length, dtype, seed=stage)
         gy = torch.randn(BATCH, kc, length, device="cuda")
         fbb = scan_bytes(BATCH, kc, n, length, dtype.itemsize, True)
-        variants = VARIANTS[dtype.itemsize]
+        variants = json.loads(args.variants) if args.variants else VARIANTS[dtype.itemsize]
         times = {i: [] for i in range(len(variants))}
         for _ in range(args.rounds):
             for i, variant in enumerate(variants):
                 original, patched = with_backward_defaults(variant)
                 scan_kernels.default_config = patched
                 try:
-                    times[i].append(op_fwd_bwd_ms(ins, gy))
+                    times[i].append(op_fwd_bwd_ms(ins, gy, graph=args.graph))
                 finally:
                     scan_kernels.default_config = original
         for i, variant in enumerate(variants):
             ms = min(times[i])
-            row = {"stage": stage, "dtype": args.dtype, **variant, "op_fwd_bwd_ms": ms, "rounds_ms": times[i],
+            row = {"stage": stage, "dtype": args.dtype, "graph": args.graph, **variant, "op_fwd_bwd_ms": ms,
+                   "rounds_ms": times[i],
                    "frac_copy": fbb / ms / 1e6 / copy_gbs}
             rows.append(row)
             print(f"s{stage} {args.dtype} {variant}: {ms:.3f} ms ({row['frac_copy']:.0%} of copy {copy_gbs:.0f} GB/s) "

@@ -207,9 +207,9 @@ def sass_loops(cubin: bytes) -> list[dict]:
 def scan_candidates() -> list[tuple]:
     """The plain scan's d_state-1 defaults and sweep candidates (BENCHMARKS.md, sessions 10-11)."""
     fwd = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, BLOCK_D=32, BLOCK_N=1, BLOCK_T=64, PREFETCH=0,
-               LANES=False, SAVE_T=16, STAGES=3, EVEN=False)
+               LANES=False, SAVE_T=16, STAGES=3, EVEN=False, FLAT=False)
     bwd = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=1, BLOCK_T=16,
-               SAVE_T=16, FLIP=True, LANES=False, HAS_STATES=True, STAGES=3, EVEN=False)
+               SAVE_T=16, FLIP=True, LANES=False, HAS_STATES=True, STAGES=3, EVEN=False, FLAT=False)
     half_in = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr"}
     half_grads = half_in | {"du_ptr", "ddt_ptr"}
     f, b = selective_scan._ss_fwd_kernel, selective_scan._ss_bwd_kernel

@@ -212,6 +212,33 @@ def test_sixteen_channels_per_warp_float32_backward_variant():
     assert (cfg["BLOCK_D"], cfg["BLOCK_T"], cfg["EVEN"]) == (16, 32, 1)
 
 
+@pytest.mark.parametrize(("dtype", "config"), [
+    (torch.bfloat16, {"BLOCK_D": 16, "BLOCK_T": 16, "FLIP": 1}),
+    (torch.bfloat16, {"BLOCK_D": 32, "BLOCK_T": 8, "FLIP": 1, "EVEN": 1}),
+    (torch.float32, {"BLOCK_D": 8, "BLOCK_T": 8, "FLIP": 0}),
+    (torch.float32, {"BLOCK_D": 16, "BLOCK_T": 16, "PREFETCH": 0, "STAGES": 3}),
+])
+def test_flat_tiles_variant(dtype, config):
+    # d_state 1 as (T, D) tiles (config FLAT), forward and backward; 20 channels per group (a full and a
+    # partial block of 16), 37 positions (a partial last chunk; EVEN is not taken there)
+    _check(batch=1, groups=2, per_group=20, state=1, length=37, dtype=dtype, seed=22,
+           config={**config, "FLAT": 1, "num_warps": 1})
+    # whole chunks and channel blocks: with EVEN, the same as the 3-D tiles, and with the forward's states
+    from vmamba.ops.triton.selective_scan import saved_states_shape
+
+    ins = _inputs(1, 2, 32, 1, 64, dtype, seed=23)
+    gy = torch.randn(ins[0].shape, generator=torch.Generator().manual_seed(24)).to(DEVICE)
+    flat, tiles3 = {**config, "FLAT": 1, "EVEN": 1}, {**config, "FLAT": 0, "EVEN": 1}
+    states = torch.full(saved_states_shape(ins[0], ins[2], ins[3]), float("nan"), device=DEVICE)
+    y = selective_scan_fwd(*ins, True, config=flat)
+    assert _rel(y.cpu(), selective_scan_fwd(*ins, True, config=tiles3).cpu()) < 1e-6
+    for a, b in zip(selective_scan_bwd(gy, *ins, True, deterministic=True, config=flat),
+                    selective_scan_bwd(gy, *ins, True, deterministic=True, config=tiles3)):
+        assert _rel(a.cpu(), b.cpu()) < 1e-6
+    y_saving = selective_scan_fwd(*ins, True, config=flat, states_out=states)
+    assert _rel(y_saving.cpu(), y.cpu()) < 1e-6 and torch.isfinite(states).all()
+
+
 def test_pipelined_backward_variant():
     # the backward's interval loop through Triton's pipeliner (config STAGES), several intervals
     _check(batch=1, groups=2, per_group=3, state=1, length=37, dtype=torch.bfloat16, seed=17,

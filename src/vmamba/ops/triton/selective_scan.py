@@ -143,7 +143,7 @@ def _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n, su_l, sdt
 @triton.jit
 def _scan_chunk(a, x, h, first, last):
     """States of one chunk given the state h entering it; returns (states, state leaving it)."""
-    x = tl.where(first, x + a * h[None, :, :], x)
+    x = tl.where(first, x + a * tl.expand_dims(h, 0), x)
     _, hs = tl.associative_scan((a, x), 0, _combine)
     h = tl.sum(tl.where(last, hs, 0.0), axis=0)
     return hs, h
@@ -161,7 +161,7 @@ def _adjoint_chunk(a, c, w, first, last, FLIP: tl.constexpr):
     ``associative_scan(reverse=True)``: time is held in registers, so the flips are free, while the
     reverse scan compiles to warp shuffles (tests/aot_kernels.py --sass).
     """
-    c = tl.where(last, c + w[None, :, :], c)
+    c = tl.where(last, c + tl.expand_dims(w, 0), c)
     b = a * c
     k = tl.full(a.shape, 1.0, tl.float32)
     if FLIP:
@@ -178,7 +178,7 @@ def _adjoint_chunk(a, c, w, first, last, FLIP: tl.constexpr):
 def _adjoint_chunk_next(an, c, g, first, last, FLIP: tl.constexpr):
     """Adjoint states g_t = c_t + an_t g_{t+1} of one chunk from the successors' decays an_t = a_{t+1}
     and the carry g from the chunk after it; returns (g, carry g_t0 for the chunk before)."""
-    c = tl.where(last, c + an * g[None, :, :], c)
+    c = tl.where(last, c + an * tl.expand_dims(g, 0), c)
     if FLIP:
         _, gf = tl.associative_scan((tl.flip(an, 0), tl.flip(c, 0)), 0, _combine)
         gs = tl.flip(gf, 0)
@@ -201,17 +201,21 @@ def _save_entry_state(h, t0, base, stride, mask, SAVE_T: tl.constexpr, EVERY_CHU
 
 
 @triton.jit
-def _save_inner_states(hs, t0, offs_t, L, base, stride, mask, SAVE_T: tl.constexpr, BLOCK_T: tl.constexpr):
+def _save_inner_states(hs, t0, offs_t, L, base, stride, mask, SAVE_T: tl.constexpr, BLOCK_T: tl.constexpr,
+                       FLAT: tl.constexpr = False):
     """Store the states entering the saving intervals that start inside a chunk (BLOCK_T > SAVE_T)."""
     for j in tl.static_range(1, BLOCK_T // SAVE_T):
-        hj = tl.sum(tl.where((offs_t == j * SAVE_T - 1)[:, None, None], hs, 0.0), axis=0)
+        hj = tl.sum(tl.where(_time_column(offs_t == j * SAVE_T - 1, FLAT), hs, 0.0), axis=0)
         tl.store(base + (t0 // SAVE_T + j) * stride, hj, mask=mask & (t0 + j * SAVE_T < L))
 
 
 @triton.jit
-def _per_channel(t, LANES: tl.constexpr):
-    """A (T, D) tile broadcast into the 3-D tile layout: (T, D, 1), or (T, 1, D) for LANES tiles (T, N, D)."""
-    if LANES:
+def _per_channel(t, LANES: tl.constexpr, FLAT: tl.constexpr = False):
+    """A (T, D) tile broadcast into the tile layout: (T, D, 1), or (T, 1, D) for LANES tiles (T, N, D);
+    FLAT tiles (d_state 1) are (T, D) already."""
+    if FLAT:
+        out = t
+    elif LANES:
         out = t[:, None, :]
     else:
         out = t[:, :, None]
@@ -219,29 +223,62 @@ def _per_channel(t, LANES: tl.constexpr):
 
 
 @triton.jit
-def _per_state(t, LANES: tl.constexpr):
-    """A (T, N) tile broadcast into the 3-D tile layout: (T, 1, N), or (T, N, 1) for LANES tiles."""
-    if LANES:
+def _per_state(t, LANES: tl.constexpr, FLAT: tl.constexpr = False):
+    """A (T, N) tile broadcast into the tile layout: (T, 1, N), or (T, N, 1) for LANES tiles; FLAT
+    tiles take the (T, 1) tile as it is."""
+    if FLAT:
+        out = t
+    elif LANES:
         out = t[:, :, None]
     else:
         out = t[:, None, :]
+    return out
+
+
+@triton.jit
+def _time_column(t, FLAT: tl.constexpr = False):
+    """A (T,) tile as a time column of the tile layout: (T, 1, 1), or (T, 1) for FLAT tiles."""
+    if FLAT:
+        out = t[:, None]
+    else:
+        out = t[:, None, None]
+    return out
+
+
+@triton.jit
+def _over_states(t, LANES: tl.constexpr, FLAT: tl.constexpr = False):
+    """Sum of a tile over its states: (T, D) (FLAT tiles have one state, so nothing to sum)."""
+    if FLAT:
+        out = t
+    else:
+        out = tl.sum(t, axis=2 - LANES)
+    return out
+
+
+@triton.jit
+def _over_channels(t, LANES: tl.constexpr, FLAT: tl.constexpr = False):
+    """Sum of a tile over the block's channels: (T, N)."""
+    if FLAT:
+        out = tl.sum(t, axis=1)[:, None]
+    else:
+        out = tl.sum(t, axis=1 + LANES)
     return out
 
 
 @triton.jit
 def _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A, Bt, dskip, m2, HAS_D: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, LANES: tl.constexpr):
+                     SOFTPLUS: tl.constexpr, LANES: tl.constexpr, FLAT: tl.constexpr = False):
     """Gradient terms of one chunk from its adjoint states gs and states hs (module docstring).
 
     Returns the chunk's dA and dD partial sums, the (T, D) tiles du and ddelta (with respect to the
     raw delta + bias, masked) and the (T, N) dB and dC summed over the block's channels. Tiles are
     (T, D, N) with A (D, N), or with LANES (T, N, D) with A (N, D): the sums over the states then
-    stay within a thread.
+    stay within a thread; FLAT tiles (d_state 1) are (T, D) with A (D,).
     """
     gl = gs * (hs - x)  # g_t a_t h_{t-1}: gradient with respect to Δ_t A
-    dA = tl.sum(gl * _per_channel(dt, LANES), axis=0)
-    gB = tl.sum(gs * _per_state(Bt, LANES), axis=2 - LANES)
-    ddt = tl.sum(gl * A[None, :, :], axis=2 - LANES) + gB * u
+    dA = tl.sum(gl * _per_channel(dt, LANES, FLAT), axis=0)
+    gB = _over_states(gs * _per_state(Bt, LANES, FLAT), LANES, FLAT)
+    ddt = _over_states(gl * tl.expand_dims(A, 0), LANES, FLAT) + gB * u
     du = gB * dt
     dD = tl.zeros_like(dskip)
     if HAS_D:
@@ -250,15 +287,20 @@ def _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A, Bt, dskip, m2, HAS_D: 
     if SOFTPLUS:
         ddt = ddt * slope  # σ(delta + bias)
     ddt = tl.where(m2, ddt, 0.0)
-    dB = tl.sum(gs * _per_channel(dtu, LANES), axis=1 + LANES)
-    dC = tl.sum(hs * _per_channel(gy, LANES), axis=1 + LANES)
+    dB = _over_channels(gs * _per_channel(dtu, LANES, FLAT), LANES, FLAT)
+    dC = _over_channels(hs * _per_channel(gy, LANES, FLAT), LANES, FLAT)
     return dA, dD, du, ddt, dB, dC
 
 
 @triton.jit
-def _state_grid(d, offs_n, mask_d, mask_n, LANES: tl.constexpr):
-    """(channel row, state, mask) index tiles of a (channel, state) state: (D, N), or (N, D) with LANES."""
-    if LANES:
+def _state_grid(d, offs_n, mask_d, mask_n, LANES: tl.constexpr, FLAT: tl.constexpr = False):
+    """(channel row, state, mask) index tiles of a (channel, state) state: (D, N), or (N, D) with LANES;
+    (D,) for FLAT tiles (one state)."""
+    if FLAT:
+        rows = d
+        states = offs_n
+        mask = mask_d & mask_n
+    elif LANES:
         rows = d[None, :]
         states = offs_n[:, None]
         mask = mask_n[:, None] & mask_d[None, :]
@@ -282,10 +324,11 @@ def _ss_fwd_kernel(
     sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias, sy_b, sy_d,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
-    LANES: tl.constexpr, SAVE_T: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr,
+    LANES: tl.constexpr, SAVE_T: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr,
 ):
-    """Tiles (T, D, N); with LANES (T, N, D): one lane owns one channel and all its states, so the sum
-    over the states for y stays in the thread and Δ is computed once per channel. SAVE_T > 0 also
+    """Tiles (T, D, N), FLAT (T, D) for one state; with LANES (T, N, D): one lane owns one channel and
+    all its states, so the sum over the states for y stays in the thread and Δ is computed once per
+    channel. SAVE_T > 0 also
     stores the state entering every SAVE_T positions in the backward's workspace layout
     (batch, n_saved, KC, BLOCK_N), so that the backward can skip its first pass."""
     pid_d = tl.program_id(0)
@@ -298,7 +341,7 @@ def _ss_fwd_kernel(
     mask_n = _in_range(offs_n, N, EVEN)
     offs_t = tl.arange(0, BLOCK_T)
 
-    rows, states, state_mask = _state_grid(d, offs_n, mask_d, mask_n, LANES)
+    rows, states, state_mask = _state_grid(d, offs_n, mask_d, mask_n, LANES, FLAT)
     A2 = tl.load(A_ptr + rows * sA_d + states * sA_n, mask=state_mask, other=0.0).to(tl.float32) * 1.4426950408889634
     h = tl.zeros(state_mask.shape, tl.float32)
     bias = tl.zeros((BLOCK_D,), tl.float32)
@@ -317,8 +360,8 @@ def _ss_fwd_kernel(
     KC = tl.num_programs(1) * CG
     hws_base = hws_ptr + (b * n_saved * KC + rows) * BLOCK_N + states
     interval_stride = KC * BLOCK_N
-    first = (offs_t == 0)[:, None, None]
-    last = (offs_t == BLOCK_T - 1)[:, None, None]
+    first = _time_column(offs_t == 0, FLAT)
+    last = _time_column(offs_t == BLOCK_T - 1, FLAT)
 
     if PREFETCH:
         u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, offs_t, L, mask_d, mask_n,
@@ -342,14 +385,14 @@ def _ss_fwd_kernel(
         if SOFTPLUS:
             dt = _softplus(raw, FAST)
         dt = tl.where(m2, dt, 0.0)
-        a = tl.exp2(_per_channel(dt, LANES) * A2[None, :, :])
-        x = _per_channel(dt * u, LANES) * _per_state(Bt, LANES)
+        a = tl.exp2(_per_channel(dt, LANES, FLAT) * tl.expand_dims(A2, 0))
+        x = _per_channel(dt * u, LANES, FLAT) * _per_state(Bt, LANES, FLAT)
         if SAVE_T > 0:
             _save_entry_state(h, t0, hws_base, interval_stride, state_mask, SAVE_T, BLOCK_T % SAVE_T == 0)
         hs, h = _scan_chunk(a, x, h, first, last)
         if SAVE_T > 0:
-            _save_inner_states(hs, t0, offs_t, L, hws_base, interval_stride, state_mask, SAVE_T, BLOCK_T)
-        y = tl.sum(hs * _per_state(Ct, LANES), axis=2 - LANES)
+            _save_inner_states(hs, t0, offs_t, L, hws_base, interval_stride, state_mask, SAVE_T, BLOCK_T, FLAT)
+        y = _over_states(hs * _per_state(Ct, LANES, FLAT), LANES, FLAT)
         if HAS_D:
             y += dskip[None, :] * u
         tl.store(y_base + t[:, None], y, mask=m2)
@@ -358,7 +401,7 @@ def _ss_fwd_kernel(
 @triton.jit
 def _ss_state_after(h, t, L, u_base, dt_base, B_base, mask_d, mask_n, su_l, sdt_l, sB_l, bias, A2, first, last,
                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, LANES: tl.constexpr,
-                    EVEN: tl.constexpr):
+                    EVEN: tl.constexpr, FLAT: tl.constexpr):
     """The state after the chunk of positions t entered with state h (the backward's recomputation)."""
     mask_t = _in_range(t, L, EVEN)
     m2 = mask_t[:, None] & mask_d[None, :]
@@ -366,8 +409,8 @@ def _ss_state_after(h, t, L, u_base, dt_base, B_base, mask_d, mask_n, su_l, sdt_
     u = tl.load(u_base + t[:, None] * su_l, mask=m2, other=0.0).to(tl.float32)
     _, dt = _load_delta(dt_base + t[:, None] * sdt_l, m2, bias, HAS_BIAS, SOFTPLUS, FAST)
     Bt = tl.load(B_base + t[:, None] * sB_l, mask=mtn, other=0.0).to(tl.float32)
-    a = tl.exp2(_per_channel(dt, LANES) * A2[None, :, :])
-    x = _per_channel(dt * u, LANES) * _per_state(Bt, LANES)
+    a = tl.exp2(_per_channel(dt, LANES, FLAT) * tl.expand_dims(A2, 0))
+    x = _per_channel(dt * u, LANES, FLAT) * _per_state(Bt, LANES, FLAT)
     _, h = _scan_chunk(a, x, h, first, last)
     return h
 
@@ -388,7 +431,7 @@ def _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n
 def _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h0, g, L, dt_base, du_base, ddt_base, dB_base, dC_base,
                   mask_d, mask_n, sdt_l, A, A2, bias, dskip, first, last, HAS_D: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr, FAST: tl.constexpr,
-                  FLIP: tl.constexpr, LANES: tl.constexpr, EVEN: tl.constexpr):
+                  FLIP: tl.constexpr, LANES: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr):
     """One chunk of the backward (positions t, its loaded tiles, entry state h0, adjoint carry g from
     the chunk after it): stores du, ddelta and the dB/dC partials; returns (g for the chunk before, dA,
     dD, dbias partials)."""
@@ -397,11 +440,11 @@ def _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h0, g, L, dt_base, du_base, ddt_base, d
     mtn = mask_t[:, None] & mask_n[None, :]
     slope, dt = _delta_of(raw, m2, bias, HAS_BIAS, SOFTPLUS, FAST)
 
-    a = tl.exp2(_per_channel(dt, LANES) * A2[None, :, :])
+    a = tl.exp2(_per_channel(dt, LANES, FLAT) * tl.expand_dims(A2, 0))
     dtu = dt * u
-    x = _per_channel(dtu, LANES) * _per_state(Bt, LANES)
+    x = _per_channel(dtu, LANES, FLAT) * _per_state(Bt, LANES, FLAT)
     hs, _ = _scan_chunk(a, x, h0, first, last)
-    cg = _per_state(Ct, LANES) * _per_channel(gy, LANES)
+    cg = _per_state(Ct, LANES, FLAT) * _per_channel(gy, LANES, FLAT)
     if LANES:
         tn = t + 1
         m2n = (tn < L)[:, None] & mask_d[None, :]
@@ -412,7 +455,7 @@ def _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h0, g, L, dt_base, du_base, ddt_base, d
         gs, g = _adjoint_chunk(a, cg, g, first, last, FLIP)
 
     dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A, Bt, dskip, m2,
-                                                     HAS_D, SOFTPLUS, LANES)
+                                                     HAS_D, SOFTPLUS, LANES, FLAT)
     tl.store(du_base + t[:, None], du, mask=m2)
     tl.store(ddt_base + t[:, None], ddt, mask=m2)
     if ATOMIC:
@@ -435,6 +478,7 @@ def _ss_bwd_kernel(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr,
     FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SAVE_T: tl.constexpr,
     FLIP: tl.constexpr, LANES: tl.constexpr, HAS_STATES: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     """Pass 1 (unless HAS_STATES: the forward stored them) walks L forwards storing the state entering
     every SAVE_T positions; pass 2 walks chunks of
@@ -452,7 +496,7 @@ def _ss_bwd_kernel(
     offs_t = tl.arange(0, BLOCK_T)
     SUB: tl.constexpr = SAVE_T // BLOCK_T
 
-    rows, states, state_mask = _state_grid(d, offs_n, mask_d, mask_n, LANES)
+    rows, states, state_mask = _state_grid(d, offs_n, mask_d, mask_n, LANES, FLAT)
     A = tl.load(A_ptr + rows * sA_d + states * sA_n, mask=state_mask, other=0.0).to(tl.float32)
     A2 = A * 1.4426950408889634
     bias = tl.zeros((BLOCK_D,), tl.float32)
@@ -481,8 +525,8 @@ def _ss_bwd_kernel(
         scr_base = scr_ptr + program * (SUB * tile) + states * BLOCK_D + channel
     else:
         scr_base = scr_ptr + program * (SUB * tile) + channel * BLOCK_N + states
-    first = (offs_t == 0)[:, None, None]
-    last = (offs_t == BLOCK_T - 1)[:, None, None]
+    first = _time_column(offs_t == 0, FLAT)
+    last = _time_column(offs_t == BLOCK_T - 1, FLAT)
 
     if not HAS_STATES:  # pass 1: forwards along L, storing the state entering each interval
         h = tl.zeros(state_mask.shape, tl.float32)
@@ -491,7 +535,7 @@ def _ss_bwd_kernel(
             for j in range(0, SUB):
                 h = _ss_state_after(h, (c * SUB + j) * BLOCK_T + offs_t, L, u_base, dt_base, B_base, mask_d,
                                     mask_n, su_l, sdt_l, sB_l, bias, A2, first, last, HAS_BIAS, SOFTPLUS, FAST,
-                                    LANES, EVEN)
+                                    LANES, EVEN, FLAT)
         tl.debug_barrier()
 
     # Pass 2: chunks in reverse, the adjoint's carry in registers (g_t = C_t gy_t + a_{t+1} g_{t+1}).
@@ -508,7 +552,7 @@ def _ss_bwd_kernel(
             for j in range(0, SUB - 1):  # entry states of the interval's later chunks
                 h = _ss_state_after(h, (c * SUB + j) * BLOCK_T + offs_t, L, u_base, dt_base, B_base, mask_d,
                                     mask_n, su_l, sdt_l, sB_l, bias, A2, first, last, HAS_BIAS, SOFTPLUS, FAST,
-                                    LANES, EVEN)
+                                    LANES, EVEN, FLAT)
                 tl.store(scr_base + (j + 1) * tile, h)
             tl.debug_barrier()  # the scratch is read by other threads than wrote it
         for jj in range(0, SUB):
@@ -521,7 +565,7 @@ def _ss_bwd_kernel(
             g, dA_p, dD_p, dbias_p = _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h, g, L, dt_base, du_base, ddt_base,
                                                    dB_base, dC_base, mask_d, mask_n, sdt_l, A, A2, bias, dskip,
                                                    first, last, HAS_D, HAS_BIAS, SOFTPLUS, ATOMIC, FAST, FLIP,
-                                                   LANES, EVEN)
+                                                   LANES, EVEN, FLAT)
             dA_acc += dA_p
             if HAS_D:
                 dD_acc += dD_p
@@ -583,20 +627,23 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     if backward and 4 <= block_n <= 16:  # LANES: 4-position chunks inside 16-position state intervals
         return {"BLOCK_D": 32, "BLOCK_N": block_n, "BLOCK_T": 4, "num_warps": 1, "PREFETCH": 0, "LANES": 1,
                 "FLIP": 1}
-    flip = half_grads = 0
+    flip = half_grads = flat = 0
     if backward and block_n <= 2:
         # 2-byte inputs: du / ddelta stored in their dtype, in 16-step chunks (whole 32-byte sectors
         # per channel row; 8-step chunks' half-sector stores were slower at every stage, session 10)
         half_grads = int(elem_size == 2)
         block_t, flip = 16 if half_grads else 8, 1
-        # session 11, d_state 1 only (where measured): 16 channels per warp, two lanes per channel
-        if block_n == 1 and not half_grads and long_seq:
-            # float32, in 32-step chunks (through the op with saved states: stage 1 1.819 against
-            # 2.156 ms, stage 2 1.035 against 1.373)
-            block_d, block_t = min(block_d, 16), 32
-        if block_n == 1 and half_grads and (length is None or length >= 2048):
-            # stage 1 (1.609 ms against 1.692 for 32 channels with the pipeliner over intervals, STAGES 3)
-            block_d = min(block_d, 16)
+        # d_state 1 only (where measured), from L 512: 16 channels per warp as (T, D) tiles (FLAT), two
+        # lanes per channel ((T, D, N) tiles got a layout that interleaves the steps of both lanes), in
+        # 32-step chunks from L 2048 and 16-step ones below. Session 12, forward + backward through the op
+        # as CUDA-graph replays, against the session-11 defaults ((T, D, N) tiles; float32 16 channels
+        # per warp in 32-step chunks, bf16 16 channels in 16-step chunks at stage 1, 32 at stage 2):
+        # float32 stage 1 1.700 against 1.798 ms, stage 2 0.965 against 1.015; bf16 stage 1 1.393
+        # against 1.453 (FLAT in 16-step chunks; 1.767 (T, D, N) 32 channels), stage 2 0.650 against
+        # 0.764. Shorter sequences keep (T, D, N) tiles (stage 3: bf16 0.959 against 1.051 ms for FLAT).
+        if block_n == 1 and long_seq:
+            block_d, flat = min(block_d, 16), 1
+            block_t = 32 if length is None or length >= 2048 else 16
     elif backward:
         block_t = 8
     elif block_n <= 2:
@@ -610,7 +657,7 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     # 2-byte forward, which then spills (48 bytes offline) and lost (0.440 against 0.434 ms)
     even = int(block_n == 1 and (backward or elem_size != 2))
     return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0,
-            "STAGES": stages, "FLIP": flip, "HALF_GRADS": half_grads, "EVEN": even}
+            "STAGES": stages, "FLIP": flip, "HALF_GRADS": half_grads, "EVEN": even, "FLAT": flat}
 
 
 def _check(u, delta, A, B, C):
@@ -652,6 +699,13 @@ def _even(cfg: dict, channels_per_group: int, state: int, length: int, interval:
     return bool(cfg.get("EVEN", 0) and not cfg.get("LANES", 0) and not cfg.get("PREFETCH", 0)
                 and length % cfg["BLOCK_T"] == 0 and length % interval == 0
                 and channels_per_group % cfg["BLOCK_D"] == 0 and state == cfg["BLOCK_N"])
+
+
+def _flat(cfg: dict) -> bool:
+    """Whether the kernels hold their tiles as (T, D) instead of (T, D, N) (configuration key FLAT; one
+    state, not LANES). The tiles then take the layout of their loads, instead of a 3-D layout that
+    Triton picks for them and converts to and from."""
+    return bool(cfg.get("FLAT", 0) and cfg["BLOCK_N"] == 1 and not cfg.get("LANES", 0))
 
 
 def launch_options(cfg) -> dict:
@@ -724,7 +778,7 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
         PREFETCH=bool(cfg.get("PREFETCH", 0)), LANES=bool(cfg.get("LANES", 0)), SAVE_T=save_t,
-        STAGES=int(cfg.get("STAGES", 1)), EVEN=_even(cfg, cg, state, length, cfg["BLOCK_T"]),
+        STAGES=int(cfg.get("STAGES", 1)), EVEN=_even(cfg, cg, state, length, cfg["BLOCK_T"]), FLAT=_flat(cfg),
         **launch_options(cfg),
     )
     return y
@@ -809,7 +863,7 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SAVE_T=interval,
         FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, HAS_STATES=has_states, STAGES=int(cfg.get("STAGES", 1)),
-        EVEN=_even(cfg, cg, state, length, interval), **launch_options(cfg),
+        EVEN=_even(cfg, cg, state, length, interval), FLAT=_flat(cfg), **launch_options(cfg),
     )
     if atomic:
         dB, dC = dB_ws, dC_ws
