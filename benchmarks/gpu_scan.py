@@ -52,13 +52,9 @@ LENGTHS = [56 * 56, 28 * 28, 14 * 14, 7 * 7]
 SWEEP = {  # configurations as overrides of default_config (keys it leaves out take their defaults);
     # the default first; earlier sweeps' losers (BENCHMARKS.md) dropped. Session 11 lost with register caps
     # of 168 / 128 (one wave at stage 1, but spills), 2 or 4 stages, 16 or 8 channels per warp, 128 steps;
-    # session 12 with a cap of 200, 16-step chunks (3, 4 or 6 stages), 32-step ones without the pipeliner
-    # and u / delta staged as 16- or 8-byte pieces per channel.
-    ("fwd", 1): [{}, {"FLAT": 1, "BLOCK_D": 16, "BLOCK_T": 16}, {"FLAT": 1, "BLOCK_D": 16, "BLOCK_T": 16, "EVEN": 1},
-                 {"FLAT": 1, "BLOCK_D": 32, "BLOCK_T": 16}, {"FLAT": 1, "BLOCK_D": 32, "BLOCK_T": 16, "EVEN": 1},
-                 {"FLAT": 1, "BLOCK_D": 16, "BLOCK_T": 16, "STAGES": 4}, {"FLAT": 1, "BLOCK_D": 16, "BLOCK_T": 16,
-                                                                          "STAGES": 1, "PREFETCH": 1},
-                 {"FLAT": 1, "BLOCK_D": 16, "BLOCK_T": 32}],
+    # session 12 with a cap of 200, 16-step chunks (3, 4 or 6 stages), 32-step ones without the pipeliner,
+    # (T, D) tiles (16 or 32 channels per warp) and u / delta staged as pieces of 16-64 bytes per channel.
+    ("fwd", 1): [{}, {"BLOCK_T": 32}],
     ("fwd", 16): [{"BLOCK_D": 8, "BLOCK_T": 32, "num_warps": 4, "PREFETCH": 0, "LANES": 0},
                   {"BLOCK_D": 8, "BLOCK_T": 16, "num_warps": 4, "PREFETCH": 1, "LANES": 0},
                   {"BLOCK_D": 16, "BLOCK_T": 16, "num_warps": 8, "PREFETCH": 0, "LANES": 0},
