@@ -6,7 +6,8 @@
         python benchmarks/gpu_ncu_scan.py [stage] [dtype] [inference]
 
 ``-c 2`` profiles the first forward (saving the backward's states, as the op does in training) and the
-first backward launch; with ``inference``, forwards only, without saving states. Batch 128, default launch configurations, inputs as in ``gpu_scan.py``.
+first backward launch; with ``inference``, forwards only, without saving states. Batch 128, default
+launch configurations, inputs as in ``gpu_scan.py``.
 """
 
 from __future__ import annotations

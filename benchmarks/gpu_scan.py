@@ -54,7 +54,7 @@ SWEEP = {  # configurations as overrides of default_config (keys it leaves out t
     # of 168 / 128 (one wave at stage 1, but spills), 2 or 4 stages, 16 or 8 channels per warp, 128 steps;
     # session 12 with a cap of 200, 16-step chunks (3, 4 or 6 stages), 32-step ones without the pipeliner,
     # (T, D) tiles (16 or 32 channels per warp) and u / delta staged as pieces of 16-64 bytes per channel.
-    ("fwd", 1): [{}, {"BLOCK_T": 32}],
+    ("fwd", 1): [{}, {"BLOCK_T": 32}, {"ROW_ALIGN": 0}, {"ROW_ALIGN": 1}],
     ("fwd", 16): [{"BLOCK_D": 8, "BLOCK_T": 32, "num_warps": 4, "PREFETCH": 0, "LANES": 0},
                   {"BLOCK_D": 8, "BLOCK_T": 16, "num_warps": 4, "PREFETCH": 1, "LANES": 0},
                   {"BLOCK_D": 16, "BLOCK_T": 16, "num_warps": 8, "PREFETCH": 0, "LANES": 0},
@@ -66,7 +66,7 @@ SWEEP = {  # configurations as overrides of default_config (keys it leaves out t
     # session-11 defaults ((T, D, N) tiles) and session 10's
     ("bwd", 1): [{}, {"FLAT": 1, "BLOCK_D": 16, "BLOCK_T": 16},
                  {"FLAT": 0, "BLOCK_D": 16, "BLOCK_T": 16}, {"FLAT": 0, "BLOCK_D": 16, "BLOCK_T": 32},
-                 {"FLAT": 0, "BLOCK_D": 32, "BLOCK_T": 16, "STAGES": 3}],
+                 {"FLAT": 0, "BLOCK_D": 32, "BLOCK_T": 16, "STAGES": 3}, {"ROW_ALIGN": 0}, {"ROW_ALIGN": 1}],
     ("bwd", 16): [{"BLOCK_D": 8, "BLOCK_T": 16, "num_warps": 4, "LANES": 0},
                   {"BLOCK_D": 16, "BLOCK_T": 8, "num_warps": 8, "LANES": 0},
                   {"BLOCK_D": 32, "BLOCK_T": 2, "num_warps": 1, "LANES": 1, "FLIP": 1},

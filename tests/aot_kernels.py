@@ -38,6 +38,15 @@ FLOATS = {"inv_h", "eps"}
 BF16 = {"u_ptr", "xp_ptr", "y_ptr", "dl_ptr", "gy_ptr", "du_ptr", "ddt_ptr"}
 
 
+# the plain scan's newer constexprs, where a variant leaves them out: (T, D, N) tiles, no declared alignment
+SCAN_DEFAULTS = {"FLAT": False, "ALIGN": 1}
+
+
+def with_defaults(kernel, constants: dict) -> dict:
+    """``constants`` with SCAN_DEFAULTS for the kernel's constexprs it leaves out."""
+    return {**{k: v for k, v in SCAN_DEFAULTS.items() if k in kernel.arg_names}, **constants}
+
+
 def signature(kernel, constants: dict, bf16: bool | set[str]) -> dict:
     """Argument types; ``bf16``: the map-sized tensors (BF16) in bf16, or the named pointers."""
     bf16_names = BF16 if bf16 is True else bf16 or set()
@@ -143,6 +152,15 @@ VARIANTS = [
      dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=1, BLOCK_T=16,
           SAVE_T=16, FLIP=True, LANES=False, HAS_STATES=True, STAGES=3, EVEN=False), {"num_warps": 1},
      {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "du_ptr", "ddt_ptr"}),
+    ("selective_scan bwd d_state 1, saved states, (T, D) tiles, 16 channels, 32-step chunks, bf16 gradients",
+     selective_scan._ss_bwd_kernel,
+     dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=16, BLOCK_N=1, BLOCK_T=32,
+          SAVE_T=32, FLIP=True, LANES=False, HAS_STATES=True, STAGES=1, EVEN=True, FLAT=True),
+     {"num_warps": 1}, {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "du_ptr", "ddt_ptr"}),
+    ("selective_scan bwd d_state 1, rows aligned to 4 elements, bf16 gradients", selective_scan._ss_bwd_kernel,
+     dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=1, BLOCK_T=16,
+          SAVE_T=16, FLIP=True, LANES=False, HAS_STATES=True, STAGES=1, EVEN=False, ALIGN=4),
+     {"num_warps": 1}, {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "du_ptr", "ddt_ptr"}),
     ("selective_scan bwd d_state 1, saved states, FLIP, bf16 gradients, 16 channels per warp, 16-step, EVEN",
      selective_scan._ss_bwd_kernel,
      dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=16, BLOCK_N=1, BLOCK_T=16,
@@ -207,9 +225,9 @@ def sass_loops(cubin: bytes) -> list[dict]:
 def scan_candidates() -> list[tuple]:
     """The plain scan's d_state-1 defaults and sweep candidates (BENCHMARKS.md, sessions 10-11)."""
     fwd = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, BLOCK_D=32, BLOCK_N=1, BLOCK_T=64, PREFETCH=0,
-               LANES=False, SAVE_T=16, STAGES=3, EVEN=False, FLAT=False)
+               LANES=False, SAVE_T=16, STAGES=3, EVEN=False)
     bwd = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=1, BLOCK_T=16,
-               SAVE_T=16, FLIP=True, LANES=False, HAS_STATES=True, STAGES=3, EVEN=False, FLAT=False)
+               SAVE_T=16, FLIP=True, LANES=False, HAS_STATES=True, STAGES=3, EVEN=False)
     half_in = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr"}
     half_grads = half_in | {"du_ptr", "ddt_ptr"}
     f, b = selective_scan._ss_fwd_kernel, selective_scan._ss_bwd_kernel
@@ -262,6 +280,7 @@ def main() -> int:
     failures = 0
     candidates = "--candidates" in sys.argv
     for name, kernel, constants, options, bf16 in scan_candidates() if candidates else VARIANTS:
+        constants = with_defaults(kernel, constants)
         try:
             if candidates:
                 sig, constants, divisible = run_time_specialised(kernel, constants, bf16)

@@ -239,6 +239,18 @@ def test_flat_tiles_variant(dtype, config):
     assert _rel(y_saving.cpu(), y.cpu()) < 1e-6 and torch.isfinite(states).all()
 
 
+def test_rows_aligned_below_16_elements():
+    # L = 52: rows start at multiples of 4 elements, which the kernels are told (ALIGN 4) so that they
+    # read and write in vectors; 16 is left to Triton's launcher, odd lengths get nothing
+    from vmamba.ops.triton.selective_scan import _row_alignment
+
+    on = {"ROW_ALIGN": 1}
+    assert (_row_alignment(on, (196, 196 * 64)), _row_alignment(on, (784, 784 * 96))) == (4, 1)
+    assert (_row_alignment(on, (49, 98)), _row_alignment(on, (24, 8)), _row_alignment({}, (24, 8))) == (1, 8, 1)
+    for dtype in (torch.float32, torch.bfloat16):
+        _check(batch=2, groups=2, per_group=16, state=1, length=52, dtype=dtype, seed=25, config=on)
+
+
 def test_pipelined_backward_variant():
     # the backward's interval loop through Triton's pipeliner (config STAGES), several intervals
     _check(batch=1, groups=2, per_group=3, state=1, length=37, dtype=torch.bfloat16, seed=17,

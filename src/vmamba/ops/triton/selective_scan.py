@@ -38,6 +38,7 @@ dB and dC are reduced over the channel blocks of a group through a per-block wor
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -114,6 +115,24 @@ def _delta_of(raw, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, F
     if SOFTPLUS:
         dt, slope = _softplus_and_slope(raw, FAST)
     return slope, tl.where(mask, dt, 0.0)
+
+
+@triton.jit
+def _aligned(stride, ALIGN: tl.constexpr):
+    """A stride or length, declared a multiple of ALIGN elements (a power of two the launch checked):
+    Triton's launcher only tells multiples of 16 from the rest, so rows of L = 196 (14²) 2-byte elements
+    would otherwise be read and written one element at a time instead of in 8-byte vectors."""
+    if ALIGN > 1:
+        stride = (stride // ALIGN) * ALIGN  # exact; written so because the compiler tracks its divisibility
+    return stride
+
+
+@triton.jit
+def _aligned_inputs(L, su_b, su_d, sdt_b, sdt_d, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, ALIGN: tl.constexpr):
+    """The length and the row strides of u, delta, B and C, through :func:`_aligned`."""
+    return (_aligned(L, ALIGN), _aligned(su_b, ALIGN), _aligned(su_d, ALIGN), _aligned(sdt_b, ALIGN),
+            _aligned(sdt_d, ALIGN), _aligned(sB_b, ALIGN), _aligned(sB_k, ALIGN), _aligned(sB_n, ALIGN),
+            _aligned(sC_b, ALIGN), _aligned(sC_k, ALIGN), _aligned(sC_n, ALIGN))
 
 
 @triton.jit
@@ -311,9 +330,11 @@ def _state_grid(d, offs_n, mask_d, mask_n, LANES: tl.constexpr, FLAT: tl.constex
     return rows, states, mask
 
 
-# All register tiles are laid out (T, D, N): time is the slowest axis, so with BLOCK_D * BLOCK_N at
-# least the number of threads, every thread holds all BLOCK_T steps of its (d, n) pairs and the
-# associative scan along axis 0 runs as a plain sequential loop in registers (no shuffles).
+# Register tiles are laid out (T, D, N): time is the slowest axis, so with BLOCK_D * BLOCK_N at least
+# the number of threads, every thread holds all BLOCK_T steps of its (d, n) pairs and the associative
+# scan along axis 0 runs as a plain sequential loop in registers (no shuffles). With fewer pairs than
+# threads, Triton's 3-D layout interleaves the steps of the lanes that share a pair; FLAT (T, D) tiles
+# (d_state 1) keep the layout of their loads instead, a run of consecutive steps per lane.
 
 
 @triton.jit
@@ -325,12 +346,15 @@ def _ss_fwd_kernel(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
     LANES: tl.constexpr, SAVE_T: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """Tiles (T, D, N), FLAT (T, D) for one state; with LANES (T, N, D): one lane owns one channel and
     all its states, so the sum over the states for y stays in the thread and Δ is computed once per
-    channel. SAVE_T > 0 also
-    stores the state entering every SAVE_T positions in the backward's workspace layout
-    (batch, n_saved, KC, BLOCK_N), so that the backward can skip its first pass."""
+    channel. SAVE_T > 0 also stores the state entering every SAVE_T positions in the backward's workspace
+    layout (batch, n_saved, KC, BLOCK_N), so that the backward can skip its first pass."""
+    L, su_b, su_d, sdt_b, sdt_d, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n = _aligned_inputs(
+        L, su_b, su_d, sdt_b, sdt_d, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, ALIGN)
+    sy_b, sy_d = _aligned(sy_b, ALIGN), _aligned(sy_d, ALIGN)
     pid_d = tl.program_id(0)
     k = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -478,13 +502,19 @@ def _ss_bwd_kernel(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr,
     FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SAVE_T: tl.constexpr,
     FLIP: tl.constexpr, LANES: tl.constexpr, HAS_STATES: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr,
-    FLAT: tl.constexpr,
+    FLAT: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """Pass 1 (unless HAS_STATES: the forward stored them) walks L forwards storing the state entering
     every SAVE_T positions; pass 2 walks chunks of
     BLOCK_T positions in reverse. SAVE_T = BLOCK_T unless LANES (tiles (T, N, D): one lane per channel
     and all its states), whose short chunks fit in registers: a forward pass from each interval's saved
     state then first writes every chunk's entry state to this program's scratch (in L2)."""
+    L, su_b, su_d, sdt_b, sdt_d, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n = _aligned_inputs(
+        L, su_b, su_d, sdt_b, sdt_d, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, ALIGN)
+    sg_b, sg_d = _aligned(sg_b, ALIGN), _aligned(sg_d, ALIGN)
+    sdu_b, sdu_d = _aligned(sdu_b, ALIGN), _aligned(sdu_d, ALIGN)
+    sdB_b, sdB_k = _aligned(sdB_b, ALIGN), _aligned(sdB_k, ALIGN)
+    sdB_blk, sdB_n = _aligned(sdB_blk, ALIGN), _aligned(sdB_n, ALIGN)
     pid_d = tl.program_id(0)
     k = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -582,6 +612,11 @@ def _ss_bwd_kernel(
         tl.store(dbias_ptr + b * KC + d, dbias_acc, mask=mask_d)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host (``triton.cdiv`` costs about 2 µs a call through its wrapper)."""
+    return -(-a // b)
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
 
@@ -601,14 +636,19 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     (FLIP; session 10, stage 1: fp32 2.290 against 2.431 ms, bf16 1.670 against 1.801) and, for 2-byte
     inputs, du / ddelta stored in their dtype in 16-step chunks (HALF_GRADS, no cast pass afterwards; bf16
     forward + backward through the op, stages 1-3: 1.853 / 1.396 / 1.099 ms against 2.273 / 1.638 / 1.511
-    with 8-step chunks and float32 gradients cast afterwards), from L 2048 with 16 channels per warp
-    (twice the programs; stage 1, session 11: 1.609 against 1.692 ms for 32 channels with Triton's
-    pipeliner over the intervals, itself 1.688 against 1.854 without); float32 from L 512 with 16
-    channels per warp in 32-step chunks (stage 1: 1.819 against 2.156 ms), LANES tiles in
+    with 8-step chunks and float32 gradients cast afterwards); at d_state 1 from L 512 with 16 channels
+    per warp as (T, D) tiles (FLAT; in 32-step chunks from L 2048; session 12, below), LANES tiles in
     4-position chunks with the flipped adjoint scan for d_state 3-16 (2.7x faster fp32, 3.1x bf16 at
     vanilla-T stage 1), else 128 threads.
     BLOCK_D divides the group's channels where a power of two does, so no lane idles.
     """
+    return dict(_default_config(channels_per_group, state, backward, length, elem_size))
+
+
+@functools.lru_cache(maxsize=1024)
+def _default_config(channels_per_group: int, state: int, backward: bool, length: int | None,
+                    elem_size: int) -> dict:
+    """:func:`default_config`, cached (its callers take copies): it runs on every call of the op."""
     block_n = _next_pow2(state)
     long_seq = length is None or length >= 512
     if backward:
@@ -656,8 +696,16 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     # 1: fp32 forward 0.490 against 0.504 ms, bf16 backward 1.614 against 1.630 through the op), except the
     # 2-byte forward, which then spills (48 bytes offline) and lost (0.440 against 0.434 ms)
     even = int(block_n == 1 and (backward or elem_size != 2))
+    # Rows aligned to fewer than 16 elements (L = 196) declared to the compiler, so that it uses 8- or
+    # 16-byte vectors instead of single elements: the bf16 backward and the fp32 forward, at d_state 1
+    # (session 12, stage 3, with it in call 10 and without it in call 7, not interleaved: bf16 forward +
+    # backward with saved states 0.714 against 0.970 ms, fp32 forward 0.229 against 0.239 ms; the bf16
+    # forward and the fp32 backward, whose layouts change with the vector width, lost: 0.232 against
+    # 0.209 ms, and 0.714 against 0.649 ms as forward + backward minus forward)
+    row_align = int(block_n == 1 and backward == (elem_size == 2))
     return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0,
-            "STAGES": stages, "FLIP": flip, "HALF_GRADS": half_grads, "EVEN": even, "FLAT": flat}
+            "STAGES": stages, "FLIP": flip, "HALF_GRADS": half_grads, "EVEN": even, "FLAT": flat,
+            "ROW_ALIGN": row_align}
 
 
 def _check(u, delta, A, B, C):
@@ -708,6 +756,18 @@ def _flat(cfg: dict) -> bool:
     return bool(cfg.get("FLAT", 0) and cfg["BLOCK_N"] == 1 and not cfg.get("LANES", 0))
 
 
+def _row_alignment(cfg: dict, strides) -> int:
+    """With the configuration key ROW_ALIGN, the largest power of two below 16 that divides the length
+    and every stride (elements), for :func:`_aligned`; else, and where 16 divides them all (which
+    Triton's launcher specialises by itself), 1."""
+    if not cfg.get("ROW_ALIGN", 0):
+        return 1
+    align = 16
+    while align > 1 and any(stride % align for stride in strides):
+        align //= 2
+    return 1 if align == 16 else align
+
+
 def launch_options(cfg) -> dict:
     """Triton launch options of a configuration (this module's kernels and the fused core's): num_warps,
     and the register cap per thread ``maxnreg`` where set. The core's d_state-1 backward runs capped at
@@ -737,7 +797,7 @@ def saved_states_shape(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, config
     """Shape of the float32 states :func:`selective_scan_bwd` keeps, (batch, intervals, KC, BLOCK_N): the
     state entering every interval of its (default, or ``config``) configuration."""
     interval, block_n = _backward_interval(u, A, B, config)
-    return u.shape[0], triton.cdiv(u.shape[2], interval), u.shape[1], block_n
+    return u.shape[0], cdiv(u.shape[2], interval), u.shape[1], block_n
 
 
 def check_states(states: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -762,14 +822,14 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     save_t = n_saved = 0
     if states_out is not None:
         save_t, block_n = _backward_interval(u, A, B)
-        n_saved = triton.cdiv(length, save_t)
+        n_saved = cdiv(length, save_t)
         check_states(states_out, (batch, n_saved, channels, block_n))
         if cfg["BLOCK_T"] % save_t and save_t % cfg["BLOCK_T"]:  # neither chunk length fits the other's
             cfg["BLOCK_T"] = save_t
     dummy = y
     Dt = D if D is not None else dummy
     bt = delta_bias if delta_bias is not None else dummy
-    grid = (triton.cdiv(cg, cfg["BLOCK_D"]), groups, batch)
+    grid = (cdiv(cg, cfg["BLOCK_D"]), groups, batch)
     _ss_fwd_kernel[grid](
         u, delta, A, B, C, Dt, bt, y, states_out if states_out is not None else y,
         length, state, cg, n_saved,
@@ -779,6 +839,8 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
         PREFETCH=bool(cfg.get("PREFETCH", 0)), LANES=bool(cfg.get("LANES", 0)), SAVE_T=save_t,
         STAGES=int(cfg.get("STAGES", 1)), EVEN=_even(cfg, cg, state, length, cfg["BLOCK_T"]), FLAT=_flat(cfg),
+        ALIGN=_row_alignment(cfg, (length,) + u.stride()[:2] + delta.stride()[:2] + B.stride()[:3]
+                             + C.stride()[:3] + y.stride()[:2]),
         **launch_options(cfg),
     )
     return y
@@ -816,8 +878,8 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
     interval = _state_interval(cfg)
     if interval % cfg["BLOCK_T"]:
         raise ValueError(f"LANES: BLOCK_T must divide the saved-state interval {interval}, got {cfg['BLOCK_T']}")
-    n_blk = triton.cdiv(cg, cfg["BLOCK_D"])
-    n_saved = triton.cdiv(length, interval)
+    n_blk = cdiv(cg, cfg["BLOCK_D"])
+    n_saved = cdiv(length, interval)
     du = torch.empty(batch, channels, length, device=dev, dtype=_grad_dtype(u, cfg))
     ddelta = torch.empty(batch, channels, length, device=dev, dtype=_grad_dtype(delta, cfg))
     dA_part = torch.empty(batch, channels, state, device=dev, dtype=f32)
@@ -863,7 +925,11 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SAVE_T=interval,
         FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, HAS_STATES=has_states, STAGES=int(cfg.get("STAGES", 1)),
-        EVEN=_even(cfg, cg, state, length, interval), FLAT=_flat(cfg), **launch_options(cfg),
+        EVEN=_even(cfg, cg, state, length, interval), FLAT=_flat(cfg),
+        ALIGN=_row_alignment(cfg, (length,) + u.stride()[:2] + delta.stride()[:2] + B.stride()[:3]
+                             + C.stride()[:3] + grad_out.stride()[:2] + du.stride()[:2] + dB_ws.stride()[:2]
+                             + (blk_stride,) + dB_ws.stride()[-2:-1]),
+        **launch_options(cfg),
     )
     if atomic:
         dB, dC = dB_ws, dC_ws

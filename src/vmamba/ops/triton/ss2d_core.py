@@ -50,6 +50,7 @@ from .selective_scan import (
     _softplus,
     _softplus_and_slope,
     _state_grid,
+    cdiv,
     check_states,
     default_config,
     fast_math,
@@ -459,7 +460,7 @@ def saved_state_chunk(state: int) -> int:
 
 def saved_states_shape(batch: int, routes: int, channels: int, length: int, state: int) -> tuple[int, ...]:
     """Shape of the float32 states the forward saves (the state entering every chunk of the backward)."""
-    return batch, triton.cdiv(length, saved_state_chunk(state)), routes * channels, triton.next_power_of_2(state)
+    return batch, cdiv(length, saved_state_chunk(state)), routes * channels, triton.next_power_of_2(state)
 
 
 @triton.jit
@@ -510,7 +511,7 @@ def delta_gemm(xp, dt_weight, rank, dtype, config=None):
         return out.zero_()
     exact_in_tf32 = dtype in (torch.bfloat16, torch.float16)
     precision = "tf32" if exact_in_tf32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(channels, cfg["BLOCK_C"]), routes)
+    grid = (cdiv(rows, cfg["BLOCK_M"]), cdiv(channels, cfg["BLOCK_C"]), routes)
     _delta_gemm_kernel[grid](
         xp, weight, out, rows, channels, xp.stride(0), xp.stride(1), weight.stride(0), weight.stride(1),
         out.stride(0), out.stride(1), R=rank, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
@@ -543,7 +544,7 @@ def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta
         cfg["BLOCK_T"] = save_chunk
     delta_in = bool(cfg.get("DELTA_GEMM", 0))
     delta = delta_gemm(xp, dt_weight, rank, u.dtype).view(y.shape) if delta_in else y
-    grid = (triton.cdiv(channels, cfg["BLOCK_D"]), routes, batch)
+    grid = (cdiv(channels, cfg["BLOCK_D"]), routes, batch)
     _core_fwd_kernel[grid](
         u, xp, dt_weight, delta, A, D if D is not None else A, delta_bias, y, states,
         length, height, width, 1.0 / height, channels, routes * channels, shape[1] if save_states else 0,
@@ -581,7 +582,7 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
             cfg["BLOCK_T"] = save_chunk
         check_states(states, saved_states_shape(batch, routes, channels, length, state))
     dev, f32 = u.device, torch.float32
-    n_blk = triton.cdiv(channels, cfg["BLOCK_D"])
+    n_blk = cdiv(channels, cfg["BLOCK_D"])
     kc = routes * channels
     du = torch.empty(routes, batch, length, channels, device=dev, dtype=u.dtype)
     ddelta = torch.empty_like(du)
@@ -600,7 +601,7 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
     grid = (n_blk, routes, batch)
     # states every save_chunk steps (LANES; a scratch holds its chunks' entry states), else every chunk
     interval = save_chunk if lanes else cfg["BLOCK_T"]
-    n_saved = triton.cdiv(length, interval)
+    n_saved = cdiv(length, interval)
     hws = states if has_states else torch.empty(batch, n_saved, kc, cfg["BLOCK_N"], device=dev, dtype=f32)
     scratch = (torch.empty(n_blk * routes * batch, interval // cfg["BLOCK_T"], cfg["BLOCK_N"], cfg["BLOCK_D"],
                            device=dev, dtype=f32) if interval > cfg["BLOCK_T"] else hws)
