@@ -139,6 +139,11 @@ def test_default_config_shapes():
                         assert not backward or LANES_SAVE_INTERVAL % cfg["BLOCK_T"] == 0
                     else:
                         assert cfg["BLOCK_D"] * cfg["BLOCK_N"] <= 256
+    # cached, but each call returns its own dict: callers (the fused core) update theirs
+    first = default_config(96, 1, True, 3136, 2)
+    first.update(BLOCK_D=3, FLAT=0)
+    again = default_config(96, 1, True, 3136, 2)
+    assert (again["BLOCK_D"], again["FLAT"]) == (16, 1) and again is not first
 
 
 def test_state_64_and_empty():
