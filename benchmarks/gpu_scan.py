@@ -54,6 +54,7 @@ SWEEP = {  # configurations as overrides of default_config (keys it leaves out t
     # of 168 / 128 (one wave at stage 1, but spills), 2 or 4 stages, 16 or 8 channels per warp, 128 steps;
     # session 12 with a cap of 200, 16-step chunks (3, 4 or 6 stages), 32-step ones without the pipeliner,
     # (T, D) tiles (16 or 32 channels per warp) and u / delta staged as pieces of 16-64 bytes per channel.
+    # ROW_ALIGN only changes kernels where L is not a multiple of 16 (--sweep-stages 3)
     ("fwd", 1): [{}, {"BLOCK_T": 32}, {"ROW_ALIGN": 0}, {"ROW_ALIGN": 1}],
     ("fwd", 16): [{"BLOCK_D": 8, "BLOCK_T": 32, "num_warps": 4, "PREFETCH": 0, "LANES": 0},
                   {"BLOCK_D": 8, "BLOCK_T": 16, "num_warps": 4, "PREFETCH": 1, "LANES": 0},

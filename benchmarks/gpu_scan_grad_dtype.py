@@ -1,7 +1,8 @@
 """The plain selective scan's forward + backward through the custom op, for backward variants.
 
-Each variant (backward chunk length BLOCK_T, du / ddelta stored in the input dtype or in float32 and
-cast afterwards, STAGES of Triton's pipeliner over the backward's intervals) becomes the default
+Each variant (backward chunk length BLOCK_T, channels per warp BLOCK_D, (T, D) tiles FLAT, du / ddelta
+stored in the input dtype or in float32 and cast afterwards, STAGES of Triton's pipeliner over the
+backward's intervals) becomes the default
 backward configuration in turn, so the forward saves the states at that variant's interval exactly as
 in training. Rounds interleave the variants to spread drift.
 
@@ -19,13 +20,15 @@ from gpu_scan import BATCH, LENGTHS, MODELS, K, copy_bandwidth, make_inputs, op_
 
 import vmamba.ops.triton.selective_scan as scan_kernels
 
-VARIANTS = {  # by input element size; the current default first
-    2: [{"BLOCK_D": 16, "BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 1},
-        {"BLOCK_D": 16, "BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 1, "EVEN": 0},  # bounds masks kept
-        {"BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 3},  # the session-10 default at stage 1
-        {"BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 1}],  # the default at stage 2
-    # float32 (session 11: 16-step chunks and 2 pipeline stages lost)
-    4: [{"BLOCK_D": 16, "BLOCK_T": 32}, {"BLOCK_T": 8}],  # the default from L 512, session 10's
+VARIANTS = {  # by input element size; {} is the current default (session 12: (T, D) tiles from L 512)
+    2: [{},
+        {"FLAT": 1, "BLOCK_D": 16, "BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 1},  # the default for L 512-2047
+        {"FLAT": 0, "BLOCK_D": 16, "BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 1},  # session 11's at stage 1
+        {"FLAT": 0, "BLOCK_D": 32, "BLOCK_T": 16, "HALF_GRADS": 1, "STAGES": 1}],  # session 11's at stage 2
+    4: [{},
+        {"FLAT": 1, "BLOCK_D": 16, "BLOCK_T": 16},  # the default for L 512-2047
+        {"FLAT": 0, "BLOCK_D": 16, "BLOCK_T": 32},  # session 11's from L 512
+        {"FLAT": 0, "BLOCK_D": 32, "BLOCK_T": 8}],  # session 10's; still the default below L 512
 }
 
 

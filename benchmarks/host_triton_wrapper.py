@@ -6,8 +6,9 @@ Times, per forward + backward of VMamba-T stage-3-like tiny inputs (batch 2, 64 
 d_state 1, bf16): the public op (``selective_scan(..., backend="triton")``: autograd, custom-op eager
 twin, the Triton wrapper) and the wrapper alone (``selective_scan_fwd`` saving states, then
 ``selective_scan_bwd``). The kernels do not run, so this is the host cost that remains once the
-kernels are fast; on a GPU the Triton launcher adds its own. Prints one JSON line; ``--profile``
-adds cProfile's top functions.
+kernels are fast; on a GPU the Triton launcher adds its own. Each round also times the op as it was
+before session 12 ("uncached": ``default_config`` recomputed on every call and ``triton.cdiv`` for
+ceiling division). Prints one JSON line; ``--profile`` adds cProfile's top functions.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import time
 
 import torch
+import triton
 
 import vmamba.ops  # noqa: F401  (registers the ops)
 import vmamba.ops.triton.selective_scan as kernels
@@ -71,10 +73,20 @@ def main() -> None:
         kernels.selective_scan_fwd(*ins, True, states_out=states)
         kernels.selective_scan_bwd(grad, *ins, True, states=states)
 
-    rounds = {"op_us": [], "wrapper_us": []}
+    cached = kernels.default_config, kernels.cdiv
+
+    def uncached_config(channels_per_group, state, backward=False, length=None, elem_size=4):
+        return dict(kernels._default_config.__wrapped__(channels_per_group, state, backward, length, elem_size))
+
+    rounds = {"op_us": [], "wrapper_us": [], "op_uncached_us": []}
     for _ in range(args.rounds):
         rounds["op_us"].append(round(_per_call_us(op, args.calls), 1))
         rounds["wrapper_us"].append(round(_per_call_us(wrapper, args.calls), 1))
+        kernels.default_config, kernels.cdiv = uncached_config, triton.cdiv
+        try:
+            rounds["op_uncached_us"].append(round(_per_call_us(op, args.calls), 1))
+        finally:
+            kernels.default_config, kernels.cdiv = cached
     print(json.dumps({"torch": torch.__version__, **rounds}))
     if args.profile:
         profile = cProfile.Profile()

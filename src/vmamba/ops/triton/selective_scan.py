@@ -676,11 +676,12 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
         # d_state 1 only (where measured), from L 512: 16 channels per warp as (T, D) tiles (FLAT), two
         # lanes per channel ((T, D, N) tiles got a layout that interleaves the steps of both lanes), in
         # 32-step chunks from L 2048 and 16-step ones below. Session 12, forward + backward through the op
-        # as CUDA-graph replays, against the session-11 defaults ((T, D, N) tiles; float32 16 channels
-        # per warp in 32-step chunks, bf16 16 channels in 16-step chunks at stage 1, 32 at stage 2):
-        # float32 stage 1 1.700 against 1.798 ms, stage 2 0.965 against 1.015; bf16 stage 1 1.393
-        # against 1.453 (FLAT in 16-step chunks; 1.767 (T, D, N) 32 channels), stage 2 0.650 against
-        # 0.764. Shorter sequences keep (T, D, N) tiles (stage 3: bf16 0.959 against 1.051 ms for FLAT).
+        # as CUDA-graph replays: float32 stage 1 1.700 against 1.798 ms and stage 2 0.965 against 1.015
+        # for the session-11 default ((T, D, N), 16 channels, 32-step); bf16 stage 1 1.393 against 1.453
+        # for FLAT in 16-step chunks, stage 2 0.650 against 0.764 for the session-11 default ((T, D, N),
+        # 32 channels); at stage 1 FLAT in 16-step chunks had beaten that default's (T, D, N) 16 channels,
+        # 1.443 against 1.577 ms (do_bench through the op). Shorter sequences keep (T, D, N) tiles (stage
+        # 3: bf16 0.959 against 1.051 ms for FLAT).
         if block_n == 1 and long_seq:
             block_d, flat = min(block_d, 16), 1
             block_t = 32 if length is None or length >= 2048 else 16
