@@ -223,7 +223,7 @@ def sass_loops(cubin: bytes) -> list[dict]:
 
 
 def scan_candidates() -> list[tuple]:
-    """The plain scan's d_state-1 defaults and sweep candidates (BENCHMARKS.md, sessions 10-11)."""
+    """The plain scan's d_state-1 defaults and sweep candidates (BENCHMARKS.md, sessions 10-12)."""
     fwd = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, BLOCK_D=32, BLOCK_N=1, BLOCK_T=64, PREFETCH=0,
                LANES=False, SAVE_T=16, STAGES=3, EVEN=False)
     bwd = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=1, BLOCK_T=16,
@@ -249,9 +249,14 @@ def scan_candidates() -> list[tuple]:
         ("bwd, same, STAGES 1", b, {**bwd, "STAGES": 1}, one_warp, half_grads),
         ("bwd, same, cap 168 registers", b, bwd, {**one_warp, "maxnreg": 168}, half_grads),
         ("bwd, same, 16 channels per warp", b, {**bwd, "BLOCK_D": 16}, one_warp, half_grads),
-        ("bwd, same, 16 channels per warp, STAGES 1, EVEN (default at stage 1)", b,
+        ("bwd, same, 16 channels per warp, STAGES 1, EVEN (session-11 default at stage 1)", b,
          {**bwd, "BLOCK_D": 16, "STAGES": 1, "EVEN": True}, one_warp, half_grads),
         ("bwd, same with bounds masks", b, {**bwd, "BLOCK_D": 16, "STAGES": 1}, one_warp, half_grads),
+        ("bwd, same as (T, D) tiles (FLAT), no masks", b,
+         {**bwd, "BLOCK_D": 16, "STAGES": 1, "EVEN": True, "FLAT": True}, one_warp, half_grads),
+        ("bwd, FLAT, 32-step (default from L 2048)", b,
+         {**bwd, "BLOCK_D": 16, "BLOCK_T": 32, "SAVE_T": 32, "STAGES": 1, "EVEN": True, "FLAT": True}, one_warp,
+         half_grads),
         ("bwd, same, 8 channels per warp", b, {**bwd, "BLOCK_D": 8}, one_warp, half_grads),
         ("bwd, bf16 gradients, 8-step, STAGES 1", b, {**bwd, "BLOCK_T": 8, "SAVE_T": 8, "STAGES": 1}, one_warp,
          half_grads),
