@@ -204,21 +204,24 @@ def _tool(name: str) -> str:
 
 
 def sass_loops(cubin: bytes) -> list[dict]:
-    """Each loop (a backward branch) of the kernel: its SASS length and most frequent opcodes."""
+    """Each loop (a backward branch) of the kernel: its SASS length, most frequent opcodes and global
+    memory instructions with their widths (LDG.E.128: 16-byte vectors; .U16: single 2-byte elements)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as fh:
             fh.write(cubin)
         sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
     pattern = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
-    code = [(int(m.group(1), 16), m.group(2).split(".")[0], m.group(3)) for m in map(pattern.match, sass.splitlines())
-            if m]
+    code = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(pattern.match, sass.splitlines()) if m]
     loops = []
     for address, opcode, operands in code:
         target = re.search(r"0x([0-9a-f]+)", operands) if opcode == "BRA" else None
         if target and int(target.group(1), 16) < address:
             body = [op for at, op, _ in code if int(target.group(1), 16) <= at <= address]
-            loops.append({"instructions": len(body), "top": collections.Counter(body).most_common(6)})
+            memory = collections.Counter(op for op in body if op.split(".")[0] in ("LDG", "STG", "LDGSTS"))
+            loops.append({"instructions": len(body),
+                          "top": collections.Counter(op.split(".")[0] for op in body).most_common(6),
+                          "global_memory": dict(memory)})
     return loops
 
 
@@ -260,6 +263,11 @@ def scan_candidates() -> list[tuple]:
         ("bwd, same, 8 channels per warp", b, {**bwd, "BLOCK_D": 8}, one_warp, half_grads),
         ("bwd, bf16 gradients, 8-step, STAGES 1", b, {**bwd, "BLOCK_T": 8, "SAVE_T": 8, "STAGES": 1}, one_warp,
          half_grads),
+        # rows of L = 196 (stage 3): not multiples of 16, which is all the launcher tells apart (_rows16)
+        ("bwd, bf16 gradients, 16-step, STAGES 1, rows of L 196 undeclared", b,
+         {**bwd, "STAGES": 1, "_rows16": False}, one_warp, half_grads),
+        ("bwd, same with the rows' alignment (4) declared (ROW_ALIGN, default)", b,
+         {**bwd, "STAGES": 1, "ALIGN": 4, "_rows16": False}, one_warp, half_grads),
         ("bwd, fp32, 8-step, FLIP (session-10 default)", b, {**bwd, "BLOCK_T": 8, "SAVE_T": 8, "STAGES": 1}, one_warp,
          False),
         ("bwd, fp32, 16 channels per warp, 32-step, EVEN (default from L 512)", b,
@@ -270,14 +278,16 @@ def scan_candidates() -> list[tuple]:
 def run_time_specialised(kernel, constants: dict, bf16) -> tuple[dict, dict, dict]:
     """(signature, constants, divisibility) as Triton's launcher specialises the stage 1-2 shapes of the
     plain scan: unit strides along L become constexpr 1; L, the channel counts and the row strides are
-    multiples of 16."""
+    multiples of 16, unless the constants say ``_rows16: False`` (L = 196: only the channel counts are)."""
+    rows16 = constants.pop("_rows16", True)
     unit = {n: 1 for n in ("su_l", "sdt_l", "sB_l", "sC_l", "sg_l") if n in kernel.arg_names}
     constants = {**constants, **unit}
     sig = signature(kernel, constants, bf16)
     sig.update({n: "constexpr" for n in unit})
     per_element = {"sA_n", "sD", "sbias", "sB_n", "sC_n", "sdB_n"}
     rows = {n for n in kernel.arg_names if n.startswith("s") and not n.endswith("_l") and n not in per_element}
-    return sig, constants, divisibility(kernel, DIVISIBLE_INTS | rows | {"L", "CG", "KC", "n_saved"})
+    divisible = DIVISIBLE_INTS | {"CG", "KC"} | (rows | {"L", "n_saved"} if rows16 else set())
+    return sig, constants, divisibility(kernel, divisible)
 
 
 def main() -> int:
@@ -285,7 +295,7 @@ def main() -> int:
     failures = 0
     candidates = "--candidates" in sys.argv
     for name, kernel, constants, options, bf16 in scan_candidates() if candidates else VARIANTS:
-        constants = with_defaults(kernel, constants)
+        constants = with_defaults(kernel, dict(constants))
         try:
             if candidates:
                 sig, constants, divisible = run_time_specialised(kernel, constants, bf16)
