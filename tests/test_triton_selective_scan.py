@@ -353,3 +353,31 @@ def test_half_precision_gradients_are_the_float32_ones_rounded(dtype, config):
     fp32 = _inputs(2, 2, 8, 1, 37, torch.float32, seed=15)
     same = selective_scan_bwd(gy, *fp32, True, deterministic=True, config={**config, "HALF_GRADS": 1})
     assert same[0].dtype == torch.float32  # float32 inputs: float32 gradients
+
+
+@pytest.mark.parametrize(("dtype", "state", "config"), [
+    (torch.float32, 1, {"BLOCK_D": 16, "BLOCK_T": 16, "STAGES": 3}),
+    (torch.bfloat16, 1, {"BLOCK_D": 16, "BLOCK_T": 8, "FLAT": 1, "FLIP": 1, "num_warps": 1}),
+    (torch.float32, 4, {"BLOCK_D": 16, "BLOCK_T": 8, "LANES": 1, "num_warps": 1}),
+])
+def test_programs_walking_several_channel_blocks(dtype, state, config):
+    """PERSIST: a one-dimensional grid whose programs walk several channel blocks each (14 blocks of 16
+    channels over 4 programs: 16 iterations, the last two redo the last block), against the reference
+    and, forward with saved states and backward from them, against a program per block."""
+    from vmamba.ops.triton.selective_scan import _grid, saved_states_shape
+
+    persist = {**config, "PERSIST": 4}
+    assert _grid(persist, 32, 1, 7, torch.device("cpu")) == ((4,), 4)
+    assert _grid({**persist, "PREFETCH": 1}, 32, 1, 7, torch.device("cpu")) == ((2, 1, 7), 1)
+    _check(batch=7, groups=1, per_group=32, state=state, length=37, dtype=dtype, seed=40 + state, config=persist)
+    ins = _inputs(7, 1, 32, state, 37, dtype, seed=41)
+    gy = torch.randn(ins[0].shape, generator=torch.Generator().manual_seed(42)).to(DEVICE)
+    results = []
+    # the forward keeps the states of the default backward's intervals, so the backward runs its defaults
+    for fwd_cfg, bwd_cfg in ((persist, {"PERSIST": 4}), (config, None)):
+        states = torch.full(saved_states_shape(ins[0], ins[2], ins[3]), float("nan"), device=DEVICE)
+        y = selective_scan_fwd(*ins, True, config=fwd_cfg, states_out=states)
+        assert torch.isfinite(states).all()
+        results.append((y, *selective_scan_bwd(gy, *ins, True, deterministic=True, config=bwd_cfg, states=states)))
+    for ours, theirs in zip(*results):
+        assert _rel(ours.cpu(), theirs.cpu()) < 1e-6

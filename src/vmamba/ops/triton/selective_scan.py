@@ -338,88 +338,148 @@ def _state_grid(d, offs_n, mask_d, mask_n, LANES: tl.constexpr, FLAT: tl.constex
 
 
 @triton.jit
-def _ss_fwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, hws_ptr,
-    L, N, CG, n_saved,
-    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
-    sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias, sy_b, sy_d,
-    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
-    LANES: tl.constexpr, SAVE_T: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr,
-    ALIGN: tl.constexpr,
-):
-    """Tiles (T, D, N), FLAT (T, D) for one state; with LANES (T, N, D): one lane owns one channel and
-    all its states, so the sum over the states for y stays in the thread and Δ is computed once per
-    channel. SAVE_T > 0 also stores the state entering every SAVE_T positions in the backward's workspace
-    layout (batch, n_saved, KC, BLOCK_N), so that the backward can skip its first pass."""
-    L, su_b, su_d, sdt_b, sdt_d, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n = _aligned_inputs(
-        L, su_b, su_d, sdt_b, sdt_d, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, ALIGN)
-    sy_b, sy_d = _aligned(sy_b, ALIGN), _aligned(sy_d, ALIGN)
-    pid_d = tl.program_id(0)
-    k = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+def _block_coords(blk, n_blk_d, G):
+    """(channel block within the group, group, batch element) of a flat block index."""
+    rest = blk // n_blk_d
+    return blk - rest * n_blk_d, rest % G, (rest // G).to(tl.int64)
+
+
+@triton.jit
+def _fwd_block(pid_d, k, b, CG, N, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, y_ptr, B_ptr, C_ptr, hws_ptr, n_saved, KC,
+               su_b, su_d, sdt_b, sdt_d, sA_d, sA_n, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, sD, sbias, sy_b, sy_d,
+               HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               LANES: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr):
+    """What the forward needs of one channel block: masks, A·log2(e), bias, D and the row pointers."""
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = _in_range(offs_c, CG, EVEN)
     d = (k * CG + offs_c).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = _in_range(offs_n, N, EVEN)
-    offs_t = tl.arange(0, BLOCK_T)
-
     rows, states, state_mask = _state_grid(d, offs_n, mask_d, mask_n, LANES, FLAT)
     A2 = tl.load(A_ptr + rows * sA_d + states * sA_n, mask=state_mask, other=0.0).to(tl.float32) * 1.4426950408889634
-    h = tl.zeros(state_mask.shape, tl.float32)
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d * sbias, mask=mask_d, other=0.0).to(tl.float32)
     dskip = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_D:
         dskip = tl.load(D_ptr + d * sD, mask=mask_d, other=0.0).to(tl.float32)
-
     u_base = u_ptr + b * su_b + d[None, :] * su_d
     dt_base = dt_ptr + b * sdt_b + d[None, :] * sdt_d
     y_base = y_ptr + b * sy_b + d[None, :] * sy_d
     B_base = B_ptr + b * sB_b + k * sB_k + offs_n[None, :] * sB_n
     C_base = C_ptr + b * sC_b + k * sC_k + offs_n[None, :] * sC_n
     # interval-major: a warp's channels store one interval's states side by side (coalesced)
-    KC = tl.num_programs(1) * CG
     hws_base = hws_ptr + (b * n_saved * KC + rows) * BLOCK_N + states
+    return mask_d, mask_n, state_mask, A2, bias, dskip, u_base, dt_base, y_base, B_base, C_base, hws_base
+
+
+@triton.jit
+def _fwd_chunk(h, u, raw, Bt, Ct, t0, offs_t, L, mask_d, state_mask, A2, bias, dskip, y_base, hws_base,
+               interval_stride, first, last, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+               SOFTPLUS: tl.constexpr, FAST: tl.constexpr, BLOCK_T: tl.constexpr, LANES: tl.constexpr,
+               SAVE_T: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr):
+    """Scans one loaded chunk (positions t0 + offs_t) from the state h entering it, stores its outputs
+    (and with SAVE_T the states the backward keeps); returns the state leaving it."""
+    t = offs_t + t0
+    m2 = _in_range(t, L, EVEN)[:, None] & mask_d[None, :]
+    if HAS_BIAS:
+        raw = raw + bias[None, :]
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw, FAST)
+    dt = tl.where(m2, dt, 0.0)
+    a = tl.exp2(_per_channel(dt, LANES, FLAT) * tl.expand_dims(A2, 0))
+    x = _per_channel(dt * u, LANES, FLAT) * _per_state(Bt, LANES, FLAT)
+    if SAVE_T > 0:
+        _save_entry_state(h, t0, hws_base, interval_stride, state_mask, SAVE_T, BLOCK_T % SAVE_T == 0)
+    hs, h = _scan_chunk(a, x, h, first, last)
+    if SAVE_T > 0:
+        _save_inner_states(hs, t0, offs_t, L, hws_base, interval_stride, state_mask, SAVE_T, BLOCK_T, FLAT)
+    y = _over_states(hs * _per_state(Ct, LANES, FLAT), LANES, FLAT)
+    if HAS_D:
+        y += dskip[None, :] * u
+    tl.store(y_base + t[:, None], y, mask=m2)
+    return h
+
+
+@triton.jit
+def _ss_fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, hws_ptr,
+    L, N, CG, n_saved, G, n_batch, BLOCKS,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
+    sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias, sy_b, sy_d,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
+    LANES: tl.constexpr, SAVE_T: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr,
+    ALIGN: tl.constexpr, PERSIST: tl.constexpr,
+):
+    """Tiles (T, D, N), FLAT (T, D) for one state; with LANES (T, N, D): one lane owns one channel and
+    all its states, so the sum over the states for y stays in the thread and Δ is computed once per
+    channel. SAVE_T > 0 also stores the state entering every SAVE_T positions in the backward's workspace
+    layout (batch, n_saved, KC, BLOCK_N), so that the backward can skip its first pass.
+
+    PERSIST: a one-dimensional grid whose programs each walk BLOCKS channel blocks (program p the blocks
+    p, p + programs, ...) as one loop over (block, chunk) pairs, so that Triton's pipeliner keeps the
+    next block's first chunks in flight while a block's last chunk is scanned; short sequences (L = 196,
+    49) otherwise expose each block's load latency. Surplus iterations past the last block redo it (the
+    same values written twice)."""
+    L, su_b, su_d, sdt_b, sdt_d, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n = _aligned_inputs(
+        L, su_b, su_d, sdt_b, sdt_d, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, ALIGN)
+    sy_b, sy_d = _aligned(sy_b, ALIGN), _aligned(sy_d, ALIGN)
+    offs_t = tl.arange(0, BLOCK_T)
+    KC = G * CG
     interval_stride = KC * BLOCK_N
     first = _time_column(offs_t == 0, FLAT)
     last = _time_column(offs_t == BLOCK_T - 1, FLAT)
 
-    if PREFETCH:
-        u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, offs_t, L, mask_d, mask_n,
-                                               su_l, sdt_l, sB_l, sC_l, False)
-    # STAGES > 1: Triton's software pipeliner keeps that many chunks' loads in flight (asynchronous copies)
-    for t0 in tl.range(0, L, BLOCK_T, num_stages=STAGES):
-        t = offs_t + t0
-        mask_t = _in_range(t, L, EVEN)
-        m2 = mask_t[:, None] & mask_d[None, :]
-        if PREFETCH:
-            # software pipelining: the next chunk's loads are in flight during this chunk's scan
-            u, raw, Bt, Ct = u_nx, raw_nx, B_nx, C_nx
-            u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, t + BLOCK_T, L, mask_d,
-                                                   mask_n, su_l, sdt_l, sB_l, sC_l, False)
+    if PERSIST:
+        n_chunks = tl.cdiv(L, BLOCK_T)
+        n_blk_d = tl.cdiv(CG, BLOCK_D)
+        last_blk = n_blk_d * G * n_batch - 1
+        programs = tl.num_programs(0)
+        if FLAT:
+            h = tl.zeros((BLOCK_D,), tl.float32)
+        elif LANES:
+            h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         else:
-            u, raw, Bt, Ct = _load_chunk(u_base, dt_base, B_base, C_base, t, L, mask_d, mask_n,
+            h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+        for it in tl.range(0, BLOCKS * n_chunks, num_stages=STAGES):
+            j = it // n_chunks
+            t0 = (it - j * n_chunks) * BLOCK_T
+            pid_d, k, b = _block_coords(tl.minimum(j * programs + tl.program_id(0), last_blk), n_blk_d, G)
+            mask_d, mask_n, state_mask, A2, bias, dskip, u_base, dt_base, y_base, B_base, C_base, hws_base = \
+                _fwd_block(pid_d, k, b, CG, N, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, y_ptr, B_ptr, C_ptr, hws_ptr,
+                           n_saved, KC, su_b, su_d, sdt_b, sdt_d, sA_d, sA_n, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n,
+                           sD, sbias, sy_b, sy_d, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N, LANES, EVEN, FLAT)
+            h = tl.where(t0 == 0, 0.0, h)
+            u, raw, Bt, Ct = _load_chunk(u_base, dt_base, B_base, C_base, offs_t + t0, L, mask_d, mask_n,
                                          su_l, sdt_l, sB_l, sC_l, EVEN)
-        if HAS_BIAS:
-            raw = raw + bias[None, :]
-        dt = raw
-        if SOFTPLUS:
-            dt = _softplus(raw, FAST)
-        dt = tl.where(m2, dt, 0.0)
-        a = tl.exp2(_per_channel(dt, LANES, FLAT) * tl.expand_dims(A2, 0))
-        x = _per_channel(dt * u, LANES, FLAT) * _per_state(Bt, LANES, FLAT)
-        if SAVE_T > 0:
-            _save_entry_state(h, t0, hws_base, interval_stride, state_mask, SAVE_T, BLOCK_T % SAVE_T == 0)
-        hs, h = _scan_chunk(a, x, h, first, last)
-        if SAVE_T > 0:
-            _save_inner_states(hs, t0, offs_t, L, hws_base, interval_stride, state_mask, SAVE_T, BLOCK_T, FLAT)
-        y = _over_states(hs * _per_state(Ct, LANES, FLAT), LANES, FLAT)
-        if HAS_D:
-            y += dskip[None, :] * u
-        tl.store(y_base + t[:, None], y, mask=m2)
+            h = _fwd_chunk(h, u, raw, Bt, Ct, t0, offs_t, L, mask_d, state_mask, A2, bias, dskip, y_base,
+                           hws_base, interval_stride, first, last, HAS_D, HAS_BIAS, SOFTPLUS, FAST, BLOCK_T,
+                           LANES, SAVE_T, EVEN, FLAT)
+    else:
+        mask_d, mask_n, state_mask, A2, bias, dskip, u_base, dt_base, y_base, B_base, C_base, hws_base = \
+            _fwd_block(tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64), CG, N, A_ptr, D_ptr,
+                       bias_ptr, u_ptr, dt_ptr, y_ptr, B_ptr, C_ptr, hws_ptr, n_saved, KC, su_b, su_d, sdt_b,
+                       sdt_d, sA_d, sA_n, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, sD, sbias, sy_b, sy_d, HAS_D,
+                       HAS_BIAS, BLOCK_D, BLOCK_N, LANES, EVEN, FLAT)
+        h = tl.zeros(state_mask.shape, tl.float32)
+        if PREFETCH:
+            u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, offs_t, L, mask_d, mask_n,
+                                                   su_l, sdt_l, sB_l, sC_l, False)
+        # STAGES > 1: Triton's software pipeliner keeps that many chunks' loads in flight (asynchronous copies)
+        for t0 in tl.range(0, L, BLOCK_T, num_stages=STAGES):
+            if PREFETCH:
+                # software pipelining: the next chunk's loads are in flight during this chunk's scan
+                u, raw, Bt, Ct = u_nx, raw_nx, B_nx, C_nx
+                u_nx, raw_nx, B_nx, C_nx = _load_chunk(u_base, dt_base, B_base, C_base, offs_t + t0 + BLOCK_T, L,
+                                                       mask_d, mask_n, su_l, sdt_l, sB_l, sC_l, False)
+            else:
+                u, raw, Bt, Ct = _load_chunk(u_base, dt_base, B_base, C_base, offs_t + t0, L, mask_d, mask_n,
+                                             su_l, sdt_l, sB_l, sC_l, EVEN)
+            h = _fwd_chunk(h, u, raw, Bt, Ct, t0, offs_t, L, mask_d, state_mask, A2, bias, dskip, y_base,
+                           hws_base, interval_stride, first, last, HAS_D, HAS_BIAS, SOFTPLUS, FAST, BLOCK_T,
+                           LANES, SAVE_T, EVEN, FLAT)
 
 
 @triton.jit
@@ -492,50 +552,25 @@ def _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h0, g, L, dt_base, du_base, ddt_base, d
 
 
 @triton.jit
-def _ss_bwd_kernel(
-    gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, hws_ptr, scr_ptr,
-    du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-    L, N, CG, n_saved, KC,
-    sg_b, sg_d, sg_l, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
-    sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias,
-    sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
-    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr,
-    FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SAVE_T: tl.constexpr,
-    FLIP: tl.constexpr, LANES: tl.constexpr, HAS_STATES: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr,
-    FLAT: tl.constexpr, ALIGN: tl.constexpr,
-):
-    """Pass 1 (unless HAS_STATES: the forward stored them) walks L forwards storing the state entering
-    every SAVE_T positions; pass 2 walks chunks of
-    BLOCK_T positions in reverse. SAVE_T = BLOCK_T unless LANES (tiles (T, N, D): one lane per channel
-    and all its states), whose short chunks fit in registers: a forward pass from each interval's saved
-    state then first writes every chunk's entry state to this program's scratch (in L2)."""
-    L, su_b, su_d, sdt_b, sdt_d, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n = _aligned_inputs(
-        L, su_b, su_d, sdt_b, sdt_d, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, ALIGN)
-    sg_b, sg_d = _aligned(sg_b, ALIGN), _aligned(sg_d, ALIGN)
-    sdu_b, sdu_d = _aligned(sdu_b, ALIGN), _aligned(sdu_d, ALIGN)
-    sdB_b, sdB_k = _aligned(sdB_b, ALIGN), _aligned(sdB_k, ALIGN)
-    sdB_blk, sdB_n = _aligned(sdB_blk, ALIGN), _aligned(sdB_n, ALIGN)
-    pid_d = tl.program_id(0)
-    k = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+def _bwd_block(pid_d, k, b, CG, N, KC, n_saved, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, gy_ptr, du_ptr, ddt_ptr,
+               B_ptr, C_ptr, dB_ptr, dC_ptr, hws_ptr, sg_b, sg_d, su_b, su_d, sdt_b, sdt_d, sA_d, sA_n,
+               sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, sD, sbias, sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
+               HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               LANES: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr):
+    """What the backward needs of one channel block: channel rows, masks, A, bias, D and the row pointers."""
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = _in_range(offs_c, CG, EVEN)
     d = (k * CG + offs_c).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = _in_range(offs_n, N, EVEN)
-    offs_t = tl.arange(0, BLOCK_T)
-    SUB: tl.constexpr = SAVE_T // BLOCK_T
-
     rows, states, state_mask = _state_grid(d, offs_n, mask_d, mask_n, LANES, FLAT)
     A = tl.load(A_ptr + rows * sA_d + states * sA_n, mask=state_mask, other=0.0).to(tl.float32)
-    A2 = A * 1.4426950408889634
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d * sbias, mask=mask_d, other=0.0).to(tl.float32)
     dskip = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_D:
         dskip = tl.load(D_ptr + d * sD, mask=mask_d, other=0.0).to(tl.float32)
-
     u_base = u_ptr + b * su_b + d[None, :] * su_d
     dt_base = dt_ptr + b * sdt_b + d[None, :] * sdt_d
     gy_base = gy_ptr + b * sg_b + d[None, :] * sg_d
@@ -547,69 +582,161 @@ def _ss_bwd_kernel(
     dC_base = dC_ptr + b * sdB_b + k * sdB_k + pid_d * sdB_blk + offs_n[None, :] * sdB_n
     # interval-entry states: (batch, n_saved, KC, BLOCK_N), contiguous; a warp's channels side by side
     hws_base = hws_ptr + (b * n_saved * KC + rows) * BLOCK_N + states
+    return (d, mask_d, mask_n, rows, states, state_mask, A, bias, dskip, u_base, dt_base, gy_base, du_base,
+            ddt_base, B_base, C_base, dB_base, dC_base, hws_base)
+
+
+@triton.jit
+def _ss_bwd_kernel(
+    gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, hws_ptr, scr_ptr,
+    du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+    L, N, CG, n_saved, KC, n_batch, BLOCKS,
+    sg_b, sg_d, sg_l, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
+    sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias,
+    sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr,
+    FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SAVE_T: tl.constexpr,
+    FLIP: tl.constexpr, LANES: tl.constexpr, HAS_STATES: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr,
+    FLAT: tl.constexpr, ALIGN: tl.constexpr, PERSIST: tl.constexpr,
+):
+    """Pass 1 (unless HAS_STATES: the forward stored them) walks L forwards storing the state entering
+    every SAVE_T positions; pass 2 walks chunks of
+    BLOCK_T positions in reverse. SAVE_T = BLOCK_T unless LANES (tiles (T, N, D): one lane per channel
+    and all its states), whose short chunks fit in registers: a forward pass from each interval's saved
+    state then first writes every chunk's entry state to this program's scratch (in L2).
+
+    PERSIST (with HAS_STATES and SAVE_T = BLOCK_T only): a one-dimensional grid whose programs each walk
+    BLOCKS channel blocks in one pipelined loop over (block, chunk) pairs, as the forward's PERSIST."""
+    L, su_b, su_d, sdt_b, sdt_d, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n = _aligned_inputs(
+        L, su_b, su_d, sdt_b, sdt_d, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, ALIGN)
+    sg_b, sg_d = _aligned(sg_b, ALIGN), _aligned(sg_d, ALIGN)
+    sdu_b, sdu_d = _aligned(sdu_b, ALIGN), _aligned(sdu_d, ALIGN)
+    sdB_b, sdB_k = _aligned(sdB_b, ALIGN), _aligned(sdB_k, ALIGN)
+    sdB_blk, sdB_n = _aligned(sdB_blk, ALIGN), _aligned(sdB_n, ALIGN)
+    offs_t = tl.arange(0, BLOCK_T)
+    SUB: tl.constexpr = SAVE_T // BLOCK_T
     interval_stride = KC * BLOCK_N
-    program = (b * tl.num_programs(1) + k) * tl.num_programs(0) + pid_d
-    tile = BLOCK_N * BLOCK_D
-    channel = rows - (k * CG + pid_d * BLOCK_D)  # within the block
-    if LANES:
-        scr_base = scr_ptr + program * (SUB * tile) + states * BLOCK_D + channel
-    else:
-        scr_base = scr_ptr + program * (SUB * tile) + channel * BLOCK_N + states
     first = _time_column(offs_t == 0, FLAT)
     last = _time_column(offs_t == BLOCK_T - 1, FLAT)
+    tl.static_assert(not PERSIST or (HAS_STATES and SUB == 1), "PERSIST needs saved states, one chunk each")
 
-    if not HAS_STATES:  # pass 1: forwards along L, storing the state entering each interval
-        h = tl.zeros(state_mask.shape, tl.float32)
-        for c in range(0, n_saved):
-            tl.store(hws_base + c * interval_stride, h, mask=state_mask)
-            for j in range(0, SUB):
-                h = _ss_state_after(h, (c * SUB + j) * BLOCK_T + offs_t, L, u_base, dt_base, B_base, mask_d,
-                                    mask_n, su_l, sdt_l, sB_l, bias, A2, first, last, HAS_BIAS, SOFTPLUS, FAST,
-                                    LANES, EVEN, FLAT)
-        tl.debug_barrier()
-
-    # Pass 2: chunks in reverse, the adjoint's carry in registers (g_t = C_t gy_t + a_{t+1} g_{t+1}).
-    g = tl.zeros(state_mask.shape, tl.float32)
-    dA_acc = tl.zeros(state_mask.shape, tl.float32)
-    dD_acc = tl.zeros((BLOCK_D,), tl.float32)
-    dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
-    # STAGES > 1: Triton's pipeliner issues later intervals' loads during the current one (as the forward)
-    for i in tl.range(0, n_saved, num_stages=STAGES):
-        c = n_saved - 1 - i
-        h = tl.load(hws_base + c * interval_stride, mask=state_mask, other=0.0)
-        if SUB > 1:
-            tl.store(scr_base, h)
-            for j in range(0, SUB - 1):  # entry states of the interval's later chunks
-                h = _ss_state_after(h, (c * SUB + j) * BLOCK_T + offs_t, L, u_base, dt_base, B_base, mask_d,
-                                    mask_n, su_l, sdt_l, sB_l, bias, A2, first, last, HAS_BIAS, SOFTPLUS, FAST,
-                                    LANES, EVEN, FLAT)
-                tl.store(scr_base + (j + 1) * tile, h)
-            tl.debug_barrier()  # the scratch is read by other threads than wrote it
-        for jj in range(0, SUB):
-            j = SUB - 1 - jj
-            t = (c * SUB + j) * BLOCK_T + offs_t
-            if SUB > 1:
-                h = tl.load(scr_base + j * tile)
+    if PERSIST:
+        G = KC // CG
+        n_blk_d = tl.cdiv(CG, BLOCK_D)
+        last_blk = n_blk_d * G * n_batch - 1
+        programs = tl.num_programs(0)
+        if FLAT:
+            g = tl.zeros((BLOCK_D,), tl.float32)
+        elif LANES:
+            g = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        else:
+            g = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+        dA_acc = tl.zeros_like(g)
+        dD_acc = tl.zeros((BLOCK_D,), tl.float32)
+        dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
+        for it in tl.range(0, BLOCKS * n_saved, num_stages=STAGES):
+            j = it // n_saved
+            c = n_saved - 1 - (it - j * n_saved)  # chunks in reverse within a block
+            pid_d, k, b = _block_coords(tl.minimum(j * programs + tl.program_id(0), last_blk), n_blk_d, G)
+            (d, mask_d, mask_n, rows, states, state_mask, A, bias, dskip, u_base, dt_base, gy_base, du_base,
+             ddt_base, B_base, C_base, dB_base, dC_base, hws_base) = _bwd_block(
+                pid_d, k, b, CG, N, KC, n_saved, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, gy_ptr, du_ptr, ddt_ptr,
+                B_ptr, C_ptr, dB_ptr, dC_ptr, hws_ptr, sg_b, sg_d, su_b, su_d, sdt_b, sdt_d, sA_d, sA_n,
+                sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, sD, sbias, sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
+                HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N, LANES, EVEN, FLAT)
+            fresh = c == n_saved - 1
+            g = tl.where(fresh, 0.0, g)
+            dA_acc = tl.where(fresh, 0.0, dA_acc)
+            dD_acc = tl.where(fresh, 0.0, dD_acc)
+            dbias_acc = tl.where(fresh, 0.0, dbias_acc)
+            h = tl.load(hws_base + c * interval_stride, mask=state_mask, other=0.0)
+            t = c * BLOCK_T + offs_t
             u, raw, gy, Bt, Ct = _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n,
                                                su_l, sdt_l, sg_l, sB_l, sC_l, EVEN)
             g, dA_p, dD_p, dbias_p = _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h, g, L, dt_base, du_base, ddt_base,
-                                                   dB_base, dC_base, mask_d, mask_n, sdt_l, A, A2, bias, dskip,
-                                                   first, last, HAS_D, HAS_BIAS, SOFTPLUS, ATOMIC, FAST, FLIP,
-                                                   LANES, EVEN, FLAT)
+                                                   dB_base, dC_base, mask_d, mask_n, sdt_l, A, A * 1.4426950408889634,
+                                                   bias, dskip, first, last, HAS_D, HAS_BIAS, SOFTPLUS, ATOMIC,
+                                                   FAST, FLIP, LANES, EVEN, FLAT)
             dA_acc += dA_p
+            dD_acc += dD_p
+            dbias_acc += dbias_p
+            done = c == 0  # the block's last chunk: its per-batch partials are complete
+            tl.store(dA_ptr + (b * KC + rows) * N + states, dA_acc, mask=state_mask & done)
             if HAS_D:
-                dD_acc += dD_p
+                tl.store(dD_ptr + b * KC + d, dD_acc, mask=mask_d & done)
             if HAS_BIAS:
-                dbias_acc += dbias_p
-        if SUB > 1:
-            tl.debug_barrier()  # before the next interval overwrites the scratch
+                tl.store(dbias_ptr + b * KC + d, dbias_acc, mask=mask_d & done)
+    else:
+        pid_d = tl.program_id(0)
+        k = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        (d, mask_d, mask_n, rows, states, state_mask, A, bias, dskip, u_base, dt_base, gy_base, du_base,
+         ddt_base, B_base, C_base, dB_base, dC_base, hws_base) = _bwd_block(
+            pid_d, k, b, CG, N, KC, n_saved, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, gy_ptr, du_ptr, ddt_ptr,
+            B_ptr, C_ptr, dB_ptr, dC_ptr, hws_ptr, sg_b, sg_d, su_b, su_d, sdt_b, sdt_d, sA_d, sA_n,
+            sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, sD, sbias, sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
+            HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N, LANES, EVEN, FLAT)
+        A2 = A * 1.4426950408889634
+        program = (b * tl.num_programs(1) + k) * tl.num_programs(0) + pid_d
+        tile = BLOCK_N * BLOCK_D
+        channel = rows - (k * CG + pid_d * BLOCK_D)  # within the block
+        if LANES:
+            scr_base = scr_ptr + program * (SUB * tile) + states * BLOCK_D + channel
+        else:
+            scr_base = scr_ptr + program * (SUB * tile) + channel * BLOCK_N + states
 
-    # per-batch partials, reduced over the batch on the host side
-    tl.store(dA_ptr + (b * KC + rows) * N + states, dA_acc, mask=state_mask)
-    if HAS_D:
-        tl.store(dD_ptr + b * KC + d, dD_acc, mask=mask_d)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + b * KC + d, dbias_acc, mask=mask_d)
+        if not HAS_STATES:  # pass 1: forwards along L, storing the state entering each interval
+            h = tl.zeros(state_mask.shape, tl.float32)
+            for c in range(0, n_saved):
+                tl.store(hws_base + c * interval_stride, h, mask=state_mask)
+                for j in range(0, SUB):
+                    h = _ss_state_after(h, (c * SUB + j) * BLOCK_T + offs_t, L, u_base, dt_base, B_base, mask_d,
+                                        mask_n, su_l, sdt_l, sB_l, bias, A2, first, last, HAS_BIAS, SOFTPLUS, FAST,
+                                        LANES, EVEN, FLAT)
+            tl.debug_barrier()
+
+        # Pass 2: chunks in reverse, the adjoint's carry in registers (g_t = C_t gy_t + a_{t+1} g_{t+1}).
+        g = tl.zeros(state_mask.shape, tl.float32)
+        dA_acc = tl.zeros(state_mask.shape, tl.float32)
+        dD_acc = tl.zeros((BLOCK_D,), tl.float32)
+        dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
+        # STAGES > 1: Triton's pipeliner issues later intervals' loads during the current one (as the forward)
+        for i in tl.range(0, n_saved, num_stages=STAGES):
+            c = n_saved - 1 - i
+            h = tl.load(hws_base + c * interval_stride, mask=state_mask, other=0.0)
+            if SUB > 1:
+                tl.store(scr_base, h)
+                for j in range(0, SUB - 1):  # entry states of the interval's later chunks
+                    h = _ss_state_after(h, (c * SUB + j) * BLOCK_T + offs_t, L, u_base, dt_base, B_base, mask_d,
+                                        mask_n, su_l, sdt_l, sB_l, bias, A2, first, last, HAS_BIAS, SOFTPLUS,
+                                        FAST, LANES, EVEN, FLAT)
+                    tl.store(scr_base + (j + 1) * tile, h)
+                tl.debug_barrier()  # the scratch is read by other threads than wrote it
+            for jj in range(0, SUB):
+                j = SUB - 1 - jj
+                t = (c * SUB + j) * BLOCK_T + offs_t
+                if SUB > 1:
+                    h = tl.load(scr_base + j * tile)
+                u, raw, gy, Bt, Ct = _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n,
+                                                   su_l, sdt_l, sg_l, sB_l, sC_l, EVEN)
+                g, dA_p, dD_p, dbias_p = _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h, g, L, dt_base, du_base, ddt_base,
+                                                       dB_base, dC_base, mask_d, mask_n, sdt_l, A, A2, bias, dskip,
+                                                       first, last, HAS_D, HAS_BIAS, SOFTPLUS, ATOMIC, FAST, FLIP,
+                                                       LANES, EVEN, FLAT)
+                dA_acc += dA_p
+                if HAS_D:
+                    dD_acc += dD_p
+                if HAS_BIAS:
+                    dbias_acc += dbias_p
+            if SUB > 1:
+                tl.debug_barrier()  # before the next interval overwrites the scratch
+
+        # per-batch partials, reduced over the batch on the host side
+        tl.store(dA_ptr + (b * KC + rows) * N + states, dA_acc, mask=state_mask)
+        if HAS_D:
+            tl.store(dD_ptr + b * KC + d, dD_acc, mask=mask_d)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + b * KC + d, dbias_acc, mask=mask_d)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -685,6 +812,9 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
         if block_n == 1 and long_seq:
             block_d, flat = min(block_d, 16), 1
             block_t = 32 if length is None or length >= 2048 else 16
+            # float32: the pipeliner keeps the next chunk's loads in flight (session 13, kernels as CUDA-graph
+            # replays: stage 1 1.086 against 1.203 ms, stage 2 0.648 against 0.665; bf16 lost, 1.645 ms)
+            stages = 1 if half_grads else 2
     elif backward:
         block_t = 8
     elif block_n <= 2:
@@ -704,9 +834,24 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
     # forward and the fp32 backward, whose layouts change with the vector width, lost: 0.232 against
     # 0.209 ms, and 0.714 against 0.649 ms as forward + backward minus forward)
     row_align = int(block_n == 1 and backward == (elem_size == 2))
+    persist = 0
+    if block_n == 1 and not long_seq and length % 4 == 0:
+        # Rows of 4k elements below L 512 (L = 196: stage 3) at d_state 1, where declared alignment lets the
+        # pipeliner copy them asynchronously (8-byte pieces in bf16): the forward as 8 programs per SM, each
+        # walking several channel blocks in 32-step chunks through the pipeliner (PERSIST), and the bf16
+        # backward through the pipeliner. Session 13, stage 3, kernels as CUDA-graph replays against the
+        # previous defaults (16-step chunks, no pipeliner): forward bf16 0.140 against 0.203 ms (inference)
+        # and 0.156 against 0.208 (keeping states), float32 0.176 against 0.225 and 0.190 against 0.232;
+        # bf16 backward 0.427 against 0.495. The float32 backward keeps its default: PERSIST gained 3 %
+        # (0.598 against 0.619 ms) but needs saved states, and its fallback lost (0.680). At L 49 (odd) the
+        # forward lost: bf16 0.113 against 0.093 ms, float32 0.278 against 0.113.
+        if not backward:
+            block_t, stages, persist, row_align = 32, 3, 8, 1
+        elif half_grads:
+            stages = 3
     return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0,
             "STAGES": stages, "FLIP": flip, "HALF_GRADS": half_grads, "EVEN": even, "FLAT": flat,
-            "ROW_ALIGN": row_align}
+            "ROW_ALIGN": row_align, "PERSIST": persist}
 
 
 def _check(u, delta, A, B, C):
@@ -830,10 +975,10 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     dummy = y
     Dt = D if D is not None else dummy
     bt = delta_bias if delta_bias is not None else dummy
-    grid = (cdiv(cg, cfg["BLOCK_D"]), groups, batch)
+    grid, blocks = _grid(cfg, cg, groups, batch, u.device)
     _ss_fwd_kernel[grid](
         u, delta, A, B, C, Dt, bt, y, states_out if states_out is not None else y,
-        length, state, cg, n_saved,
+        length, state, cg, n_saved, groups, batch, blocks,
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
         Dt.stride(0), bt.stride(0), y.stride(0), y.stride(1),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
@@ -842,9 +987,31 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         STAGES=int(cfg.get("STAGES", 1)), EVEN=_even(cfg, cg, state, length, cfg["BLOCK_T"]), FLAT=_flat(cfg),
         ALIGN=_row_alignment(cfg, (length,) + u.stride()[:2] + delta.stride()[:2] + B.stride()[:3]
                              + C.stride()[:3] + y.stride()[:2]),
-        **launch_options(cfg),
+        PERSIST=len(grid) == 1, **launch_options(cfg),
     )
     return y
+
+
+@functools.lru_cache(maxsize=16)
+def _multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _grid(cfg: dict, channels_per_group: int, groups: int, batch: int,
+          device: torch.device) -> tuple[tuple[int, ...], int]:
+    """(grid, channel blocks per program) of either kernel. With the configuration key PERSIST = p (not
+    with PREFETCH): at most p programs per multiprocessor, each walking several channel blocks in one
+    pipelined loop; else a program per (channel block, group, batch element)."""
+    n_blk_d = cdiv(channels_per_group, cfg["BLOCK_D"])
+    persist = int(cfg.get("PERSIST", 0))
+    if not persist or cfg.get("PREFETCH", 0):
+        return (n_blk_d, groups, batch), 1
+    n_blocks = n_blk_d * groups * batch
+    blocks = cdiv(n_blocks, min(n_blocks, _multiprocessors(device) * persist))
+    return (cdiv(n_blocks, blocks),), blocks
 
 
 def _grad_dtype(x: torch.Tensor, cfg: dict) -> torch.dtype:
@@ -908,8 +1075,8 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
     if has_states:
         check_states(states, (batch, n_saved, channels, cfg["BLOCK_N"]))
     hws = states if has_states else torch.empty(batch, n_saved, channels, cfg["BLOCK_N"], device=dev, dtype=f32)
-    grid = (n_blk, groups, batch)
     sub = interval // cfg["BLOCK_T"]
+    grid, blocks = _grid(cfg if has_states and sub == 1 else {**cfg, "PERSIST": 0}, cg, groups, batch, dev)
     scratch = (torch.empty(n_blk * groups * batch, sub, cfg["BLOCK_N"], cfg["BLOCK_D"], device=dev, dtype=f32)
                if sub > 1 else hws)
     dummy = du
@@ -919,7 +1086,7 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         grad_out, u, delta, A, B, C, Dt, bt, hws, scratch,
         du, ddelta, dA_part, dB_ws, dC_ws,
         dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
-        length, state, cg, n_saved, channels,
+        length, state, cg, n_saved, channels, batch, blocks,
         *grad_out.stride(), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
         Dt.stride(0), bt.stride(0),
         du.stride(0), du.stride(1), dB_ws.stride(0), dB_ws.stride(1), blk_stride, dB_ws.stride(-2),
@@ -930,7 +1097,7 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         ALIGN=_row_alignment(cfg, (length,) + u.stride()[:2] + delta.stride()[:2] + B.stride()[:3]
                              + C.stride()[:3] + grad_out.stride()[:2] + du.stride()[:2] + dB_ws.stride()[:2]
                              + (blk_stride,) + dB_ws.stride()[-2:-1]),
-        **launch_options(cfg),
+        PERSIST=len(grid) == 1, **launch_options(cfg),
     )
     if atomic:
         dB, dC = dB_ws, dC_ws
