@@ -812,9 +812,10 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
         if block_n == 1 and long_seq:
             block_d, flat = min(block_d, 16), 1
             block_t = 32 if length is None or length >= 2048 else 16
-            # float32: the pipeliner keeps the next chunk's loads in flight (session 13, kernels as CUDA-graph
-            # replays: stage 1 1.086 against 1.203 ms, stage 2 0.648 against 0.665; bf16 lost, 1.645 ms)
-            stages = 1 if half_grads else 2
+            # float32: the pipeliner keeps later chunks' loads in flight (session 13, kernels as CUDA-graph
+            # replays: stage 1 0.968 ms with 3 stages, 1.088 with 2 and 1.202 with 1; stage 2 0.641, 0.648
+            # and 0.666; bf16 lost, 1.645 ms with 2 against 0.943 at stage 1)
+            stages = 1 if half_grads else 3
     elif backward:
         block_t = 8
     elif block_n <= 2:
