@@ -38,8 +38,9 @@ FLOATS = {"inv_h", "eps"}
 BF16 = {"u_ptr", "xp_ptr", "y_ptr", "dl_ptr", "gy_ptr", "du_ptr", "ddt_ptr"}
 
 
-# the plain scan's newer constexprs, where a variant leaves them out: (T, D, N) tiles, no declared alignment
-SCAN_DEFAULTS = {"FLAT": False, "ALIGN": 1}
+# the plain scan's newer constexprs, where a variant leaves them out: (T, D, N) tiles, no declared alignment,
+# a program per channel block
+SCAN_DEFAULTS = {"FLAT": False, "ALIGN": 1, "PERSIST": False}
 
 
 def with_defaults(kernel, constants: dict) -> dict:
@@ -166,6 +167,16 @@ VARIANTS = [
      dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=16, BLOCK_N=1, BLOCK_T=16,
           SAVE_T=16, FLIP=True, LANES=False, HAS_STATES=True, STAGES=1, EVEN=True), {"num_warps": 1},
      {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "du_ptr", "ddt_ptr"}),
+    ("selective_scan fwd d_state 1, programs walking channel blocks, rows aligned to 4, saving states, bf16",
+     selective_scan._ss_fwd_kernel,
+     dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, BLOCK_D=32, BLOCK_N=1, BLOCK_T=32, PREFETCH=0,
+          LANES=False, SAVE_T=16, STAGES=3, EVEN=False, ALIGN=4, PERSIST=True), {"num_warps": 1},
+     {"u_ptr", "dt_ptr", "B_ptr", "C_ptr"}),
+    ("selective_scan bwd d_state 1, programs walking channel blocks, saved states, float32",
+     selective_scan._ss_bwd_kernel,
+     dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=1, BLOCK_T=8,
+          SAVE_T=8, FLIP=True, LANES=False, HAS_STATES=True, STAGES=2, EVEN=True, ALIGN=4, PERSIST=True),
+     {"num_warps": 1}, False),
     ("selective_scan bwd d_state 16, channel lanes, 2-step chunks", selective_scan._ss_bwd_kernel,
      dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=16, BLOCK_T=2,
           SAVE_T=16, FLIP=True, LANES=True, HAS_STATES=False, EVEN=False), {"num_warps": 1}, False),
