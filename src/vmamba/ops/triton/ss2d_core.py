@@ -42,6 +42,7 @@ from .selective_scan import (
     _adjoint_chunk_next,
     _chunk_gradients,
     _config,
+    _exp2,
     _per_channel,
     _per_state,
     _save_entry_state,
@@ -120,7 +121,7 @@ def _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS: tl.constexpr, FAST: tl.const
     if SOFTPLUS:
         dt, slope = _softplus_and_slope(dt, FAST)
     dt = tl.where(m2, dt, 0.0)
-    a = tl.exp2(_per_channel(dt, LANES) * A2[None, :, :])
+    a = _exp2(_per_channel(dt, LANES) * A2[None, :, :], FAST)
     x = _per_channel(dt * u, LANES) * _per_state(Bt, LANES)
     return dt, a, x, slope
 
@@ -261,7 +262,7 @@ def _bwd_chunk(t, u, raw, Bt, Ct, gy, p, m2, h0, g, dl_base, du_base, ddt_base, 
         if SOFTPLUS:
             dtn = _softplus(dtn, FAST)
         dtn = tl.where(m2n, dtn, 0.0)
-        an = tl.where(_per_channel(m2n, LANES), tl.exp2(_per_channel(dtn, LANES) * A2[None, :, :]), 0.0)
+        an = tl.where(_per_channel(m2n, LANES), _exp2(_per_channel(dtn, LANES) * A2[None, :, :], FAST), 0.0)
         gs, g = _adjoint_chunk_next(an, cg, g, first, last, FLIP)
     else:
         gs, g = _adjoint_chunk(a, cg, g, first, last, FLIP)  # the adjoint runs down the route
