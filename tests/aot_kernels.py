@@ -315,7 +315,7 @@ def main() -> int:
             compiled = triton.compile(ASTSource(kernel, sig, constants, divisible), target=HOPPER, options=options)
             ptx = compiled.asm["ptx"]
             row = {"variant": name, "ok": True, "cubin_bytes": len(compiled.asm["cubin"]),
-                   "fast_math_ptx": "lg2.approx" in ptx,
+                   "fast_math_ptx": "lg2.approx" in ptx, "ftz_exp2_ptx": "ex2.approx.ftz.f32" in ptx,
                    "async_copies": ptx.count("cp.async.cg") + ptx.count("cp.async.ca")}
             if "--resources" in sys.argv:
                 row.update(resources(ptx, options))

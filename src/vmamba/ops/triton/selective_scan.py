@@ -780,7 +780,10 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     with 8-step chunks and float32 gradients cast afterwards); at d_state 1 from L 512 with 16 channels
     per warp as (T, D) tiles (FLAT; in 32-step chunks from L 2048; session 12, below), LANES tiles in
     4-position chunks with the flipped adjoint scan for d_state 3-16 (2.7x faster fp32, 3.1x bf16 at
-    vanilla-T stage 1), else 128 threads.
+    vanilla-T stage 1), else 128 threads. Short sequences at d_state 1 (below L 512; session 13): rows of
+    4k elements (L 196) walk several channel blocks per program through the pipeliner in the forward
+    (PERSIST) and pipeline the bf16 backward; rows not aligned to 4 elements (L 49) take 16 channels per
+    warp in the bf16 backward and the float32 forward.
     BLOCK_D divides the group's channels where a power of two does, so no lane idles.
     """
     return dict(_default_config(channels_per_group, state, backward, length, elem_size))
