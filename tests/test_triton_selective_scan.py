@@ -361,20 +361,20 @@ def test_half_precision_gradients_are_the_float32_ones_rounded(dtype, config):
     (torch.float32, 4, {"BLOCK_D": 16, "BLOCK_T": 8, "LANES": 1, "num_warps": 1}),
 ])
 def test_programs_walking_several_channel_blocks(dtype, state, config):
-    """PERSIST: a one-dimensional grid whose programs walk several channel blocks each (14 blocks of 16
-    channels over 4 programs: 16 iterations, the last two redo the last block), against the reference
+    """PERSIST: a one-dimensional grid whose programs walk several channel blocks each (10 blocks of 16
+    channels over 3 programs: 12 iterations, the last two redo the last block), against the reference
     and, forward with saved states and backward from them, against a program per block."""
     from vmamba.ops.triton.selective_scan import _grid, saved_states_shape
 
-    persist = {**config, "PERSIST": 4}
-    assert _grid(persist, 32, 1, 7, torch.device("cpu")) == ((4,), 4)
-    assert _grid({**persist, "PREFETCH": 1}, 32, 1, 7, torch.device("cpu")) == ((2, 1, 7), 1)
-    _check(batch=7, groups=1, per_group=32, state=state, length=37, dtype=dtype, seed=40 + state, config=persist)
-    ins = _inputs(7, 1, 32, state, 37, dtype, seed=41)
+    persist = {**config, "PERSIST": 3}
+    assert _grid(persist, 32, 1, 5, torch.device("cpu")) == ((3,), 4)
+    assert _grid({**persist, "PREFETCH": 1}, 32, 1, 5, torch.device("cpu")) == ((2, 1, 5), 1)
+    _check(batch=5, groups=1, per_group=32, state=state, length=21, dtype=dtype, seed=40 + state, config=persist)
+    ins = _inputs(5, 1, 32, state, 21, dtype, seed=41)
     gy = torch.randn(ins[0].shape, generator=torch.Generator().manual_seed(42)).to(DEVICE)
     results = []
     # the forward keeps the states of the default backward's intervals, so the backward runs its defaults
-    for fwd_cfg, bwd_cfg in ((persist, {"PERSIST": 4}), (config, None)):
+    for fwd_cfg, bwd_cfg in ((persist, {"PERSIST": 3}), (config, None)):
         states = torch.full(saved_states_shape(ins[0], ins[2], ins[3]), float("nan"), device=DEVICE)
         y = selective_scan_fwd(*ins, True, config=fwd_cfg, states_out=states)
         assert torch.isfinite(states).all()

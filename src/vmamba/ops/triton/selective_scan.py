@@ -352,6 +352,18 @@ def _state_grid(d, offs_n, mask_d, mask_n, LANES: tl.constexpr, FLAT: tl.constex
 
 
 @triton.jit
+def _state_zeros(BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, FLAT: tl.constexpr):
+    """A zero (channel, state) tile in the layout of :func:`_state_grid`."""
+    if FLAT:
+        out = tl.zeros((BLOCK_D,), tl.float32)
+    elif LANES:
+        out = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    else:
+        out = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    return out
+
+
+@triton.jit
 def _block_coords(blk, n_blk_d, G):
     """(channel block within the group, group, batch element) of a flat block index."""
     rest = blk // n_blk_d
@@ -451,12 +463,7 @@ def _ss_fwd_kernel(
         n_blk_d = tl.cdiv(CG, BLOCK_D)
         last_blk = n_blk_d * G * n_batch - 1
         programs = tl.num_programs(0)
-        if FLAT:
-            h = tl.zeros((BLOCK_D,), tl.float32)
-        elif LANES:
-            h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        else:
-            h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+        h = _state_zeros(BLOCK_D, BLOCK_N, LANES, FLAT)
         for it in tl.range(0, BLOCKS * n_chunks, num_stages=STAGES):
             j = it // n_chunks
             t0 = (it - j * n_chunks) * BLOCK_T
@@ -639,12 +646,7 @@ def _ss_bwd_kernel(
         n_blk_d = tl.cdiv(CG, BLOCK_D)
         last_blk = n_blk_d * G * n_batch - 1
         programs = tl.num_programs(0)
-        if FLAT:
-            g = tl.zeros((BLOCK_D,), tl.float32)
-        elif LANES:
-            g = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        else:
-            g = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+        g = _state_zeros(BLOCK_D, BLOCK_N, LANES, FLAT)
         dA_acc = tl.zeros_like(g)
         dD_acc = tl.zeros((BLOCK_D,), tl.float32)
         dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
