@@ -364,25 +364,31 @@ def _state_zeros(BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constex
 
 
 @triton.jit
-def _block_coords(blk, n_blk_d, G):
-    """(channel block within the group, group, batch element) of a flat block index."""
+def _walked_block(it, steps, CG, G, n_batch, BLOCK_D: tl.constexpr):
+    """(step within the block, channel block within the group, group, batch element) of iteration ``it``
+    of a PERSIST loop, in which program p walks the blocks p, p + programs, ... for ``steps`` iterations
+    each; iterations past the last block redo it."""
+    j = it // steps
+    n_blk_d = tl.cdiv(CG, BLOCK_D)
+    blk = tl.minimum(j * tl.num_programs(0) + tl.program_id(0), n_blk_d * G * n_batch - 1)
     rest = blk // n_blk_d
-    return blk - rest * n_blk_d, rest % G, (rest // G).to(tl.int64)
+    return it - j * steps, blk - rest * n_blk_d, rest % G, (rest // G).to(tl.int64)
 
 
 @triton.jit
-def _fwd_block(pid_d, k, b, CG, N, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, y_ptr, B_ptr, C_ptr, hws_ptr, n_saved, KC,
-               su_b, su_d, sdt_b, sdt_d, sA_d, sA_n, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, sD, sbias, sy_b, sy_d,
-               HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               LANES: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr):
-    """What the forward needs of one channel block: masks, A·log2(e), bias, D and the row pointers."""
+def _block_inputs(pid_d, k, b, CG, N, KC, n_saved, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, B_ptr, C_ptr, hws_ptr,
+                  su_b, su_d, sdt_b, sdt_d, sA_d, sA_n, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, sD, sbias,
+                  HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  LANES: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr):
+    """What both kernels need of one channel block: its channel rows d, state indices, masks, the
+    (channel, state) grid, A, bias and D, and the row pointers of u, delta, B, C and the kept states."""
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = _in_range(offs_c, CG, EVEN)
     d = (k * CG + offs_c).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = _in_range(offs_n, N, EVEN)
     rows, states, state_mask = _state_grid(d, offs_n, mask_d, mask_n, LANES, FLAT)
-    A2 = tl.load(A_ptr + rows * sA_d + states * sA_n, mask=state_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    A = tl.load(A_ptr + rows * sA_d + states * sA_n, mask=state_mask, other=0.0).to(tl.float32)
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d * sbias, mask=mask_d, other=0.0).to(tl.float32)
@@ -391,12 +397,27 @@ def _fwd_block(pid_d, k, b, CG, N, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, y_ptr,
         dskip = tl.load(D_ptr + d * sD, mask=mask_d, other=0.0).to(tl.float32)
     u_base = u_ptr + b * su_b + d[None, :] * su_d
     dt_base = dt_ptr + b * sdt_b + d[None, :] * sdt_d
-    y_base = y_ptr + b * sy_b + d[None, :] * sy_d
     B_base = B_ptr + b * sB_b + k * sB_k + offs_n[None, :] * sB_n
     C_base = C_ptr + b * sC_b + k * sC_k + offs_n[None, :] * sC_n
-    # interval-major: a warp's channels store one interval's states side by side (coalesced)
+    # interval-entry states: (batch, n_saved, KC, BLOCK_N), contiguous; a warp's channels side by side
     hws_base = hws_ptr + (b * n_saved * KC + rows) * BLOCK_N + states
-    return mask_d, mask_n, state_mask, A2, bias, dskip, u_base, dt_base, y_base, B_base, C_base, hws_base
+    return (d, offs_n, mask_d, mask_n, rows, states, state_mask, A, bias, dskip, u_base, dt_base, B_base, C_base,
+            hws_base)
+
+
+@triton.jit
+def _fwd_block(pid_d, k, b, CG, N, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, y_ptr, B_ptr, C_ptr, hws_ptr, n_saved, KC,
+               su_b, su_d, sdt_b, sdt_d, sA_d, sA_n, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, sD, sbias, sy_b, sy_d,
+               HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               LANES: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr):
+    """:func:`_block_inputs` for the forward: A·log2(e) and the row pointers of y."""
+    d, offs_n, mask_d, mask_n, rows, states, state_mask, A, bias, dskip, u_base, dt_base, B_base, C_base, hws_base = \
+        _block_inputs(pid_d, k, b, CG, N, KC, n_saved, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, B_ptr, C_ptr,
+                      hws_ptr, su_b, su_d, sdt_b, sdt_d, sA_d, sA_n, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, sD, sbias,
+                      HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N, LANES, EVEN, FLAT)
+    y_base = y_ptr + b * sy_b + d[None, :] * sy_d
+    return (mask_d, mask_n, state_mask, A * 1.4426950408889634, bias, dskip, u_base, dt_base, y_base, B_base, C_base,
+            hws_base)
 
 
 @triton.jit
@@ -460,14 +481,10 @@ def _ss_fwd_kernel(
 
     if PERSIST:
         n_chunks = tl.cdiv(L, BLOCK_T)
-        n_blk_d = tl.cdiv(CG, BLOCK_D)
-        last_blk = n_blk_d * G * n_batch - 1
-        programs = tl.num_programs(0)
         h = _state_zeros(BLOCK_D, BLOCK_N, LANES, FLAT)
         for it in tl.range(0, BLOCKS * n_chunks, num_stages=STAGES):
-            j = it // n_chunks
-            t0 = (it - j * n_chunks) * BLOCK_T
-            pid_d, k, b = _block_coords(tl.minimum(j * programs + tl.program_id(0), last_blk), n_blk_d, G)
+            chunk, pid_d, k, b = _walked_block(it, n_chunks, CG, G, n_batch, BLOCK_D)
+            t0 = chunk * BLOCK_T
             mask_d, mask_n, state_mask, A2, bias, dskip, u_base, dt_base, y_base, B_base, C_base, hws_base = \
                 _fwd_block(pid_d, k, b, CG, N, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, y_ptr, B_ptr, C_ptr, hws_ptr,
                            n_saved, KC, su_b, su_d, sdt_b, sdt_d, sA_d, sA_n, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n,
@@ -578,31 +595,17 @@ def _bwd_block(pid_d, k, b, CG, N, KC, n_saved, A_ptr, D_ptr, bias_ptr, u_ptr, d
                sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, sD, sbias, sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
                HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                LANES: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr):
-    """What the backward needs of one channel block: channel rows, masks, A, bias, D and the row pointers."""
-    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = _in_range(offs_c, CG, EVEN)
-    d = (k * CG + offs_c).to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = _in_range(offs_n, N, EVEN)
-    rows, states, state_mask = _state_grid(d, offs_n, mask_d, mask_n, LANES, FLAT)
-    A = tl.load(A_ptr + rows * sA_d + states * sA_n, mask=state_mask, other=0.0).to(tl.float32)
-    bias = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d * sbias, mask=mask_d, other=0.0).to(tl.float32)
-    dskip = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_D:
-        dskip = tl.load(D_ptr + d * sD, mask=mask_d, other=0.0).to(tl.float32)
-    u_base = u_ptr + b * su_b + d[None, :] * su_d
-    dt_base = dt_ptr + b * sdt_b + d[None, :] * sdt_d
+    """:func:`_block_inputs` for the backward, with the row pointers of gy, du, ddelta and the dB / dC
+    partials."""
+    d, offs_n, mask_d, mask_n, rows, states, state_mask, A, bias, dskip, u_base, dt_base, B_base, C_base, hws_base = \
+        _block_inputs(pid_d, k, b, CG, N, KC, n_saved, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, B_ptr, C_ptr,
+                      hws_ptr, su_b, su_d, sdt_b, sdt_d, sA_d, sA_n, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, sD, sbias,
+                      HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N, LANES, EVEN, FLAT)
     gy_base = gy_ptr + b * sg_b + d[None, :] * sg_d
     du_base = du_ptr + b * sdu_b + d[None, :] * sdu_d
     ddt_base = ddt_ptr + b * sdu_b + d[None, :] * sdu_d
-    B_base = B_ptr + b * sB_b + k * sB_k + offs_n[None, :] * sB_n
-    C_base = C_ptr + b * sC_b + k * sC_k + offs_n[None, :] * sC_n
     dB_base = dB_ptr + b * sdB_b + k * sdB_k + pid_d * sdB_blk + offs_n[None, :] * sdB_n
     dC_base = dC_ptr + b * sdB_b + k * sdB_k + pid_d * sdB_blk + offs_n[None, :] * sdB_n
-    # interval-entry states: (batch, n_saved, KC, BLOCK_N), contiguous; a warp's channels side by side
-    hws_base = hws_ptr + (b * n_saved * KC + rows) * BLOCK_N + states
     return (d, mask_d, mask_n, rows, states, state_mask, A, bias, dskip, u_base, dt_base, gy_base, du_base,
             ddt_base, B_base, C_base, dB_base, dC_base, hws_base)
 
@@ -642,18 +645,13 @@ def _ss_bwd_kernel(
     tl.static_assert(not PERSIST or (HAS_STATES and SUB == 1), "PERSIST needs saved states, one chunk each")
 
     if PERSIST:
-        G = KC // CG
-        n_blk_d = tl.cdiv(CG, BLOCK_D)
-        last_blk = n_blk_d * G * n_batch - 1
-        programs = tl.num_programs(0)
         g = _state_zeros(BLOCK_D, BLOCK_N, LANES, FLAT)
         dA_acc = tl.zeros_like(g)
         dD_acc = tl.zeros((BLOCK_D,), tl.float32)
         dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
         for it in tl.range(0, BLOCKS * n_saved, num_stages=STAGES):
-            j = it // n_saved
-            c = n_saved - 1 - (it - j * n_saved)  # chunks in reverse within a block
-            pid_d, k, b = _block_coords(tl.minimum(j * programs + tl.program_id(0), last_blk), n_blk_d, G)
+            step, pid_d, k, b = _walked_block(it, n_saved, CG, KC // CG, n_batch, BLOCK_D)
+            c = n_saved - 1 - step  # chunks in reverse within a block
             (d, mask_d, mask_n, rows, states, state_mask, A, bias, dskip, u_base, dt_base, gy_base, du_base,
              ddt_base, B_base, C_base, dB_base, dC_base, hws_base) = _bwd_block(
                 pid_d, k, b, CG, N, KC, n_saved, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, gy_ptr, du_ptr, ddt_ptr,
