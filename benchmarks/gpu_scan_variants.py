@@ -29,6 +29,20 @@ def graph_ms(fn) -> float:
     return do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
+def states_for(cfg: dict, ins, default_states: torch.Tensor) -> torch.Tensor | None:
+    """The states a backward variant reads: the default's where its intervals are the default's, none
+    where it takes whole rows (ROW_BLOCKS), zeros where one interval spans the whole sequence (the state
+    entering it is 0)."""
+    shape = saved_states_shape(ins[0], ins[2], ins[3], config=cfg)
+    if shape == tuple(default_states.shape):
+        return default_states
+    if shape[1] == 0:
+        return None
+    if shape[1] == 1:
+        return torch.zeros(shape, device=default_states.device)
+    raise ValueError(f"backward variant {cfg} keeps states of shape {shape}, not the default's")
+
+
 def time_stage(stage: int, dtype: torch.dtype, fwd_variants: list, bwd_variants: list, rounds: int,
                copy_gbs: float) -> list[dict]:
     dims, n = MODELS["s1l8"]
@@ -46,8 +60,9 @@ def time_stage(stage: int, dtype: torch.dtype, fwd_variants: list, bwd_variants:
                   rel(selective_scan_fwd(*ins, True, config=cfg, states_out=kept), y_ref), rel(kept, states))
         ok["fwd", i] = err < 1e-5
         print(f"  s{stage} {dtype} fwd {cfg}: rel diff to default {err:.1e}", flush=True)
+    bwd_states = [states_for(cfg, ins, states) for cfg in bwd_variants]
     for i, cfg in enumerate(bwd_variants):
-        grads = selective_scan_bwd(gy, *ins, True, states=states, deterministic=True, config=cfg)
+        grads = selective_scan_bwd(gy, *ins, True, states=bwd_states[i], deterministic=True, config=cfg)
         err = max(rel(a, b) for a, b in zip(grads, g_ref) if a is not None)
         ok["bwd", i] = err < (1e-2 if ins[0].element_size() == 2 else 1e-5)
         print(f"  s{stage} {dtype} bwd {cfg}: rel diff to default {err:.1e}", flush=True)
@@ -59,7 +74,7 @@ def time_stage(stage: int, dtype: torch.dtype, fwd_variants: list, bwd_variants:
                 graph_ms(lambda: selective_scan_fwd(*ins, True, config=cfg, states_out=states)))
         for i, cfg in enumerate(bwd_variants):
             times.setdefault(("backward", i), []).append(
-                graph_ms(lambda: selective_scan_bwd(gy, *ins, True, states=states, config=cfg)))
+                graph_ms(lambda: selective_scan_bwd(gy, *ins, True, states=bwd_states[i], config=cfg)))
     ib = ins[0].element_size()
     fwd_bytes, all_bytes = scan_bytes(BATCH, kc, n, length, ib, False), scan_bytes(BATCH, kc, n, length, ib, True)
     rows = []

@@ -381,3 +381,41 @@ def test_programs_walking_several_channel_blocks(dtype, state, config):
         results.append((y, *selective_scan_bwd(gy, *ins, True, deterministic=True, config=bwd_cfg, states=states)))
     for ours, theirs in zip(*results):
         assert _rel(ours.cpu(), theirs.cpu()) < 1e-6
+
+
+@pytest.mark.parametrize(("dtype", "length", "config"), [
+    (torch.float32, 37, {"BLOCK_D": 2, "BLOCK_T": 64, "FLAT": 1, "FLIP": 0, "ROW_BLOCKS": 1, "num_warps": 1}),
+    (torch.bfloat16, 21, {"BLOCK_D": 2, "BLOCK_T": 32, "FLAT": 1, "FLIP": 0, "ROW_BLOCKS": 3, "num_warps": 1,
+                          "ROW_ALIGN": 1}),
+    (torch.float32, 16, {"BLOCK_D": 4, "BLOCK_T": 16, "ROW_BLOCKS": 2, "num_warps": 1, "EVEN": 1}),
+])
+def test_whole_rows_backward_keeps_no_states(dtype, length, config):
+    """ROW_BLOCKS: a chunk covers L, so the backward starts every row from a zero state and keeps no
+    states; programs walk several channel blocks (7 channels in blocks of 2 walked 3 at a time: the
+    second program's last blocks are masked), against the reference."""
+    from vmamba.ops.triton.selective_scan import saved_states_shape
+
+    ins = _inputs(2, 2, 7, 1, length, dtype, seed=50)
+    assert saved_states_shape(ins[0], ins[2], ins[3], config=config)[1] == 0
+    chunked = {**config, "BLOCK_T": 8}  # L no longer fits a chunk: the states are kept again
+    assert saved_states_shape(ins[0], ins[2], ins[3], config=chunked)[1] == -(-length // 8)
+    _check(batch=2, groups=2, per_group=7, state=1, length=length, dtype=dtype, seed=50, config=config)
+
+
+def test_default_short_rows_take_whole_rows():
+    """Below L 256 at d_state 1 the default backward takes whole rows, so the forward keeps nothing."""
+    from vmamba.ops.triton.selective_scan import saved_states_shape
+
+    cfg = default_config(12, 1, backward=True, length=49, elem_size=2)
+    assert cfg["ROW_BLOCKS"] >= 1 and cfg["BLOCK_T"] >= 49
+    ins = _inputs(1, 2, 12, 1, 49, torch.bfloat16, seed=51)
+    assert saved_states_shape(ins[0], ins[2], ins[3])[1] == 0
+    empty = torch.empty(saved_states_shape(ins[0], ins[2], ins[3]), device=DEVICE)
+    y = selective_scan_fwd(*ins, True, states_out=empty)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(52)).to(DEVICE)
+    with_empty = selective_scan_bwd(gy, *ins, True, deterministic=True, states=empty)
+    without = selective_scan_bwd(gy, *ins, True, deterministic=True)
+    for a, b in zip(with_empty, without):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="states must be"):
+        selective_scan_bwd(gy, *ins, True, states=torch.zeros(1, 4, 24, 1, device=DEVICE))

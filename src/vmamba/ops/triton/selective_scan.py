@@ -12,6 +12,10 @@ owns one (channel, state) pair and its BLOCK_T steps, and ``tl.associative_scan`
 pairs along time compiles to a sequential loop in registers. The (BLOCK_D, BLOCK_N) state is carried
 from chunk to chunk in registers. Every input is read once and the output written once.
 
+Short rows (configuration key ROW_BLOCKS, the d_state-1 default up to L 256) are taken whole, as one
+chunk of (T, D) tiles with time across the lanes: the scans then run as warp shuffles, and the backward
+starts every row from a zero state, so the forward keeps no states for it.
+
 Backward: the adjoint state g_t = C_t gy_t + a_{t+1} g_{t+1} runs the same recurrence in reverse.
 The kernel first walks L forwards storing the state at the start of each chunk (a small workspace,
 (batch, n_chunks, KC, N) float32), then walks the chunks in reverse, recomputing the chunk's states
@@ -550,16 +554,15 @@ def _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n
 
 
 @triton.jit
-def _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h0, g, L, dt_base, du_base, ddt_base, dB_base, dC_base,
-                  mask_d, mask_n, sdt_l, A, A2, bias, dskip, first, last, HAS_D: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr, FAST: tl.constexpr,
+def _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h0, g, L, dt_base, du_base, ddt_base,
+                  mask_d, sdt_l, A, A2, bias, dskip, first, last, HAS_D: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
                   FLIP: tl.constexpr, LANES: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr):
     """One chunk of the backward (positions t, its loaded tiles, entry state h0, adjoint carry g from
-    the chunk after it): stores du, ddelta and the dB/dC partials; returns (g for the chunk before, dA,
-    dD, dbias partials)."""
+    the chunk after it): stores du and ddelta; returns (g for the chunk before, dA, dD, dbias partials,
+    the (T, N) dB and dC summed over the block's channels)."""
     mask_t = _in_range(t, L, EVEN)
     m2 = mask_t[:, None] & mask_d[None, :]
-    mtn = mask_t[:, None] & mask_n[None, :]
     slope, dt = _delta_of(raw, m2, bias, HAS_BIAS, SOFTPLUS, FAST)
 
     a = _exp2(_per_channel(dt, LANES, FLAT) * tl.expand_dims(A2, 0), FAST)
@@ -580,13 +583,19 @@ def _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h0, g, L, dt_base, du_base, ddt_base, d
                                                      HAS_D, SOFTPLUS, LANES, FLAT)
     tl.store(du_base + t[:, None], du, mask=m2)
     tl.store(ddt_base + t[:, None], ddt, mask=m2)
+    return g, dA_p, dD_p, tl.sum(ddt, axis=0), dBp, dCp
+
+
+@triton.jit
+def _store_dBC(dB_base, dC_base, t, L, mask_n, dBp, dCp, ATOMIC: tl.constexpr, EVEN: tl.constexpr):
+    """Stores (or with ATOMIC adds) a chunk's (T, N) dB and dC partials at positions t."""
+    mtn = _in_range(t, L, EVEN)[:, None] & mask_n[None, :]
     if ATOMIC:
         tl.atomic_add(dB_base + t[:, None], dBp, mask=mtn)
         tl.atomic_add(dC_base + t[:, None], dCp, mask=mtn)
     else:
         tl.store(dB_base + t[:, None], dBp, mask=mtn)
         tl.store(dC_base + t[:, None], dCp, mask=mtn)
-    return g, dA_p, dD_p, tl.sum(ddt, axis=0)
 
 
 @triton.jit
@@ -611,6 +620,50 @@ def _bwd_block(pid_d, k, b, CG, N, KC, n_saved, A_ptr, D_ptr, bias_ptr, u_ptr, d
 
 
 @triton.jit
+def _bwd_whole_rows(gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, du_ptr, ddt_ptr, dA_ptr, dB_ptr,
+                    dC_ptr, dD_ptr, dbias_ptr, L, N, CG, KC, sg_b, sg_d, sg_l, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l,
+                    sA_d, sA_n, sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias, sdu_b, sdu_d,
+                    sdB_b, sdB_k, sdB_blk, sdB_n, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr, FAST: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, FLIP: tl.constexpr, LANES: tl.constexpr,
+                    STAGES: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr, ROW_BLOCKS: tl.constexpr):
+    """The backward of ROW_BLOCKS channel blocks whose rows fit one chunk (see :func:`_ss_bwd_kernel`)."""
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t = tl.arange(0, BLOCK_T)
+    first = _time_column(t == 0, FLAT)
+    last = _time_column(t == BLOCK_T - 1, FLAT)
+    dB_acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
+    dC_acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
+    for j in tl.range(0, ROW_BLOCKS, num_stages=STAGES):
+        (d, mask_d, mask_n, rows, states, state_mask, A, bias, dskip, u_base, dt_base, gy_base, du_base,
+         ddt_base, B_base, C_base, _, _, _) = _bwd_block(
+            pid * ROW_BLOCKS + j, k, b, CG, N, KC, 1, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, gy_ptr, du_ptr,
+            ddt_ptr, B_ptr, C_ptr, dB_ptr, dC_ptr, dA_ptr, sg_b, sg_d, su_b, su_d, sdt_b, sdt_d, sA_d, sA_n,
+            sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, sD, sbias, sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
+            HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N, LANES, EVEN, FLAT)
+        zero = _state_zeros(BLOCK_D, BLOCK_N, LANES, FLAT)
+        u, raw, gy, Bt, Ct = _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n,
+                                           su_l, sdt_l, sg_l, sB_l, sC_l, EVEN)
+        _, dA_p, dD_p, dbias_p, dBp, dCp = _ss_bwd_chunk(
+            t, u, raw, gy, Bt, Ct, zero, zero, L, dt_base, du_base, ddt_base, mask_d, sdt_l, A,
+            A * 1.4426950408889634, bias, dskip, first, last, HAS_D, HAS_BIAS, SOFTPLUS, FAST, FLIP, LANES, EVEN,
+            FLAT)
+        dB_acc += dBp
+        dC_acc += dCp
+        tl.store(dA_ptr + (b * KC + rows) * N + states, dA_p, mask=state_mask)
+        if HAS_D:
+            tl.store(dD_ptr + b * KC + d, dD_p, mask=mask_d)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + b * KC + d, dbias_p, mask=mask_d)
+    offs_n = tl.arange(0, BLOCK_N)
+    dBC_offset = b * sdB_b + k * sdB_k + pid * sdB_blk + offs_n[None, :] * sdB_n
+    _store_dBC(dB_ptr + dBC_offset, dC_ptr + dBC_offset, t, L, _in_range(offs_n, N, EVEN), dB_acc, dC_acc, ATOMIC,
+               EVEN)
+
+
+@triton.jit
 def _ss_bwd_kernel(
     gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, hws_ptr, scr_ptr,
     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
@@ -621,9 +674,13 @@ def _ss_bwd_kernel(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr,
     FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SAVE_T: tl.constexpr,
     FLIP: tl.constexpr, LANES: tl.constexpr, HAS_STATES: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr,
-    FLAT: tl.constexpr, ALIGN: tl.constexpr, PERSIST: tl.constexpr,
+    FLAT: tl.constexpr, ALIGN: tl.constexpr, PERSIST: tl.constexpr, ROW_BLOCKS: tl.constexpr,
 ):
-    """Pass 1 (unless HAS_STATES: the forward stored them) walks L forwards storing the state entering
+    """ROW_BLOCKS = r (one chunk covers L): each program takes whole rows of r channel blocks in turn,
+    from a zero state with no saved states, and sums the blocks' dB / dC partials before storing them
+    (a partial per r blocks instead of per block).
+
+    Otherwise pass 1 (unless HAS_STATES: the forward stored them) walks L forwards storing the state entering
     every SAVE_T positions; pass 2 walks chunks of
     BLOCK_T positions in reverse. SAVE_T = BLOCK_T unless LANES (tiles (T, N, D): one lane per channel
     and all its states), whose short chunks fit in registers: a forward pass from each interval's saved
@@ -644,7 +701,13 @@ def _ss_bwd_kernel(
     last = _time_column(offs_t == BLOCK_T - 1, FLAT)
     tl.static_assert(not PERSIST or (HAS_STATES and SUB == 1), "PERSIST needs saved states, one chunk each")
 
-    if PERSIST:
+    if ROW_BLOCKS:
+        _bwd_whole_rows(gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, du_ptr, ddt_ptr, dA_ptr, dB_ptr,
+                        dC_ptr, dD_ptr, dbias_ptr, L, N, CG, KC, sg_b, sg_d, sg_l, su_b, su_d, su_l, sdt_b, sdt_d,
+                        sdt_l, sA_d, sA_n, sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias, sdu_b, sdu_d,
+                        sdB_b, sdB_k, sdB_blk, sdB_n, HAS_D, HAS_BIAS, SOFTPLUS, ATOMIC, FAST, BLOCK_D, BLOCK_N,
+                        BLOCK_T, FLIP, LANES, STAGES, EVEN, FLAT, ROW_BLOCKS)
+    elif PERSIST:
         g = _state_zeros(BLOCK_D, BLOCK_N, LANES, FLAT)
         dA_acc = tl.zeros_like(g)
         dD_acc = tl.zeros((BLOCK_D,), tl.float32)
@@ -667,10 +730,10 @@ def _ss_bwd_kernel(
             t = c * BLOCK_T + offs_t
             u, raw, gy, Bt, Ct = _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n,
                                                su_l, sdt_l, sg_l, sB_l, sC_l, EVEN)
-            g, dA_p, dD_p, dbias_p = _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h, g, L, dt_base, du_base, ddt_base,
-                                                   dB_base, dC_base, mask_d, mask_n, sdt_l, A, A * 1.4426950408889634,
-                                                   bias, dskip, first, last, HAS_D, HAS_BIAS, SOFTPLUS, ATOMIC,
-                                                   FAST, FLIP, LANES, EVEN, FLAT)
+            g, dA_p, dD_p, dbias_p, dBp, dCp = _ss_bwd_chunk(
+                t, u, raw, gy, Bt, Ct, h, g, L, dt_base, du_base, ddt_base, mask_d, sdt_l, A, A * 1.4426950408889634,
+                bias, dskip, first, last, HAS_D, HAS_BIAS, SOFTPLUS, FAST, FLIP, LANES, EVEN, FLAT)
+            _store_dBC(dB_base, dC_base, t, L, mask_n, dBp, dCp, ATOMIC, EVEN)
             dA_acc += dA_p
             dD_acc += dD_p
             dbias_acc += dbias_p
@@ -733,10 +796,10 @@ def _ss_bwd_kernel(
                     h = tl.load(scr_base + j * tile)
                 u, raw, gy, Bt, Ct = _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n,
                                                    su_l, sdt_l, sg_l, sB_l, sC_l, EVEN)
-                g, dA_p, dD_p, dbias_p = _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h, g, L, dt_base, du_base, ddt_base,
-                                                       dB_base, dC_base, mask_d, mask_n, sdt_l, A, A2, bias, dskip,
-                                                       first, last, HAS_D, HAS_BIAS, SOFTPLUS, ATOMIC, FAST, FLIP,
-                                                       LANES, EVEN, FLAT)
+                g, dA_p, dD_p, dbias_p, dBp, dCp = _ss_bwd_chunk(
+                    t, u, raw, gy, Bt, Ct, h, g, L, dt_base, du_base, ddt_base, mask_d, sdt_l, A, A2, bias, dskip,
+                    first, last, HAS_D, HAS_BIAS, SOFTPLUS, FAST, FLIP, LANES, EVEN, FLAT)
+                _store_dBC(dB_base, dC_base, t, L, mask_n, dBp, dCp, ATOMIC, EVEN)
                 dA_acc += dA_p
                 if HAS_D:
                     dD_acc += dD_p
@@ -783,7 +846,9 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     vanilla-T stage 1), else 128 threads. Short sequences at d_state 1 (below L 512; session 13): rows of
     4k elements (L 196) walk several channel blocks per program through the pipeliner in the forward
     (PERSIST) and pipeline the bf16 backward; rows not aligned to 4 elements (L 49) take 16 channels per
-    warp in the bf16 backward and the float32 forward.
+    warp in the bf16 backward and the float32 forward. Rows of 33-256 steps at d_state 1 (session 14): the
+    backward takes whole rows in one chunk (ROW_BLOCKS) and so keeps no states, and the forward does too
+    from 129 steps where rows are 4-aligned.
     BLOCK_D divides the group's channels where a power of two does, so no lane idles.
     """
     return dict(_default_config(channels_per_group, state, backward, length, elem_size))
@@ -873,9 +938,32 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
         # ms, float32 forward 0.099 against 0.115; the bf16 forward and float32 backward lost, 0.100 against
         # 0.093 and 0.399 against 0.381)
         block_d = 16
-    return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0,
-            "STAGES": stages, "FLIP": flip, "HALF_GRADS": half_grads, "EVEN": even, "FLAT": flat,
-            "ROW_ALIGN": row_align, "PERSIST": persist}
+    row_blocks = maxnreg = 0
+    if block_n == 1 and length is not None and (32 < length <= 256 if backward else
+                                                 (128 < length <= 256 and length % 4 == 0)):
+        # Whole rows in one chunk of (T, D) tiles, time across the lanes, the scans by shuffles; the backward
+        # then keeps no states, so the training forward is the inference forward. Session 14, kernels as
+        # CUDA-graph replays against the session-13 defaults: L 196 (stage 3) forward bf16 0.1225 against
+        # 0.139 ms (2 channels, 1 warp), float32 0.1435-0.152 against 0.179 (2 channels, 2 warps); backward
+        # with 16 blocks of one channel per program (ROW_BLOCKS) bf16 0.366 against 0.427 (and the forward's
+        # states), float32 0.374 against 0.580. L 49 (stage 4) backward, 2 channels a program: bf16 0.258
+        # against 0.328, float32 0.264 against 0.377; its forward lost at every width tried (bf16 0.117 at
+        # best against 0.0925). More channels per program lost in both directions (4-32 channels: up to 5x
+        # slower), so did 16 blocks of 2 channels per program at L 49 (0.294 ms) and the flipped adjoint.
+        # The L-196 backward capped at 128 registers (225 uncapped, offline): bf16 0.347 against 0.366 ms,
+        # float32 0.369 against 0.374.
+        block_t, flat, flip, stages, persist, row_align = _next_pow2(length), 1, 0, 1, 0, 1
+        if backward:
+            block_d, num_warps, row_blocks = (2, 1, 1) if block_t <= 64 else (1, 1, 16)
+            maxnreg = 0 if block_t <= 64 else 128
+        else:
+            block_d, num_warps = 2, 1 if elem_size == 2 else 2
+    cfg = {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0,
+           "STAGES": stages, "FLIP": flip, "HALF_GRADS": half_grads, "EVEN": even, "FLAT": flat,
+           "ROW_ALIGN": row_align, "PERSIST": persist, "ROW_BLOCKS": row_blocks}
+    if maxnreg:
+        cfg["maxnreg"] = maxnreg
+    return cfg
 
 
 def _check(u, delta, A, B, C):
@@ -910,13 +998,15 @@ def _config(cg, state, backward, overrides, length=None, elem_size=4, defaults=N
     return cfg
 
 
-def _even(cfg: dict, channels_per_group: int, state: int, length: int, interval: int) -> bool:
-    """Whether a launch covers whole chunks, intervals, channel blocks and state blocks, so the kernels
-    may drop their bounds masks (configuration key EVEN, set by :func:`default_config` where measured).
-    Not with LANES or PREFETCH, which read past the last chunk or interval."""
+def _even(cfg: dict, channels_per_group: int, state: int, length: int, interval: int,
+          block_channels: int | None = None) -> bool:
+    """Whether a launch covers whole chunks, intervals, channel blocks (or ``block_channels``, the
+    channels a program walks) and state blocks, so the kernels may drop their bounds masks
+    (configuration key EVEN, set by :func:`default_config` where measured). Not with LANES or PREFETCH,
+    which read past the last chunk or interval."""
     return bool(cfg.get("EVEN", 0) and not cfg.get("LANES", 0) and not cfg.get("PREFETCH", 0)
                 and length % cfg["BLOCK_T"] == 0 and length % interval == 0
-                and channels_per_group % cfg["BLOCK_D"] == 0 and state == cfg["BLOCK_N"])
+                and channels_per_group % (block_channels or cfg["BLOCK_D"]) == 0 and state == cfg["BLOCK_N"])
 
 
 def _flat(cfg: dict) -> bool:
@@ -941,12 +1031,20 @@ def _row_alignment(cfg: dict, strides) -> int:
 def launch_options(cfg) -> dict:
     """Triton launch options of a configuration (this module's kernels and the fused core's): num_warps,
     and the register cap per thread ``maxnreg`` where set. The core's d_state-1 backward runs capped at
-    128; the plain scan's defaults are not capped (caps that fit stage 1 in one wave spilled and lost,
-    session 11)."""
+    128, and so does the plain scan's whole-row backward above 64 steps; its other defaults are not
+    capped (caps that fit stage 1 in one wave spilled and lost, session 11)."""
     options = {"num_warps": cfg["num_warps"]}
     if cfg.get("maxnreg"):
         options["maxnreg"] = int(cfg["maxnreg"])
     return options
+
+
+def _whole_rows(cfg: dict, length: int) -> int:
+    """Channel blocks per program of a backward that takes whole rows in one chunk (configuration key
+    ROW_BLOCKS, where BLOCK_T covers the length; not LANES): it needs no states. 0 otherwise."""
+    if cfg.get("LANES", 0) or length > cfg["BLOCK_T"]:
+        return 0
+    return int(cfg.get("ROW_BLOCKS", 0))
 
 
 def _state_interval(cfg) -> int:
@@ -957,17 +1055,18 @@ def _state_interval(cfg) -> int:
 
 def _backward_interval(u, A, B, config=None) -> tuple[int, int]:
     """(positions between the states the backward keeps, BLOCK_N) of its (default, or ``config``)
-    configuration."""
+    configuration; 0 positions where it keeps none (:func:`_whole_rows`)."""
     channels, length = u.shape[1], u.shape[2]
     cfg = _config(channels // B.shape[1], A.shape[1], True, config, length, u.element_size())
-    return _state_interval(cfg), cfg["BLOCK_N"]
+    return 0 if _whole_rows(cfg, length) else _state_interval(cfg), cfg["BLOCK_N"]
 
 
 def saved_states_shape(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, config=None) -> tuple[int, ...]:
     """Shape of the float32 states :func:`selective_scan_bwd` keeps, (batch, intervals, KC, BLOCK_N): the
-    state entering every interval of its (default, or ``config``) configuration."""
+    state entering every interval of its (default, or ``config``) configuration; no intervals where that
+    backward takes whole rows."""
     interval, block_n = _backward_interval(u, A, B, config)
-    return u.shape[0], cdiv(u.shape[2], interval), u.shape[1], block_n
+    return u.shape[0], 0 if interval == 0 else cdiv(u.shape[2], interval), u.shape[1], block_n
 
 
 def check_states(states: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -992,10 +1091,10 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     save_t = n_saved = 0
     if states_out is not None:
         save_t, block_n = _backward_interval(u, A, B)
-        n_saved = cdiv(length, save_t)
+        n_saved = 0 if save_t == 0 else cdiv(length, save_t)
         check_states(states_out, (batch, n_saved, channels, block_n))
-        if cfg["BLOCK_T"] % save_t and save_t % cfg["BLOCK_T"]:  # neither chunk length fits the other's
-            cfg["BLOCK_T"] = save_t
+    if n_saved and cfg["BLOCK_T"] % save_t and save_t % cfg["BLOCK_T"]:  # neither chunk length fits the other's
+        cfg["BLOCK_T"] = save_t
     dummy = y
     Dt = D if D is not None else dummy
     bt = delta_bias if delta_bias is not None else dummy
@@ -1067,10 +1166,12 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         deterministic = (os.environ.get("VMAMBA_DETERMINISTIC", "0") not in ("", "0")
                          or torch.are_deterministic_algorithms_enabled())
     lanes = bool(cfg.get("LANES", 0))
-    interval = _state_interval(cfg)
+    row_blocks = _whole_rows(cfg, length)
+    interval = cfg["BLOCK_T"] if row_blocks else _state_interval(cfg)
     if interval % cfg["BLOCK_T"]:
         raise ValueError(f"LANES: BLOCK_T must divide the saved-state interval {interval}, got {cfg['BLOCK_T']}")
-    n_blk = cdiv(cg, cfg["BLOCK_D"])
+    block_channels = cfg["BLOCK_D"] * max(1, row_blocks)  # channels behind one dB / dC partial
+    n_blk = cdiv(cg, block_channels)
     n_saved = cdiv(length, interval)
     du = torch.empty(batch, channels, length, device=dev, dtype=_grad_dtype(u, cfg))
     ddelta = torch.empty(batch, channels, length, device=dev, dtype=_grad_dtype(delta, cfg))
@@ -1096,11 +1197,14 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
                 None if D is None else zeros(D.shape, device=dev),
                 None if delta_bias is None else zeros(delta_bias.shape, device=dev))
     has_states = states is not None and states.numel() > 0
-    if has_states:
-        check_states(states, (batch, n_saved, channels, cfg["BLOCK_N"]))
-    hws = states if has_states else torch.empty(batch, n_saved, channels, cfg["BLOCK_N"], device=dev, dtype=f32)
+    if has_states or row_blocks and states is not None:
+        check_states(states, (batch, 0 if row_blocks else n_saved, channels, cfg["BLOCK_N"]))
     sub = interval // cfg["BLOCK_T"]
-    grid, blocks = _grid(cfg if has_states and sub == 1 else {**cfg, "PERSIST": 0}, cg, groups, batch, dev)
+    if row_blocks:
+        hws, grid, blocks = du, (n_blk, groups, batch), 1
+    else:
+        hws = states if has_states else torch.empty(batch, n_saved, channels, cfg["BLOCK_N"], device=dev, dtype=f32)
+        grid, blocks = _grid(cfg if has_states and sub == 1 else {**cfg, "PERSIST": 0}, cg, groups, batch, dev)
     scratch = (torch.empty(n_blk * groups * batch, sub, cfg["BLOCK_N"], cfg["BLOCK_D"], device=dev, dtype=f32)
                if sub > 1 else hws)
     dummy = du
@@ -1117,11 +1221,11 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SAVE_T=interval,
         FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, HAS_STATES=has_states, STAGES=int(cfg.get("STAGES", 1)),
-        EVEN=_even(cfg, cg, state, length, interval), FLAT=_flat(cfg),
+        EVEN=_even(cfg, cg, state, length, interval, block_channels), FLAT=_flat(cfg),
         ALIGN=_row_alignment(cfg, (length,) + u.stride()[:2] + delta.stride()[:2] + B.stride()[:3]
                              + C.stride()[:3] + grad_out.stride()[:2] + du.stride()[:2] + dB_ws.stride()[:2]
                              + (blk_stride,) + dB_ws.stride()[-2:-1]),
-        PERSIST=len(grid) == 1, **launch_options(cfg),
+        PERSIST=len(grid) == 1, ROW_BLOCKS=row_blocks, **launch_options(cfg),
     )
     if atomic:
         dB, dC = dB_ws, dC_ws
