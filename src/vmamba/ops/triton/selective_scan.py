@@ -917,7 +917,7 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
     # forward and the fp32 backward, whose layouts change with the vector width, lost: 0.232 against
     # 0.209 ms, and 0.714 against 0.649 ms as forward + backward minus forward)
     row_align = int(block_n == 1 and backward == (elem_size == 2))
-    persist = 0
+    persist = row_blocks = maxnreg = 0
     if block_n == 1 and not long_seq and length % 4 == 0:
         # Rows of 4k elements below L 512 (L = 196: stage 3) at d_state 1, where declared alignment lets the
         # pipeliner copy them asynchronously (8-byte pieces in bf16): the forward as 8 programs per SM, each
@@ -936,9 +936,10 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
         # Rows not aligned to 4 elements (L = 49: stage 4), the bf16 backward and the float32 forward: 16
         # channels per warp (session 13, kernels as CUDA-graph replays: bf16 backward 0.337 against 0.393
         # ms, float32 forward 0.099 against 0.115; the bf16 forward and float32 backward lost, 0.100 against
-        # 0.093 and 0.399 against 0.381)
+        # 0.093 and 0.399 against 0.381). The float32 forward capped at 128 registers (session 14): 0.0899
+        # against 0.1004 ms; capped bf16 forwards lost (0.161 ms at 128 against 0.0925)
         block_d = 16
-    row_blocks = maxnreg = 0
+        maxnreg = 0 if backward else 128
     if block_n == 1 and length is not None and (32 < length <= 256 if backward else
                                                  (128 < length <= 256 and length % 4 == 0)):
         # Whole rows in one chunk of (T, D) tiles, time across the lanes, the scans by shuffles; the backward
@@ -1031,8 +1032,8 @@ def _row_alignment(cfg: dict, strides) -> int:
 def launch_options(cfg) -> dict:
     """Triton launch options of a configuration (this module's kernels and the fused core's): num_warps,
     and the register cap per thread ``maxnreg`` where set. The core's d_state-1 backward runs capped at
-    128, and so does the plain scan's whole-row backward above 64 steps; its other defaults are not
-    capped (caps that fit stage 1 in one wave spilled and lost, session 11)."""
+    128, and so do the plain scan's whole-row backward above 64 steps and its float32 forward at L 49;
+    its other defaults are not capped (caps that fit stage 1 in one wave spilled and lost, session 11)."""
     options = {"num_warps": cfg["num_warps"]}
     if cfg.get("maxnreg"):
         options["maxnreg"] = int(cfg["maxnreg"])
