@@ -388,6 +388,7 @@ def test_programs_walking_several_channel_blocks(dtype, state, config):
     (torch.bfloat16, 21, {"BLOCK_D": 2, "BLOCK_T": 32, "FLAT": 1, "FLIP": 0, "ROW_BLOCKS": 3, "num_warps": 1,
                           "ROW_ALIGN": 1}),
     (torch.float32, 16, {"BLOCK_D": 4, "BLOCK_T": 16, "ROW_BLOCKS": 2, "num_warps": 1, "EVEN": 1}),
+    (torch.float16, 40, {"BLOCK_D": 1, "BLOCK_T": 64, "FLAT": 1, "FLIP": 0, "ROW_BLOCKS": 4, "num_warps": 1}),
 ])
 def test_whole_rows_backward_keeps_no_states(dtype, length, config):
     """ROW_BLOCKS: a chunk covers L, so the backward starts every row from a zero state and keeps no
