@@ -952,11 +952,13 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
         # best against 0.0925). More channels per program lost in both directions (4-32 channels: up to 5x
         # slower), so did 16 blocks of 2 channels per program at L 49 (0.294 ms) and the flipped adjoint.
         # The L-196 backward capped at 128 registers (225 uncapped, offline): bf16 0.347 against 0.366 ms,
-        # float32 0.369 against 0.374.
+        # float32 0.369 against 0.374; then 32 blocks a program through the pipeliner (2 stages): bf16
+        # 0.319 against 0.353, float32 0.342 against 0.375 (r = 16, 2 stages: 0.322 / 0.347). Forwards
+        # walking several blocks through the pipeliner (PERSIST 16-32) lost: float32 0.172 against 0.143.
         block_t, flat, flip, stages, persist, row_align = _next_pow2(length), 1, 0, 1, 0, 1
         if backward:
-            block_d, num_warps, row_blocks = (2, 1, 1) if block_t <= 64 else (1, 1, 16)
-            maxnreg = 0 if block_t <= 64 else 128
+            block_d, num_warps, row_blocks = (2, 1, 1) if block_t <= 64 else (1, 1, 32)
+            maxnreg, stages = (0, 1) if block_t <= 64 else (128, 2)
         else:
             block_d, num_warps = 2, 1 if elem_size == 2 else 2
     cfg = {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0,
