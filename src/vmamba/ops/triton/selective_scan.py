@@ -599,6 +599,17 @@ def _store_dBC(dB_base, dC_base, t, L, mask_n, dBp, dCp, ATOMIC: tl.constexpr, E
 
 
 @triton.jit
+def _store_channel_partials(dA_ptr, dD_ptr, dbias_ptr, b, KC, N, rows, states, d, dA, dD, dbias, state_mask, mask_d,
+                            HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Stores a channel block's dA, dD and dbias for batch element b (summed over the batch on the host)."""
+    tl.store(dA_ptr + (b * KC + rows) * N + states, dA, mask=state_mask)
+    if HAS_D:
+        tl.store(dD_ptr + b * KC + d, dD, mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + b * KC + d, dbias, mask=mask_d)
+
+
+@triton.jit
 def _bwd_block(pid_d, k, b, CG, N, KC, n_saved, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, gy_ptr, du_ptr, ddt_ptr,
                B_ptr, C_ptr, dB_ptr, dC_ptr, hws_ptr, sg_b, sg_d, su_b, su_d, sdt_b, sdt_d, sA_d, sA_n,
                sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, sD, sbias, sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
@@ -652,11 +663,8 @@ def _bwd_whole_rows(gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr,
             FLAT)
         dB_acc += dBp
         dC_acc += dCp
-        tl.store(dA_ptr + (b * KC + rows) * N + states, dA_p, mask=state_mask)
-        if HAS_D:
-            tl.store(dD_ptr + b * KC + d, dD_p, mask=mask_d)
-        if HAS_BIAS:
-            tl.store(dbias_ptr + b * KC + d, dbias_p, mask=mask_d)
+        _store_channel_partials(dA_ptr, dD_ptr, dbias_ptr, b, KC, N, rows, states, d, dA_p, dD_p, dbias_p, state_mask,
+                                mask_d, HAS_D, HAS_BIAS)
     offs_n = tl.arange(0, BLOCK_N)
     dBC_offset = b * sdB_b + k * sdB_k + pid * sdB_blk + offs_n[None, :] * sdB_n
     _store_dBC(dB_ptr + dBC_offset, dC_ptr + dBC_offset, t, L, _in_range(offs_n, N, EVEN), dB_acc, dC_acc, ATOMIC,
@@ -738,11 +746,8 @@ def _ss_bwd_kernel(
             dD_acc += dD_p
             dbias_acc += dbias_p
             done = c == 0  # the block's last chunk: its per-batch partials are complete
-            tl.store(dA_ptr + (b * KC + rows) * N + states, dA_acc, mask=state_mask & done)
-            if HAS_D:
-                tl.store(dD_ptr + b * KC + d, dD_acc, mask=mask_d & done)
-            if HAS_BIAS:
-                tl.store(dbias_ptr + b * KC + d, dbias_acc, mask=mask_d & done)
+            _store_channel_partials(dA_ptr, dD_ptr, dbias_ptr, b, KC, N, rows, states, d, dA_acc, dD_acc, dbias_acc,
+                                    state_mask & done, mask_d & done, HAS_D, HAS_BIAS)
     else:
         pid_d = tl.program_id(0)
         k = tl.program_id(1)
@@ -808,12 +813,8 @@ def _ss_bwd_kernel(
             if SUB > 1:
                 tl.debug_barrier()  # before the next interval overwrites the scratch
 
-        # per-batch partials, reduced over the batch on the host side
-        tl.store(dA_ptr + (b * KC + rows) * N + states, dA_acc, mask=state_mask)
-        if HAS_D:
-            tl.store(dD_ptr + b * KC + d, dD_acc, mask=mask_d)
-        if HAS_BIAS:
-            tl.store(dbias_ptr + b * KC + d, dbias_acc, mask=mask_d)
+        _store_channel_partials(dA_ptr, dD_ptr, dbias_ptr, b, KC, N, rows, states, d, dA_acc, dD_acc, dbias_acc,
+                                state_mask, mask_d, HAS_D, HAS_BIAS)
 
 
 def cdiv(a: int, b: int) -> int:
