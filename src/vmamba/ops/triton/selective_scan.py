@@ -648,6 +648,7 @@ def _bwd_whole_rows(gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr,
     dB_acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
     dC_acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
     for j in tl.range(0, ROW_BLOCKS, num_stages=STAGES):
+        # no kept states: dA_ptr stands in for their pointer, and the dB / dC pointers are made per program below
         (d, mask_d, mask_n, rows, states, state_mask, A, bias, dskip, u_base, dt_base, gy_base, du_base,
          ddt_base, B_base, C_base, _, _, _) = _bwd_block(
             pid * ROW_BLOCKS + j, k, b, CG, N, KC, 1, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, gy_ptr, du_ptr,
@@ -1201,7 +1202,7 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
                 None if D is None else zeros(D.shape, device=dev),
                 None if delta_bias is None else zeros(delta_bias.shape, device=dev))
     has_states = states is not None and states.numel() > 0
-    if has_states or row_blocks and states is not None:
+    if has_states or (row_blocks and states is not None):
         check_states(states, (batch, 0 if row_blocks else n_saved, channels, cfg["BLOCK_N"]))
     sub = interval // cfg["BLOCK_T"]
     if row_blocks:
