@@ -30,7 +30,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from vmamba.ops.triton import layer_norm, selective_scan, ss2d_core  # noqa: E402
+from vmamba.ops.triton import layer_norm, selective_scan, selective_scan_packed, ss2d_core  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 FLOATS = {"inv_h", "eps"}
@@ -132,6 +132,9 @@ VARIANTS = [
     ("selective_scan fwd d_state 16, channel lanes", selective_scan._ss_fwd_kernel,
      dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, BLOCK_D=32, BLOCK_N=16, BLOCK_T=8, PREFETCH=True,
           LANES=True, SAVE_T=0, STAGES=1, EVEN=False), {"num_warps": 1}, False),
+    ("selective_scan fwd d_state 1, packed rows of L 49, bf16", selective_scan_packed._packed_fwd_kernel,
+     dict(L=49, CG=768, R=40, BLOCK=2048, V=8, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True), {"num_warps": 8},
+     {"u_ptr", "dt_ptr", "B_ptr", "C_ptr"}),
     ("selective_scan bwd", selective_scan._ss_bwd_kernel,
      dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=1, BLOCK_T=8,
           SAVE_T=8, FLIP=False, LANES=False, HAS_STATES=False, EVEN=False), {"num_warps": 1}, False),

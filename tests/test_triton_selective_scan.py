@@ -428,3 +428,52 @@ def test_default_whole_rows_walk_blocks_through_the_pipeliner():
     cfg = default_config(40, 1, backward=True, length=100)
     assert (cfg["BLOCK_T"], cfg["BLOCK_D"], cfg["ROW_BLOCKS"], cfg["STAGES"]) == (128, 1, 32, 2)
     _check(batch=1, groups=1, per_group=40, state=1, length=100, dtype=torch.float32, seed=70)
+
+
+def _forward_against_reference(ins, config, softplus=True):
+    leaves = [None if x is None else x.detach().double().cpu() for x in ins]
+    y = selective_scan_fwd(*ins, softplus, config=config)
+    assert y.dtype == torch.float32 and y.shape == ins[0].shape
+    return _rel(y.cpu(), selective_scan_reference(*leaves, softplus))
+
+
+@pytest.mark.parametrize(("dtype", "length", "rows", "vector"), [
+    (torch.float32, 13, 4, 4),  # 26 channels: blocks of 4 rows straddle the two groups; the last is half empty
+    (torch.bfloat16, 9, 8, 8),  # each thread's 8 elements cross into the next row
+    (torch.float16, 49, 8, 8),
+    (torch.float32, 7, 12, 4),  # 12·7 = 84 elements in a 128-element tile
+    (torch.float32, 5, 3, 1),
+])
+def test_packed_rows_forward(dtype, length, rows, vector):
+    """PACKED / VECTOR: runs of whole rows a program, a vector a thread, against the reference."""
+    ins = _inputs(2, 2, 13, 1, length, dtype, seed=80 + length)
+    assert _forward_against_reference(ins, {"PACKED": rows, "VECTOR": vector}) < TOL[dtype]
+
+
+def test_packed_rows_forward_strided_inputs_and_no_options():
+    """Rows not end to end (transposed storage) are copied first; a batch stride beyond one element's
+    rows (a slice of a wider tensor) is read in place; no D, bias or softplus."""
+    u, delta, A, B, C, _, _ = _inputs(2, 2, 4, 1, 11, torch.float32, seed=90, noncontig=True)
+    assert _forward_against_reference((u, delta, A, B, C, None, None), {"PACKED": 4, "VECTOR": 4}, False) < 1e-5
+    wide = torch.randn(2, 16, 11, generator=torch.Generator().manual_seed(91)).to(DEVICE)
+    ins = (wide[:, :8], wide[:, 8:] * 0.1, A, B, C, None, None)
+    assert ins[0].stride(0) == 16 * 11
+    assert _forward_against_reference(ins, {"PACKED": 4, "VECTOR": 4}) < 1e-5
+
+
+def test_default_forward_packs_short_rows():
+    """At d_state 1 the default forward packs rows of L 49 in both dtypes (40 bf16 rows or 20 float32 rows,
+    2048 or 1024 elements a program) and of L 196 in 2-byte dtypes only; with and without kept states
+    (none: the backward takes whole rows) it matches the reference."""
+    assert {k: default_config(768, 1, False, 49, 2).get(k) for k in ("PACKED", "VECTOR")} == {"PACKED": 40, "VECTOR": 8}
+    assert {k: default_config(768, 1, False, 49, 4).get(k) for k in ("PACKED", "VECTOR")} == {"PACKED": 20, "VECTOR": 4}
+    assert default_config(384, 1, False, 196, 2)["PACKED"] == 10
+    assert "PACKED" not in default_config(384, 1, False, 196, 4)
+    assert "PACKED" not in default_config(192, 1, False, 784, 2)
+    ins = _inputs(1, 2, 24, 1, 49, torch.bfloat16, seed=92)
+    assert _forward_against_reference(ins, None) < TOL[torch.bfloat16]
+    from vmamba.ops.triton.selective_scan import saved_states_shape
+
+    empty = torch.empty(saved_states_shape(ins[0], ins[2], ins[3]), device=DEVICE)
+    assert empty.shape[1] == 0
+    assert torch.equal(selective_scan_fwd(*ins, True, states_out=empty), selective_scan_fwd(*ins, True))

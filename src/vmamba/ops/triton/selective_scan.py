@@ -966,6 +966,18 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
     cfg = {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0,
            "STAGES": stages, "FLIP": flip, "HALF_GRADS": half_grads, "EVEN": even, "FLAT": flat,
            "ROW_ALIGN": row_align, "PERSIST": persist, "ROW_BLOCKS": row_blocks}
+    if not backward and block_n == 1 and length is not None and length <= (256 if elem_size == 2 else 64):
+        # Rows packed end to end, one 16-byte vector a thread, 256 threads a program, as many whole rows as fill
+        # it (selective_scan_packed). Session 15, kernels as CUDA-graph replays against the defaults above:
+        # L 49 (stage 4) bf16 0.0659 ms against 0.0926 (40 rows), float32 0.0800 against 0.0891 (20 rows);
+        # L 196 (stage 3) bf16 0.1099-0.1115 against 0.1227 (10 rows); float32 tied (0.1442 against 0.1437,
+        # 5 rows), so it keeps whole-row tiles. Programs of 512-1024 elements, of 4096, or of 8-byte
+        # vectors in bf16 lost (up to 2x slower).
+        vector = 16 // elem_size
+        step = vector // math.gcd(length, vector)
+        rows = 256 * vector // length // step * step
+        if rows and vector <= length:
+            cfg.update(PACKED=rows, VECTOR=vector)
     if maxnreg:
         cfg["maxnreg"] = maxnreg
     return cfg
@@ -1098,6 +1110,12 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         save_t, block_n = _backward_interval(u, A, B)
         n_saved = 0 if save_t == 0 else cdiv(length, save_t)
         check_states(states_out, (batch, n_saved, channels, block_n))
+    if cfg.get("PACKED", 0) and not n_saved:
+        from .selective_scan_packed import packed_fwd, packed_fwd_applies
+
+        rows, vector = int(cfg["PACKED"]), int(cfg.get("VECTOR", 4))
+        if packed_fwd_applies(state, length, rows, vector):
+            return packed_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, rows, vector, out=y)
     if n_saved and cfg["BLOCK_T"] % save_t and save_t % cfg["BLOCK_T"]:  # neither chunk length fits the other's
         cfg["BLOCK_T"] = save_t
     dummy = y

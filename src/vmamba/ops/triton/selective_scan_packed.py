@@ -1,0 +1,117 @@
+"""Selective scan forward at d_state 1 over packed rows: R whole rows a program, as one flat run.
+
+A block of R consecutive channels of one batch element is R·L consecutive elements in memory when
+rows are contiguous. A program loads that run as a (BLOCK / V, V) tile, BLOCK = next_pow2(R·L): each
+thread holds V consecutive elements, one 16-byte vector whatever L is (R·L is a multiple of V), and
+the scan runs sequentially over them in registers before its warp- and block-level steps. The
+recurrence restarts at every row through a zero decay at the row's first position
+(h_t = 0·h_{t-1} + x_t). With V <= L a thread's elements span at most two rows, so what depends on the
+row (A, bias, D, the group's B and C) is loaded per thread for both and selected per element.
+
+Short rows otherwise waste lanes or vector width: L = 49 (VMamba-T stage 4) rows are 98 bytes in
+bf16, aligned to 2 bytes, so tiles of whole rows load them one element at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .selective_scan import _combine, _exp2, _softplus_and_slope, fast_math
+
+__all__ = ["packed_fwd", "packed_fwd_applies"]
+
+
+@triton.jit
+def _row_pair(ptr, stride, d, KC, nxt):
+    """Per element, a per-channel float32 parameter of its row: the thread's first row d, or the next."""
+    lo = tl.load(ptr + d * stride, mask=d < KC, other=0.0).to(tl.float32)
+    hi = tl.load(ptr + (d + 1) * stride, mask=d + 1 < KC, other=0.0).to(tl.float32)
+    return tl.where(nxt, hi, lo)
+
+
+@triton.jit
+def _packed_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, KC,
+                       su_b, sdt_b, sy_b, sA_d, sB_b, sB_k, sB_l, sC_b, sC_k, sC_l, sD, sbias,
+                       L: tl.constexpr, CG: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, V: tl.constexpr,
+                       HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+    """y of rows q·R ... q·R + R - 1 of one batch element (grid: row blocks, batch), as a (BLOCK / V, V)
+    tile: each thread holds V consecutive elements (V <= L), which span at most two rows, so what
+    depends on the row (A, bias, D, the group's B and C) is found per thread for both and selected per
+    element."""
+    q = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    e0 = tl.arange(0, BLOCK // V)[:, None] * V
+    j = tl.arange(0, V)[None, :]
+    row = e0 // L
+    t0 = e0 - row * L
+    nxt = j >= L - t0  # in the row after the thread's first
+    offs = q * (R * L) + e0 + j
+    valid = (e0 + j < R * L) & (offs < KC * L)
+    u = tl.load(u_ptr + b * su_b + offs, mask=valid, other=0.0).to(tl.float32)
+    raw = tl.load(dt_ptr + b * sdt_b + offs, mask=valid, other=0.0).to(tl.float32)
+    d = q * R + row
+    if HAS_BIAS:
+        raw += _row_pair(bias_ptr, sbias, d, KC, nxt)
+    dt = raw
+    if SOFTPLUS:
+        dt, _ = _softplus_and_slope(raw, FAST)
+    # the rows' B and C from the thread's first position on, as pointers to position t0 of the first
+    # row's group and to position t0 - L of the next row's
+    k = d // CG
+    k_next = (d + 1) // CG
+    B_at = tl.where(nxt, B_ptr + b * sB_b + k_next * sB_k + (t0 - L) * sB_l,
+                    B_ptr + b * sB_b + k * sB_k + t0 * sB_l) + j * sB_l
+    C_at = tl.where(nxt, C_ptr + b * sC_b + k_next * sC_k + (t0 - L) * sC_l,
+                    C_ptr + b * sC_b + k * sC_k + t0 * sC_l) + j * sC_l
+    Bt = tl.load(B_at, mask=valid, other=0.0).to(tl.float32)
+    Ct = tl.load(C_at, mask=valid, other=0.0).to(tl.float32)
+    starts = (j == 0) & (t0 == 0) | (j == L - t0)  # a row's first position
+    a = tl.where(starts, 0.0, _exp2(dt * _row_pair(A_ptr, sA_d, d, KC, nxt) * 1.4426950408889634, FAST))
+    x = tl.where(valid, dt * u * Bt, 0.0)
+    _, h = tl.associative_scan((tl.reshape(a, (BLOCK,)), tl.reshape(x, (BLOCK,))), 0, _combine)
+    y = tl.reshape(h, (BLOCK // V, V)) * Ct
+    if HAS_D:
+        y += u * _row_pair(D_ptr, sD, d, KC, nxt)
+    tl.store(y_ptr + b * sy_b + offs, y, mask=valid)
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x, or a copy of it, whose rows (channels) lie end to end within each batch element."""
+    length = x.shape[2]
+    if x.stride(2) == 1 and (x.stride(1) == length or x.shape[1] == 1):
+        return x
+    return x.contiguous()
+
+
+def _block(length: int, rows: int) -> int:
+    return triton.next_power_of_2(rows * length)
+
+
+def packed_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, rows: int, vector: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward over packed rows, ``rows`` a program held as ``vector`` consecutive elements a thread
+    (:func:`packed_fwd_applies`); y (batch, KC, L) float32, written to ``out`` (contiguous) if given.
+    Rows of u and delta are made contiguous where they are not."""
+    u, delta = _rows_contiguous(u), _rows_contiguous(delta)
+    batch, channels, length = u.shape
+    cg = channels // B.shape[1]
+    y = torch.empty(batch, channels, length, device=u.device, dtype=torch.float32) if out is None else out
+    Dt = D if D is not None else y
+    bt = delta_bias if delta_bias is not None else y
+    block = _block(length, rows)
+    _packed_fwd_kernel[(triton.cdiv(channels, rows), batch)](
+        u, delta, A, B, C, Dt, bt, y, channels, u.stride(0), delta.stride(0), y.stride(0), A.stride(0),
+        B.stride(0), B.stride(1), B.stride(3), C.stride(0), C.stride(1), C.stride(3), Dt.stride(0), bt.stride(0),
+        L=length, CG=cg, R=rows, BLOCK=block, V=vector, HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), FAST=fast_math(u), num_warps=max(1, min(16, block // vector // 32)),
+    )
+    return y
+
+
+def packed_fwd_applies(state: int, length: int, rows: int, vector: int) -> bool:
+    """Whether the packed forward applies: one state; ``vector`` (a power of two) at most L and dividing
+    rows·L, so that every thread's elements start a whole vector."""
+    return (state == 1 and rows > 0 and 0 < vector <= length and vector & (vector - 1) == 0
+            and rows * length % vector == 0)
