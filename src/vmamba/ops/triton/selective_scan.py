@@ -850,7 +850,9 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     (PERSIST) and pipeline the bf16 backward; rows not aligned to 4 elements (L 49) take 16 channels per
     warp in the bf16 backward and the float32 forward. Rows of 33-256 steps at d_state 1 (session 14): the
     backward takes whole rows in one chunk (ROW_BLOCKS) and so keeps no states, and the forward does too
-    from 129 steps where rows are 4-aligned.
+    from 129 steps where rows are 4-aligned. Short rows at d_state 1 (session 15; up to L 64, or 256 for
+    2-byte inputs): the forward packs whole rows end to end, one 16-byte vector a thread (PACKED rows a
+    program, VECTOR elements a thread; :mod:`.selective_scan_packed`).
     BLOCK_D divides the group's channels where a power of two does, so no lane idles.
     """
     return dict(_default_config(channels_per_group, state, backward, length, elem_size))
@@ -1111,6 +1113,7 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         n_saved = 0 if save_t == 0 else cdiv(length, save_t)
         check_states(states_out, (batch, n_saved, channels, block_n))
     if cfg.get("PACKED", 0) and not n_saved:
+        # imported here, not at the top: that module takes its jit helpers from this one
         from .selective_scan_packed import packed_fwd, packed_fwd_applies
 
         rows, vector = int(cfg["PACKED"]), int(cfg.get("VECTOR", 4))
