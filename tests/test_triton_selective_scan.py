@@ -443,9 +443,12 @@ def _forward_against_reference(ins, config, softplus=True):
     (torch.float16, 49, 8, 8),
     (torch.float32, 7, 12, 4),  # 12·7 = 84 elements in a 128-element tile
     (torch.float32, 5, 3, 1),
+    (torch.bfloat16, 13, 3, 8),  # blocks of 39 elements: tiles start up to 7 elements before them
+    (torch.float32, 49, 5, 4),  # 245: the default's shape of block at L 49, smaller
 ])
 def test_packed_rows_forward(dtype, length, rows, vector):
-    """PACKED / VECTOR: runs of whole rows a program, a vector a thread, against the reference."""
+    """PACKED / VECTOR: runs of whole rows a program, a vector a thread, against the reference; where a
+    block does not start on a vector boundary the tile also rescans the tail of the row before it."""
     ins = _inputs(2, 2, 13, 1, length, dtype, seed=80 + length)
     assert _forward_against_reference(ins, {"PACKED": rows, "VECTOR": vector}) < TOL[dtype]
 
@@ -462,14 +465,17 @@ def test_packed_rows_forward_strided_inputs_and_no_options():
 
 
 def test_default_forward_packs_short_rows():
-    """At d_state 1 the default forward packs rows of L 49 in both dtypes (40 bf16 rows or 20 float32 rows,
-    2048 or 1024 elements a program) and of L 196 in 2-byte dtypes only; with and without kept states
-    (none: the backward takes whole rows) it matches the reference."""
-    assert {k: default_config(768, 1, False, 49, 2).get(k) for k in ("PACKED", "VECTOR")} == {"PACKED": 40, "VECTOR": 8}
-    assert {k: default_config(768, 1, False, 49, 4).get(k) for k in ("PACKED", "VECTOR")} == {"PACKED": 20, "VECTOR": 4}
-    assert default_config(384, 1, False, 196, 2)["PACKED"] == 10
-    assert "PACKED" not in default_config(384, 1, False, 196, 4)
-    assert "PACKED" not in default_config(192, 1, False, 784, 2)
+    """At d_state 1 the default forward packs rows of up to 256 steps: at L 49 10 rows a program in both
+    dtypes (tiles of 512 elements, not starting on vector boundaries), at L 196 10 bf16 or 5 float32 rows
+    (256 threads); with and without kept states (none: the backward takes whole rows) it matches the
+    reference."""
+    def packed(cg, length, elem_size):
+        cfg = default_config(cg, 1, False, length, elem_size)
+        return cfg.get("PACKED"), cfg.get("VECTOR")
+
+    assert packed(768, 49, 2) == (10, 8) and packed(768, 49, 4) == (10, 4)
+    assert packed(384, 196, 2) == (10, 8) and packed(384, 196, 4) == (5, 4)
+    assert packed(192, 784, 2) == (None, None)
     ins = _inputs(1, 2, 24, 1, 49, torch.bfloat16, seed=92)
     assert _forward_against_reference(ins, None) < TOL[torch.bfloat16]
     from vmamba.ops.triton.selective_scan import saved_states_shape

@@ -850,9 +850,9 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     (PERSIST) and pipeline the bf16 backward; rows not aligned to 4 elements (L 49) take 16 channels per
     warp in the bf16 backward and the float32 forward. Rows of 33-256 steps at d_state 1 (session 14): the
     backward takes whole rows in one chunk (ROW_BLOCKS) and so keeps no states, and the forward does too
-    from 129 steps where rows are 4-aligned. Short rows at d_state 1 (session 15; up to L 64, or 256 for
-    2-byte inputs): the forward packs whole rows end to end, one 16-byte vector a thread (PACKED rows a
-    program, VECTOR elements a thread; :mod:`.selective_scan_packed`).
+    from 129 steps where rows are 4-aligned. Rows of up to 256 steps at d_state 1 (session 15): the forward
+    packs whole rows end to end, one 16-byte vector a thread (PACKED rows a program, VECTOR elements a
+    thread; :mod:`.selective_scan_packed`).
     BLOCK_D divides the group's channels where a power of two does, so no lane idles.
     """
     return dict(_default_config(channels_per_group, state, backward, length, elem_size))
@@ -968,16 +968,20 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
     cfg = {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0,
            "STAGES": stages, "FLIP": flip, "HALF_GRADS": half_grads, "EVEN": even, "FLAT": flat,
            "ROW_ALIGN": row_align, "PERSIST": persist, "ROW_BLOCKS": row_blocks}
-    if not backward and block_n == 1 and length is not None and length <= (256 if elem_size == 2 else 64):
-        # Rows packed end to end, one 16-byte vector a thread, 256 threads a program, as many whole rows as fill
-        # it (selective_scan_packed). Session 15, kernels as CUDA-graph replays against the defaults above:
-        # L 49 (stage 4) bf16 0.0659 ms against 0.0926 (40 rows), float32 0.0800 against 0.0891 (20 rows);
-        # L 196 (stage 3) bf16 0.1099-0.1115 against 0.1227 (10 rows); float32 tied (0.1442 against 0.1437,
-        # 5 rows), so it keeps whole-row tiles. Programs of 512-1024 elements, of 4096, or of 8-byte
-        # vectors in bf16 lost (up to 2x slower).
+    if not backward and block_n == 1 and length is not None and length <= 256:
+        # Rows packed end to end, one 16-byte vector a thread (selective_scan_packed): tiles of 512 elements
+        # up to L 64, else of 256 threads, holding as many whole rows as fit (with the up to V - 1 elements
+        # before them where the block does not start on a vector boundary). Session 15, kernels as
+        # CUDA-graph replays, call 7 against the session-14 defaults (calls 4 and 7): L 49 (stage 4) bf16
+        # 0.0625 ms against 0.0938 (10 rows; 40 rows in a 2048-element tile 0.0668, 5 rows 0.0633), float32
+        # 0.0733 against 0.0911 (10 rows; 20 rows 0.0773); L 196 (stage 3) bf16 0.1056 against 0.1245
+        # (10 rows; 5 rows 0.1076), float32 0.1349 against 0.1434 (5 rows; 2 rows 0.1500). One row a
+        # program, 16 warps, two vectors a thread and 8-byte vectors in bf16 lost (up to 3.8x slower).
         vector = 16 // elem_size
-        step = vector // math.gcd(length, vector)
-        rows = 256 * vector // length // step * step
+        tile = 512 if length <= 64 else 256 * vector
+        rows = tile // length
+        if rows * length % vector and rows * length + vector - 1 > tile:
+            rows -= 1
         if rows and vector <= length:
             cfg.update(PACKED=rows, VECTOR=vector)
     if maxnreg:

@@ -1,9 +1,11 @@
 """Selective scan forward at d_state 1 over packed rows: R whole rows a program, as one flat run.
 
 A block of R consecutive channels of one batch element is R·L consecutive elements in memory when
-rows are contiguous. A program loads that run as a (BLOCK / V, V) tile, BLOCK = next_pow2(R·L): each
-thread holds V consecutive elements, one 16-byte vector whatever L is (R·L is a multiple of V), and
-the scan runs sequentially over them in registers before its warp- and block-level steps. The
+rows are contiguous. A program loads that run as a (BLOCK / V, V) tile: each thread holds V consecutive
+elements, one aligned 16-byte vector whatever L is, and the scan runs sequentially over them in
+registers before its warp- and block-level steps. Where the block does not start on a vector boundary
+the tile starts at the boundary before it: the up to V - 1 elements of the previous row's tail are
+loaded and scanned again, but not stored. The
 recurrence restarts at every row through a zero decay at the row's first position
 (h_t = 0·h_{t-1} + x_t). With V <= L a thread's elements span at most two rows, so what depends on the
 row (A, bias, D, the group's B and C) is loaded per thread for both and selected per element.
@@ -37,21 +39,32 @@ def _packed_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_pt
                        L: tl.constexpr, CG: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, V: tl.constexpr,
                        HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
     """y of rows q·R ... q·R + R - 1 of one batch element (grid: row blocks, batch), as a (BLOCK / V, V)
-    tile: each thread holds V consecutive elements (V <= L), which span at most two rows, so what
-    depends on the row (A, bias, D, the group's B and C) is found per thread for both and selected per
-    element."""
+    tile (see the module docstring): each thread holds V consecutive elements (V <= L), which span at
+    most two rows, so what depends on the row (A, bias, D, the group's B and C) is found per thread for
+    both and selected per element."""
     q = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    e0 = tl.arange(0, BLOCK // V)[:, None] * V
+    first = q * (R * L)  # the block's first element within the batch element
+    # the tile covers the block's elements in whole vectors: where they do not start and end on vector
+    # boundaries, also the tails of the rows around it (read and scanned, not stored)
+    if R * L % V == 0:
+        start = first
+        stop = first + R * L
+    else:
+        start = first // V * V
+        stop = (first + R * L + V - 1) // V * V
+    e0 = start + tl.arange(0, BLOCK // V)[:, None] * V
     j = tl.arange(0, V)[None, :]
-    row = e0 // L
-    t0 = e0 - row * L
+    d = e0 // L  # the thread's first row (channel)
+    t0 = e0 - d * L
     nxt = j >= L - t0  # in the row after the thread's first
-    offs = q * (R * L) + e0 + j
-    valid = (e0 + j < R * L) & (offs < KC * L)
-    u = tl.load(u_ptr + b * su_b + offs, mask=valid, other=0.0).to(tl.float32)
-    raw = tl.load(dt_ptr + b * sdt_b + offs, mask=valid, other=0.0).to(tl.float32)
-    d = q * R + row
+    offs = e0 + j
+    inside = (offs < stop) & (offs < KC * L)  # whole vectors
+    u = tl.load(u_ptr + b * su_b + offs, mask=inside, other=0.0).to(tl.float32)
+    raw = tl.load(dt_ptr + b * sdt_b + offs, mask=inside, other=0.0).to(tl.float32)
+    owned = inside
+    if R * L % V != 0:  # then the stores are masked element by element
+        owned = inside & (offs >= first) & (offs < first + R * L)
     if HAS_BIAS:
         raw += _row_pair(bias_ptr, sbias, d, KC, nxt)
     dt = raw
@@ -65,16 +78,16 @@ def _packed_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_pt
                     B_ptr + b * sB_b + k * sB_k + t0 * sB_l) + j * sB_l
     C_at = tl.where(nxt, C_ptr + b * sC_b + k_next * sC_k + (t0 - L) * sC_l,
                     C_ptr + b * sC_b + k * sC_k + t0 * sC_l) + j * sC_l
-    Bt = tl.load(B_at, mask=valid, other=0.0).to(tl.float32)
-    Ct = tl.load(C_at, mask=valid, other=0.0).to(tl.float32)
+    Bt = tl.load(B_at, mask=inside, other=0.0).to(tl.float32)
+    Ct = tl.load(C_at, mask=inside, other=0.0).to(tl.float32)
     starts = (j == 0) & (t0 == 0) | (j == L - t0)  # a row's first position
     a = tl.where(starts, 0.0, _exp2(dt * _row_pair(A_ptr, sA_d, d, KC, nxt) * 1.4426950408889634, FAST))
-    x = tl.where(valid, dt * u * Bt, 0.0)
+    x = tl.where(inside, dt * u * Bt, 0.0)
     _, h = tl.associative_scan((tl.reshape(a, (BLOCK,)), tl.reshape(x, (BLOCK,))), 0, _combine)
     y = tl.reshape(h, (BLOCK // V, V)) * Ct
     if HAS_D:
         y += u * _row_pair(D_ptr, sD, d, KC, nxt)
-    tl.store(y_ptr + b * sy_b + offs, y, mask=valid)
+    tl.store(y_ptr + b * sy_b + offs, y, mask=owned)
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -85,8 +98,11 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def _block(length: int, rows: int) -> int:
-    return triton.next_power_of_2(rows * length)
+def _block(length: int, rows: int, vector: int) -> int:
+    """Tile elements: the block's rows, and where they do not start on a vector boundary the up to
+    vector - 1 elements before them."""
+    lead = 0 if rows * length % vector == 0 else vector - 1
+    return triton.next_power_of_2(rows * length + lead)
 
 
 def packed_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, rows: int, vector: int,
@@ -100,7 +116,7 @@ def packed_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, rows: int, vect
     y = torch.empty(batch, channels, length, device=u.device, dtype=torch.float32) if out is None else out
     Dt = D if D is not None else y
     bt = delta_bias if delta_bias is not None else y
-    block = _block(length, rows)
+    block = _block(length, rows, vector)
     _packed_fwd_kernel[(triton.cdiv(channels, rows), batch)](
         u, delta, A, B, C, Dt, bt, y, channels, u.stride(0), delta.stride(0), y.stride(0), A.stride(0),
         B.stride(0), B.stride(1), B.stride(3), C.stride(0), C.stride(1), C.stride(3), Dt.stride(0), bt.stride(0),
@@ -111,7 +127,5 @@ def packed_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, rows: int, vect
 
 
 def packed_fwd_applies(state: int, length: int, rows: int, vector: int) -> bool:
-    """Whether the packed forward applies: one state; ``vector`` (a power of two) at most L and dividing
-    rows·L, so that every thread's elements start a whole vector."""
-    return (state == 1 and rows > 0 and 0 < vector <= length and vector & (vector - 1) == 0
-            and rows * length % vector == 0)
+    """Whether the packed forward applies: one state; ``vector`` a power of two at most L."""
+    return state == 1 and rows > 0 and 0 < vector <= length and vector & (vector - 1) == 0
