@@ -5,10 +5,10 @@ rows are contiguous. A program loads that run as a (BLOCK / V, V) tile: each thr
 elements, one aligned 16-byte vector whatever L is, and the scan runs sequentially over them in
 registers before its warp- and block-level steps. Where the block does not start on a vector boundary
 the tile starts at the boundary before it: the up to V - 1 elements of the previous row's tail are
-loaded and scanned again, but not stored. The
-recurrence restarts at every row through a zero decay at the row's first position
-(h_t = 0·h_{t-1} + x_t). With V <= L a thread's elements span at most two rows, so what depends on the
-row (A, bias, D, the group's B and C) is loaded per thread for both and selected per element.
+loaded and scanned again, but not stored. The recurrence restarts at every row through a zero decay
+at the row's first position (h_t = 0·h_{t-1} + x_t). With V <= L a thread's elements span at most two
+rows, so what depends on the row (A, bias, D, the group's B and C) is loaded per thread for both and
+selected per element.
 
 Short rows otherwise waste lanes or vector width: L = 49 (VMamba-T stage 4) rows are 98 bytes in
 bf16, aligned to 2 bytes, so tiles of whole rows load them one element at a time.
