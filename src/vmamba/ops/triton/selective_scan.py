@@ -977,11 +977,10 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
         # 0.0733 against 0.0911 (10 rows; 20 rows 0.0773); L 196 (stage 3) bf16 0.1056 against 0.1245
         # (10 rows; 5 rows 0.1076), float32 0.1349 against 0.1434 (5 rows; 2 rows 0.1500). One row a
         # program, 16 warps, two vectors a thread and 8-byte vectors in bf16 lost (up to 3.8x slower).
+        from .selective_scan_packed import rows_per_tile  # imported here: it imports this module
+
         vector = 16 // elem_size
-        tile = 512 if length <= 64 else 256 * vector
-        rows = tile // length
-        if rows * length % vector and rows * length + vector - 1 > tile:
-            rows -= 1
+        rows = rows_per_tile(length, vector, 512 if length <= 64 else 256 * vector)
         if rows and vector <= length:
             cfg.update(PACKED=rows, VECTOR=vector)
     if maxnreg:

@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .selective_scan import _combine, _exp2, _softplus_and_slope, fast_math
+from .selective_scan import _combine, _exp2, _next_pow2, _softplus_and_slope, cdiv, fast_math
 
-__all__ = ["packed_fwd", "packed_fwd_applies"]
+__all__ = ["packed_fwd", "packed_fwd_applies", "rows_per_tile"]
 
 
 @triton.jit
@@ -98,11 +98,23 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def _tile_span(length: int, rows: int, vector: int) -> int:
+    """Elements a tile must hold: the block's rows, and where blocks do not start on vector boundaries
+    the up to vector - 1 elements before them."""
+    return rows * length + (0 if rows * length % vector == 0 else vector - 1)
+
+
 def _block(length: int, rows: int, vector: int) -> int:
-    """Tile elements: the block's rows, and where they do not start on a vector boundary the up to
-    vector - 1 elements before them."""
-    lead = 0 if rows * length % vector == 0 else vector - 1
-    return triton.next_power_of_2(rows * length + lead)
+    """Tile elements (a power of two)."""
+    return _next_pow2(_tile_span(length, rows, vector))
+
+
+def rows_per_tile(length: int, vector: int, tile: int) -> int:
+    """The most whole rows a tile of ``tile`` elements holds (0 if not one)."""
+    rows = tile // length
+    while rows and _tile_span(length, rows, vector) > tile:
+        rows -= 1
+    return rows
 
 
 def packed_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, rows: int, vector: int,
@@ -117,7 +129,7 @@ def packed_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, rows: int, vect
     Dt = D if D is not None else y
     bt = delta_bias if delta_bias is not None else y
     block = _block(length, rows, vector)
-    _packed_fwd_kernel[(triton.cdiv(channels, rows), batch)](
+    _packed_fwd_kernel[(cdiv(channels, rows), batch)](
         u, delta, A, B, C, Dt, bt, y, channels, u.stride(0), delta.stride(0), y.stride(0), A.stride(0),
         B.stride(0), B.stride(1), B.stride(3), C.stride(0), C.stride(1), C.stride(3), Dt.stride(0), bt.stride(0),
         L=length, CG=cg, R=rows, BLOCK=block, V=vector, HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
