@@ -5,7 +5,9 @@ rows are contiguous. A program loads that run as a (BLOCK / V, V) tile: each thr
 elements, one aligned 16-byte vector whatever L is, and the scan runs sequentially over them in
 registers before its warp- and block-level steps. Where the block does not start on a vector boundary
 the tile starts at the boundary before it: the up to V - 1 elements of the previous row's tail are
-loaded and scanned again, but not stored. The recurrence restarts at every row through a zero decay
+loaded and scanned again, but not stored. Stores stay whole vectors: a vector that two blocks share
+is stored by the earlier one, whose scan also covers the later block's first elements exactly (the
+recurrence restarts at their row). The recurrence restarts at every row through a zero decay
 at the row's first position (h_t = 0·h_{t-1} + x_t). With V <= L a thread's elements span at most two
 rows, so what depends on the row (A, bias, D, the group's B and C) is loaded per thread for both and
 selected per element.
@@ -26,10 +28,14 @@ __all__ = ["packed_fwd", "packed_fwd_applies", "rows_per_tile"]
 
 
 @triton.jit
-def _row_pair(ptr, stride, d, KC, nxt):
-    """Per element, a per-channel float32 parameter of its row: the thread's first row d, or the next."""
+def _row_pair(ptr, stride, d, KC, nxt, scale: tl.constexpr = 1.0):
+    """Per element, a per-channel float32 parameter of its row (times ``scale``): the thread's first row
+    d, or the next."""
     lo = tl.load(ptr + d * stride, mask=d < KC, other=0.0).to(tl.float32)
     hi = tl.load(ptr + (d + 1) * stride, mask=d + 1 < KC, other=0.0).to(tl.float32)
+    if scale != 1.0:  # once per thread and row, not per element
+        lo *= scale
+        hi *= scale
     return tl.where(nxt, hi, lo)
 
 
@@ -63,8 +69,11 @@ def _packed_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_pt
     u = tl.load(u_ptr + b * su_b + offs, mask=inside, other=0.0).to(tl.float32)
     raw = tl.load(dt_ptr + b * sdt_b + offs, mask=inside, other=0.0).to(tl.float32)
     owned = inside
-    if R * L % V != 0:  # then the stores are masked element by element
-        owned = inside & (offs >= first) & (offs < first + R * L)
+    if R * L % V != 0:
+        # a program stores whole vectors: not the first where the block starts inside one (the previous
+        # program stores that one), but all of its last, whose elements past the block begin the next row
+        # and so come out exact here too (the recurrence restarts there)
+        owned = inside & (e0 >= (first + V - 1) // V * V)
     if HAS_BIAS:
         raw += _row_pair(bias_ptr, sbias, d, KC, nxt)
     dt = raw
@@ -81,8 +90,8 @@ def _packed_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_pt
     Bt = tl.load(B_at, mask=inside, other=0.0).to(tl.float32)
     Ct = tl.load(C_at, mask=inside, other=0.0).to(tl.float32)
     starts = (j == 0) & (t0 == 0) | (j == L - t0)  # a row's first position
-    a = tl.where(starts, 0.0, _exp2(dt * _row_pair(A_ptr, sA_d, d, KC, nxt) * 1.4426950408889634, FAST))
-    x = tl.where(inside, dt * u * Bt, 0.0)
+    a = tl.where(starts, 0.0, _exp2(dt * _row_pair(A_ptr, sA_d, d, KC, nxt, 1.4426950408889634), FAST))
+    x = dt * u * Bt  # zero outside the rows: u and B load as zeros there
     _, h = tl.associative_scan((tl.reshape(a, (BLOCK,)), tl.reshape(x, (BLOCK,))), 0, _combine)
     y = tl.reshape(h, (BLOCK // V, V)) * Ct
     if HAS_D:
