@@ -1,11 +1,11 @@
 # ruff: noqa: B023  (closures are timed immediately, inside the loop iteration)
 """The plain selective scan's kernels for configuration variants, side by side, as CUDA-graph replays.
 
-For each stage of VMamba-T[s1l8] (batch 128, 224²) and dtype: the inference forward, the training
-forward (keeping the backward's states) and the backward from those states, each for every variant
-given (configuration overrides of the default; {} is the default itself), in interleaved rounds.
-Graph replays leave the host out, which at stages 3-4 would otherwise take longer than the kernels.
-Each variant's outputs are checked against the default's.
+For each stage of VMamba-T[s1l8] (or, with --model vanilla, vanilla VMamba-T; batch 128, 224²) and
+dtype: the inference forward, the training forward (keeping the backward's states) and the backward
+from those states, each for every variant given (configuration overrides of the default; {} is the
+default itself), in interleaved rounds. Graph replays leave the host out, which at stages 3-4 would
+otherwise take longer than the kernels. Each variant's outputs are checked against the default's.
 
     PYTHONPATH=src python benchmarks/gpu_scan_variants.py --stages 3,4 --dtypes bfloat16,float32 \
         --fwd '[{}, {"PERSIST": 8, "STAGES": 3}]' --bwd '[{}, {"PERSIST": 8, "STAGES": 2}]'
@@ -44,8 +44,8 @@ def states_for(cfg: dict, ins, default_states: torch.Tensor) -> torch.Tensor | N
 
 
 def time_stage(stage: int, dtype: torch.dtype, fwd_variants: list, bwd_variants: list, rounds: int,
-               copy_gbs: float) -> list[dict]:
-    dims, n = MODELS["s1l8"]
+               copy_gbs: float, model: str = "s1l8") -> list[dict]:
+    dims, n = MODELS[model]
     kc, length = K * dims[stage - 1], LENGTHS[stage - 1]
     ins = make_inputs(BATCH, kc, n, length, dtype, seed=stage)
     gy = torch.randn(BATCH, kc, length, device="cuda")
@@ -98,6 +98,7 @@ def time_stage(stage: int, dtype: torch.dtype, fwd_variants: list, bwd_variants:
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="s1l8", choices=sorted(MODELS), help="stage shapes (d_inner, d_state)")
     parser.add_argument("--stages", default="3,4")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--fwd", default="[{}]", help="JSON list of forward configuration overrides")
@@ -109,13 +110,14 @@ def main():
     copy_gbs = copy_bandwidth()
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "batch": BATCH, "copy_GBs": copy_gbs,
+               "batch": BATCH, "model": args.model, "copy_GBs": copy_gbs,
                "protocol": "do_bench_cudagraph median of 100 ms of replays; best of the rounds", "rows": []}
     print(f"{results['gpu']} torch {torch.__version__} triton {triton.__version__}: copy {copy_gbs:.0f} GB/s",
           flush=True)
     for stage in (int(s) for s in args.stages.split(",")):
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
-            results["rows"] += time_stage(stage, dtype, fwd_variants, bwd_variants, args.rounds, copy_gbs)
+            results["rows"] += time_stage(stage, dtype, fwd_variants, bwd_variants, args.rounds, copy_gbs,
+                                          args.model)
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
             torch.cuda.empty_cache()

@@ -96,13 +96,20 @@ def sweep_stage(ss2d, batch, size, dtype, full=False, kinds=("fwd", "bwd"), wher
         for block_d, block_t in ((32, 2), (32, 4), (64, 2)):
             candidates.append({"LANES": 1, "BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": 1, "FLIP": 1,
                                "forward": False, "backward": True})
+        # register caps: the default backward holds 255 registers, so 8 warps an SM (session 16)
+        for cap in (168, 128):
+            candidates.append({"LANES": 1, "BLOCK_D": 32, "BLOCK_T": 2, "num_warps": 1, "FLIP": 1, "maxnreg": cap,
+                               "forward": False, "backward": True})
+        if "bwd" not in kinds:
+            candidates = []
         # the forward with one channel and all its states per lane (LANES), against the default
         fwd = k.core_config(u.shape[-1], ss2d.d_state, w.shape[2], False, size * size, u.element_size())
-        candidates.append({**fwd, "forward": True, "backward": False})
-        candidates.append({**fwd, "DELTA_GEMM": 1, "forward": True, "backward": False})  # Δ not per state lane
+        forwards = [{**fwd, "forward": True, "backward": False},
+                    {**fwd, "DELTA_GEMM": 1, "forward": True, "backward": False}]  # Δ not per state lane
         for block_d, block_t, delta_gemm in itertools.product((32, 64), (2, 4), (0, 1)):
-            candidates.append({"LANES": 1, "BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": block_d // 32,
-                               "PREFETCH": 1, "DELTA_GEMM": delta_gemm, "forward": True, "backward": False})
+            forwards.append({"LANES": 1, "BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": block_d // 32,
+                             "PREFETCH": 1, "DELTA_GEMM": delta_gemm, "forward": True, "backward": False})
+        candidates += forwards if "fwd" in kinds else []
     for cfg in candidates:
         if cfg["BLOCK_D"] * ss2d.d_state * cfg["BLOCK_T"] < 32 * cfg["num_warps"]:  # idle lanes
             continue
