@@ -97,6 +97,8 @@ def sweep_stage(ss2d, batch, size, dtype, full=False, kinds=("fwd", "bwd"), wher
             candidates.append({"LANES": 1, "BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": 1, "FLIP": 1,
                                "forward": False, "backward": True})
         # register caps: the default backward holds 255 registers, so 8 warps an SM (session 16)
+        candidates.append({"LANES": 1, "BLOCK_D": 32, "BLOCK_T": 4, "num_warps": 1, "FLIP": 0, "forward": False,
+                           "backward": True})
         for cap in (168, 128):
             candidates.append({"LANES": 1, "BLOCK_D": 32, "BLOCK_T": 2, "num_warps": 1, "FLIP": 1, "maxnreg": cap,
                                "forward": False, "backward": True})

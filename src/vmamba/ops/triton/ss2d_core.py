@@ -427,12 +427,14 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
     tiny and small models; 32-step chunks through Triton's pipeliner, session 10) and otherwise reads it
     from one batched GEMM (DELTA_GEMM), two channels per lane. d_state 3-16 (vanilla models): LANES
     tiles, one channel and all its states per lane; forward in chunks of 4 steps with Δ from the GEMM,
-    backward in chunks of 2 steps inside the 16-step saved-state interval (session 6 sweep at vanilla-T
-    stages 1 and 3: forward 9x and 32x, backward 2.9x and 2.9x faster than the (channel, state)-per-lane
-    tiles). Larger d_state: the plain selective-scan defaults. Every backward runs its adjoint as a
-    forward scan of the time-flipped chunk (FLIP: no shuffles for Triton's reverse scan): 11 % faster at
-    d_state 1 and 7 % at d_state 16, stages 1 and 3
-    (session 5 sweeps).
+    backward in chunks inside the 16-step saved-state interval (session 6 sweep at vanilla-T stages 1
+    and 3: forward 9x and 32x, backward 2.9x and 2.9x faster than the (channel, state)-per-lane tiles):
+    2 steps above 256 positions, 4 up to 256 (session 16, bf16 with saved states: stage 3 6.60 ms
+    against 7.12 for 2 steps, stage 4 3.84 against 4.34). Larger d_state: the plain selective-scan
+    defaults. The backwards run their adjoint as a forward scan of the time-flipped chunk (FLIP: no
+    shuffles for Triton's reverse scan; session 5: 11 % faster at d_state 1 and 7 % at d_state 16,
+    stages 1 and 3), except the d_state-16 one above 256 positions, whose 2-step chunks now scan in
+    reverse faster (session 16: stage 1 25.8 ms against 27.1, stage 2 12.8 against 13.3).
     """
     defaults = default_config(channels, state, backward, length, elem_size)
     if backward:
@@ -445,8 +447,12 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
         else:  # VMamba-S stage 1 bf16: 0.810 ms against 1.185 with 8-step chunks and PREFETCH (session 10)
             defaults.update(BLOCK_D=32, BLOCK_T=32, num_warps=1, PREFETCH=0, DELTA_GEMM=0, STAGES=3)
     elif state <= 16:
-        if backward:
-            defaults.update(LANES=1, BLOCK_D=32, BLOCK_T=2, num_warps=1)
+        if backward and length is not None and length <= 256:
+            defaults.update(LANES=1, BLOCK_D=32, BLOCK_T=4, num_warps=1)
+        elif backward:
+            # the adjoint as a reverse scan (session 16, vanilla-T bf16 with saved states: stage 1 25.8 ms
+            # against 27.1 with FLIP, stage 2 12.8 against 13.3)
+            defaults.update(LANES=1, BLOCK_D=32, BLOCK_T=2, num_warps=1, FLIP=0)
         else:
             defaults.update(LANES=1, BLOCK_D=64, BLOCK_T=4, num_warps=2, PREFETCH=1, DELTA_GEMM=1)
     return _config(channels, state, backward, overrides, length, elem_size, defaults=defaults)
