@@ -19,6 +19,7 @@ from vmamba.ops.triton.selective_scan import (  # noqa: E402
     selective_scan_bwd,
     selective_scan_fwd,
 )
+from vmamba.ops.triton.selective_scan_packed import _bc_alignment  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 
@@ -453,6 +454,20 @@ def test_packed_rows_forward(dtype, length, rows, vector):
     assert _forward_against_reference(ins, {"PACKED": rows, "VECTOR": vector}) < TOL[dtype]
 
 
+@pytest.mark.parametrize(("dtype", "length", "rows", "vector"), [
+    (torch.float32, 12, 5, 8),  # runs of 8 cross rows (and groups of 13 channels) at 4-aligned positions
+    (torch.bfloat16, 20, 3, 8),  # blocks also start mid-run
+    (torch.float16, 48, 3, 32),  # rows 16-aligned, runs of 32 crossing them
+])
+def test_packed_rows_forward_aligned_rows(dtype, length, rows, vector):
+    """With ALIGN_BC and L and B's and C's rows aligned, B and C are read as aligned pieces of the
+    thread's run (an offset back for the elements past a row boundary) instead of element by element."""
+    ins = _inputs(2, 2, 13, 1, length, dtype, seed=100 + length)
+    assert _bc_alignment(length, ins[3], ins[4]) == (16 if length == 48 else 4)
+    config = {"PACKED": rows, "VECTOR": vector, "ALIGN_BC": 1}
+    assert _forward_against_reference(ins, config) < TOL[dtype]
+
+
 def test_packed_rows_forward_strided_inputs_and_no_options():
     """Rows not end to end (transposed storage) are copied first; a batch stride beyond one element's
     rows (a slice of a wider tensor) is read in place; no D, bias or softplus."""
@@ -473,6 +488,8 @@ def test_default_forward_packs_short_rows():
         cfg = default_config(cg, 1, False, length, elem_size)
         return cfg.get("PACKED"), cfg.get("VECTOR")
 
+    assert default_config(384, 1, False, 196, 4)["ALIGN_BC"] == 1  # float32 B and C in aligned pieces
+    assert default_config(384, 1, False, 196, 2)["ALIGN_BC"] == 0
     assert packed(768, 49, 2) == (10, 8) and packed(768, 49, 4) == (10, 4)
     assert packed(384, 196, 2) == (10, 8) and packed(384, 196, 4) == (5, 4)
     assert packed(192, 784, 2) == (None, None)

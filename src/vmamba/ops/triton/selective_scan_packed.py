@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .selective_scan import _combine, _exp2, _next_pow2, _softplus_and_slope, cdiv, fast_math
+from .selective_scan import _aligned, _combine, _exp2, _next_pow2, _softplus_and_slope, cdiv, fast_math
 
 __all__ = ["packed_fwd", "packed_fwd_applies", "rows_per_tile"]
 
@@ -43,7 +43,8 @@ def _row_pair(ptr, stride, d, KC, nxt, scale: tl.constexpr = 1.0):
 def _packed_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, KC,
                        su_b, sdt_b, sy_b, sA_d, sB_b, sB_k, sB_l, sC_b, sC_k, sC_l, sD, sbias,
                        L: tl.constexpr, CG: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, V: tl.constexpr,
-                       HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+                       BC_ALIGN: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
     """y of rows q·R ... q·R + R - 1 of one batch element (grid: row blocks, batch), as a (BLOCK / V, V)
     tile (see the module docstring): each thread holds V consecutive elements (V <= L), which span at
     most two rows, so what depends on the row (A, bias, D, the group's B and C) is found per thread for
@@ -79,14 +80,24 @@ def _packed_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_pt
     dt = raw
     if SOFTPLUS:
         dt, _ = _softplus_and_slope(raw, FAST)
-    # the rows' B and C from the thread's first position on, as pointers to position t0 of the first
-    # row's group and to position t0 - L of the next row's
+    # the rows' B and C from the thread's first position on: position t0 of the first row's group, and
+    # position t0 - L of the next row's
     k = d // CG
     k_next = (d + 1) // CG
-    B_at = tl.where(nxt, B_ptr + b * sB_b + k_next * sB_k + (t0 - L) * sB_l,
-                    B_ptr + b * sB_b + k * sB_k + t0 * sB_l) + j * sB_l
-    C_at = tl.where(nxt, C_ptr + b * sC_b + k_next * sC_k + (t0 - L) * sC_l,
-                    C_ptr + b * sC_b + k * sC_k + t0 * sC_l) + j * sC_l
+    if BC_ALIGN > 1:
+        # L and the rows of B and C are multiples of BC_ALIGN (the launch checked), so a row boundary
+        # splits a thread's run only between aligned pieces; an element past it steps back by an offset
+        # (not a select of two pointers) and the compiler sees aligned contiguous pieces: vector loads
+        sB_b, sB_k = _aligned(sB_b, BC_ALIGN), _aligned(sB_k, BC_ALIGN)
+        sC_b, sC_k = _aligned(sC_b, BC_ALIGN), _aligned(sC_k, BC_ALIGN)
+        behind = nxt.to(tl.int32)
+        B_at = B_ptr + b * sB_b + k * sB_k + (t0 + j) * sB_l - behind * (L * sB_l + (k - k_next) * sB_k)
+        C_at = C_ptr + b * sC_b + k * sC_k + (t0 + j) * sC_l - behind * (L * sC_l + (k - k_next) * sC_k)
+    else:  # fewer instructions where rows are not aligned (L = 49)
+        B_at = tl.where(nxt, B_ptr + b * sB_b + k_next * sB_k + (t0 - L) * sB_l,
+                        B_ptr + b * sB_b + k * sB_k + t0 * sB_l) + j * sB_l
+        C_at = tl.where(nxt, C_ptr + b * sC_b + k_next * sC_k + (t0 - L) * sC_l,
+                        C_ptr + b * sC_b + k * sC_k + t0 * sC_l) + j * sC_l
     Bt = tl.load(B_at, mask=inside, other=0.0).to(tl.float32)
     Ct = tl.load(C_at, mask=inside, other=0.0).to(tl.float32)
     starts = (j == 0) & (t0 == 0) | (j == L - t0)  # a row's first position
@@ -105,6 +116,18 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     if x.stride(2) == 1 and (x.stride(1) == length or x.shape[1] == 1):
         return x
     return x.contiguous()
+
+
+def _bc_alignment(length: int, B: torch.Tensor, C: torch.Tensor) -> int:
+    """The largest power of two up to 16 that divides L and the batch and group strides of B and C
+    (elements), for :func:`_aligned`; 1 where B or C is not contiguous along L."""
+    if B.stride(3) != 1 or C.stride(3) != 1:
+        return 1
+    sizes = (length, B.stride(0), B.stride(1), C.stride(0), C.stride(1))
+    align = 16
+    while align > 1 and any(size % align for size in sizes):
+        align //= 2
+    return align
 
 
 def _tile_span(length: int, rows: int, vector: int) -> int:
@@ -127,10 +150,11 @@ def rows_per_tile(length: int, vector: int, tile: int) -> int:
 
 
 def packed_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, rows: int, vector: int,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, align_bc: bool = False) -> torch.Tensor:
     """Forward over packed rows, ``rows`` a program held as ``vector`` consecutive elements a thread
     (:func:`packed_fwd_applies`); y (batch, KC, L) float32, written to ``out`` (contiguous) if given.
-    Rows of u and delta are made contiguous where they are not."""
+    Rows of u and delta are made contiguous where they are not. ``align_bc``: declare the alignment of
+    L and of B's and C's rows (:func:`_bc_alignment`) and read B and C in aligned pieces."""
     u, delta = _rows_contiguous(u), _rows_contiguous(delta)
     batch, channels, length = u.shape
     cg = channels // B.shape[1]
@@ -141,7 +165,8 @@ def packed_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, rows: int, vect
     _packed_fwd_kernel[(cdiv(channels, rows), batch)](
         u, delta, A, B, C, Dt, bt, y, channels, u.stride(0), delta.stride(0), y.stride(0), A.stride(0),
         B.stride(0), B.stride(1), B.stride(3), C.stride(0), C.stride(1), C.stride(3), Dt.stride(0), bt.stride(0),
-        L=length, CG=cg, R=rows, BLOCK=block, V=vector, HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
+        L=length, CG=cg, R=rows, BLOCK=block, V=vector, BC_ALIGN=_bc_alignment(length, B, C) if align_bc else 1,
+        HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), FAST=fast_math(u), num_warps=max(1, min(16, block // vector // 32)),
     )
     return y
