@@ -852,7 +852,9 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     backward takes whole rows in one chunk (ROW_BLOCKS) and so keeps no states, and the forward does too
     from 129 steps where rows are 4-aligned. Rows of up to 256 steps at d_state 1 (session 15): the forward
     packs whole rows end to end, one 16-byte vector a thread (PACKED rows a program, VECTOR elements a
-    thread; :mod:`.selective_scan_packed`).
+    thread; :mod:`.selective_scan_packed`; session 16: in float32, B and C read in aligned pieces where L
+    and their rows allow, ALIGN_BC). The d_state 3-16 backward takes 2-position chunks up to L 256
+    (session 16).
     BLOCK_D divides the group's channels where a power of two does, so no lane idles.
     """
     return dict(_default_config(channels_per_group, state, backward, length, elem_size))
