@@ -1046,15 +1046,21 @@ def _flat(cfg: dict) -> bool:
     return bool(cfg.get("FLAT", 0) and cfg["BLOCK_N"] == 1 and not cfg.get("LANES", 0))
 
 
+def common_alignment(sizes) -> int:
+    """The largest power of two up to 16 that divides every size (a length or a stride, in elements)."""
+    align = 16
+    while align > 1 and any(size % align for size in sizes):
+        align //= 2
+    return align
+
+
 def _row_alignment(cfg: dict, strides) -> int:
     """With the configuration key ROW_ALIGN, the largest power of two below 16 that divides the length
     and every stride (elements), for :func:`_aligned`; else, and where 16 divides them all (which
     Triton's launcher specialises by itself), 1."""
     if not cfg.get("ROW_ALIGN", 0):
         return 1
-    align = 16
-    while align > 1 and any(stride % align for stride in strides):
-        align //= 2
+    align = common_alignment(strides)
     return 1 if align == 16 else align
 
 

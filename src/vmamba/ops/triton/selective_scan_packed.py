@@ -22,7 +22,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .selective_scan import _aligned, _combine, _exp2, _next_pow2, _softplus_and_slope, cdiv, fast_math
+from .selective_scan import (
+    _aligned,
+    _combine,
+    _exp2,
+    _next_pow2,
+    _softplus_and_slope,
+    cdiv,
+    common_alignment,
+    fast_math,
+)
 
 __all__ = ["packed_fwd", "packed_fwd_applies", "rows_per_tile"]
 
@@ -123,11 +132,7 @@ def _bc_alignment(length: int, B: torch.Tensor, C: torch.Tensor) -> int:
     (elements), for :func:`_aligned`; 1 where B or C is not contiguous along L."""
     if B.stride(3) != 1 or C.stride(3) != 1:
         return 1
-    sizes = (length, B.stride(0), B.stride(1), C.stride(0), C.stride(1))
-    align = 16
-    while align > 1 and any(size % align for size in sizes):
-        align //= 2
-    return align
+    return common_alignment((length, B.stride(0), B.stride(1), C.stride(0), C.stride(1)))
 
 
 def _tile_span(length: int, rows: int, vector: int) -> int:
