@@ -96,7 +96,8 @@ def sweep_stage(ss2d, batch, size, dtype, full=False, kinds=("fwd", "bwd"), wher
         for block_d, block_t in ((32, 2), (32, 4), (64, 2)):
             candidates.append({"LANES": 1, "BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": 1, "FLIP": 1,
                                "forward": False, "backward": True})
-        # register caps: the default backward holds 255 registers, so 8 warps an SM (session 16)
+        # 4-step chunks with the reverse adjoint scan, and register caps (the default backward holds 255
+        # registers, so 8 warps an SM; session 16)
         candidates.append({"LANES": 1, "BLOCK_D": 32, "BLOCK_T": 4, "num_warps": 1, "FLIP": 0, "forward": False,
                            "backward": True})
         for cap in (168, 128):

@@ -7,10 +7,11 @@ registers before its warp- and block-level steps. Where the block does not start
 the tile starts at the boundary before it: the up to V - 1 elements of the previous row's tail are
 loaded and scanned again, but not stored. Stores stay whole vectors: a vector that two blocks share
 is stored by the earlier one, whose scan also covers the later block's first elements exactly (the
-recurrence restarts at their row). The recurrence restarts at every row through a zero decay
-at the row's first position (h_t = 0·h_{t-1} + x_t). With V <= L a thread's elements span at most two
-rows, so what depends on the row (A, bias, D, the group's B and C) is loaded per thread for both and
-selected per element.
+recurrence restarts at their row). It restarts at every row through a zero decay at the row's first
+position (h_t = 0·h_{t-1} + x_t). With V <= L a thread's elements span at most two rows, so what
+depends on the row (A, bias, D, the group's B and C) is loaded per thread for both and selected per
+element; with ALIGN_BC, where L and B's and C's rows are aligned, B and C load as aligned vector pieces
+instead (:func:`_group_row_at`).
 
 Short rows otherwise waste lanes or vector width: L = 49 (VMamba-T stage 4) rows are 98 bytes in
 bf16, aligned to 2 bytes, so tiles of whole rows load them one element at a time.
@@ -46,6 +47,22 @@ def _row_pair(ptr, stride, d, KC, nxt, scale: tl.constexpr = 1.0):
         lo *= scale
         hi *= scale
     return tl.where(nxt, hi, lo)
+
+
+@triton.jit
+def _group_row_at(base, sk, sl, k, k_next, t0, j, nxt, L: tl.constexpr, ALIGN: tl.constexpr):
+    """Per element, the address of its B (or C) value in the batch element at ``base``: position t0 + j
+    of the first row's group k, or position t0 + j - L of the next row's group.
+
+    ALIGN > 1 (L and the group stride are multiples of it, as the launch checked): an element past the
+    row boundary steps back by an integer offset, not a select between two pointers, so the compiler
+    sees the thread's run as aligned contiguous pieces and loads vectors. Else the select, which is
+    fewer instructions where rows are not aligned (L = 49)."""
+    if ALIGN > 1:
+        sk = _aligned(sk, ALIGN)
+        # one integer offset, then one pointer add (fewer instructions than adding the terms one by one)
+        return base + (k * sk + (t0 + j) * sl - nxt.to(tl.int32) * (L * sl + (k - k_next) * sk))
+    return tl.where(nxt, base + k_next * sk + (t0 - L) * sl, base + k * sk + t0 * sl) + j * sl
 
 
 @triton.jit
@@ -93,20 +110,10 @@ def _packed_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_pt
     # position t0 - L of the next row's
     k = d // CG
     k_next = (d + 1) // CG
-    if BC_ALIGN > 1:
-        # L and the rows of B and C are multiples of BC_ALIGN (the launch checked), so a row boundary
-        # splits a thread's run only between aligned pieces; an element past it steps back by an offset
-        # (not a select of two pointers) and the compiler sees aligned contiguous pieces: vector loads
-        sB_b, sB_k = _aligned(sB_b, BC_ALIGN), _aligned(sB_k, BC_ALIGN)
-        sC_b, sC_k = _aligned(sC_b, BC_ALIGN), _aligned(sC_k, BC_ALIGN)
-        behind = nxt.to(tl.int32)
-        B_at = B_ptr + b * sB_b + k * sB_k + (t0 + j) * sB_l - behind * (L * sB_l + (k - k_next) * sB_k)
-        C_at = C_ptr + b * sC_b + k * sC_k + (t0 + j) * sC_l - behind * (L * sC_l + (k - k_next) * sC_k)
-    else:  # fewer instructions where rows are not aligned (L = 49)
-        B_at = tl.where(nxt, B_ptr + b * sB_b + k_next * sB_k + (t0 - L) * sB_l,
-                        B_ptr + b * sB_b + k * sB_k + t0 * sB_l) + j * sB_l
-        C_at = tl.where(nxt, C_ptr + b * sC_b + k_next * sC_k + (t0 - L) * sC_l,
-                        C_ptr + b * sC_b + k * sC_k + t0 * sC_l) + j * sC_l
+    if BC_ALIGN > 1:  # the batch strides too (the launch checked)
+        sB_b, sC_b = _aligned(sB_b, BC_ALIGN), _aligned(sC_b, BC_ALIGN)
+    B_at = _group_row_at(B_ptr + b * sB_b, sB_k, sB_l, k, k_next, t0, j, nxt, L, BC_ALIGN)
+    C_at = _group_row_at(C_ptr + b * sC_b, sC_k, sC_l, k, k_next, t0, j, nxt, L, BC_ALIGN)
     Bt = tl.load(B_at, mask=inside, other=0.0).to(tl.float32)
     Ct = tl.load(C_at, mask=inside, other=0.0).to(tl.float32)
     starts = (j == 0) & (t0 == 0) | (j == L - t0)  # a row's first position
