@@ -91,18 +91,11 @@ def sweep_stage(ss2d, batch, size, dtype, full=False, kinds=("fwd", "bwd"), wher
                   if all(cfg.get(key) == value for key, value in (where or {}).items())]
     if ss2d.d_state > 2:  # the short list is tuned for d_state 1
         base = k.core_config(u.shape[-1], ss2d.d_state, w.shape[2], True, size * size, u.element_size())
-        candidates = [{**base, "FLIP": flip, "forward": False, "backward": True} for flip in (0, 1)]
-        # the backward with one channel and all its states per lane (LANES), chunks inside the state interval
-        for block_d, block_t in ((32, 2), (32, 4), (64, 2)):
-            candidates.append({"LANES": 1, "BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": 1, "FLIP": 1,
-                               "forward": False, "backward": True})
-        # 4-step chunks with the reverse adjoint scan, and register caps (the default backward holds 255
-        # registers, so 8 warps an SM; session 16)
-        candidates.append({"LANES": 1, "BLOCK_D": 32, "BLOCK_T": 4, "num_warps": 1, "FLIP": 0, "forward": False,
-                           "backward": True})
-        for cap in (168, 128):
-            candidates.append({"LANES": 1, "BLOCK_D": 32, "BLOCK_T": 2, "num_warps": 1, "FLIP": 1, "maxnreg": cap,
-                               "forward": False, "backward": True})
+        # the backward with one channel and all its states per lane (LANES), chunks inside the state interval,
+        # the adjoint flipped or in reverse, dB / dC summed by butterflies or by halving (session 17)
+        candidates = [{**base, "LANES": 1, "BLOCK_D": 32, "BLOCK_T": block_t, "num_warps": 1, "FLIP": flip,
+                       "HALVING": halving, "forward": False, "backward": True}
+                      for block_t, flip, halving in itertools.product((2, 4), (0, 1), (0, 1))]
         if "bwd" not in kinds:
             candidates = []
         # the forward with one channel and all its states per lane (LANES), against the default

@@ -120,10 +120,16 @@ VARIANTS = [
     ("core_bwd d_state 16, channel lanes, 4-step chunks, FLIP", ss2d_core._core_bwd_kernel,
      core(N=16, BLOCK_N=16, BLOCK_D=32, BLOCK_T=4, SAVE_T=16, HAS_STATES=True, FLIP=True, LANES=True, PREFETCH=False),
      {"num_warps": 1}, False),
-    ("core_bwd d_state 16, channel lanes, 2-step chunks, reverse adjoint scan (default at L > 256)",
-     ss2d_core._core_bwd_kernel,
+    ("core_bwd d_state 16, channel lanes, 2-step chunks, reverse adjoint scan", ss2d_core._core_bwd_kernel,
      core(N=16, BLOCK_N=16, BLOCK_D=32, BLOCK_T=2, SAVE_T=16, HAS_STATES=True, FLIP=False, LANES=True, PREFETCH=False),
      {"num_warps": 1}, False),
+    ("core_bwd d_state 16, channel lanes, 2-step chunks, FLIP, dB / dC by halving shuffles (default)",
+     ss2d_core._core_bwd_kernel,
+     core(N=16, BLOCK_N=16, BLOCK_D=32, BLOCK_T=2, SAVE_T=16, HAS_STATES=True, FLIP=True, LANES=True, PREFETCH=False,
+          HALVING=2), {"num_warps": 1}, False),
+    ("core_bwd d_state 3, channel lanes, dB / dC by halving shuffles", ss2d_core._core_bwd_kernel,
+     core(N=3, BLOCK_N=4, BLOCK_D=32, BLOCK_T=2, SAVE_T=16, HAS_STATES=True, FLIP=True, LANES=True, PREFETCH=False,
+          HALVING=2), {"num_warps": 1}, False),
     ("core_bwd d_state 16, channel lanes, 2-step chunks, recomputing", ss2d_core._core_bwd_kernel,
      core(N=16, BLOCK_N=16, BLOCK_D=32, BLOCK_T=2, SAVE_T=16, HAS_STATES=False, FLIP=True, LANES=True, PREFETCH=False),
      {"num_warps": 1}, False),
@@ -209,6 +215,10 @@ VARIANTS = [
     ("selective_scan bwd d_state 16, channel lanes, 2-step chunks", selective_scan._ss_bwd_kernel,
      dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=16, BLOCK_T=2,
           SAVE_T=16, FLIP=True, LANES=True, HAS_STATES=False, EVEN=False), {"num_warps": 1}, False),
+    ("selective_scan bwd d_state 16, channel lanes, 2-step chunks, dB / dC by halving shuffles (default)",
+     selective_scan._ss_bwd_kernel,
+     dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=16, BLOCK_T=2,
+          SAVE_T=16, FLIP=True, LANES=True, HAS_STATES=False, EVEN=False, HALVING=2), {"num_warps": 1}, False),
     ("delta GEMM bf16", ss2d_core._delta_gemm_kernel,
      dict(R=24, BLOCK_M=64, BLOCK_C=128, BLOCK_R=32, PRECISION="tf32"), {"num_warps": 4},
      {"xp_ptr", "w_ptr", "out_ptr"}),
@@ -345,7 +355,8 @@ def main() -> int:
             ptx = compiled.asm["ptx"]
             row = {"variant": name, "ok": True, "cubin_bytes": len(compiled.asm["cubin"]),
                    "fast_math_ptx": "lg2.approx" in ptx, "ftz_exp2_ptx": "ex2.approx.ftz.f32" in ptx,
-                   "async_copies": ptx.count("cp.async.cg") + ptx.count("cp.async.ca")}
+                   "async_copies": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+                   "butterfly_shuffles_ptx": ptx.count("shfl.sync.bfly")}
             if "--resources" in sys.argv:
                 row.update(resources(ptx, options))
             if "--sass" in sys.argv:

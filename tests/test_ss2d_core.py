@@ -432,6 +432,28 @@ def test_lanes_backward_agrees(state, block_t):
         k.ss2d_scan_bwd(gy, *args, config={**cfg, "BLOCK_T": 32})
 
 
+@pytest.mark.parametrize("state", [16, 3])
+def test_halving_backward_agrees(state):
+    """The default d_state 3-16 backward (one warp of 32 channel lanes, dB / dC summed over the lanes by
+    recursive halving: the interpreter's stand-in for its shuffles on the CPU) gives the (channel,
+    state)-per-lane backward's gradients; d_state 3 pads the states to 4."""
+    from vmamba.ops.ss2d_core import _projections
+    from vmamba.ops.triton import ss2d_core as k
+
+    g = torch.Generator().manual_seed(19)
+    x = torch.randn(1, 3, 5, 12, generator=g).to(DEVICE)
+    wx, wdt, A, D, bias = (t.to(DEVICE) for t in _params(ScanMode.CROSS2D, 12, 3, state, seed=19))
+    u, xp = _projections(x, wx)
+    args = (u, xp, wdt, A, D, bias, 3, 5, 2)
+    gy = torch.randn(4, 1, 15, 12, generator=g).to(DEVICE)
+    cfg = k.core_config(12, state, 3, True, 15, 4)
+    assert (cfg["LANES"], cfg["BLOCK_D"], cfg["num_warps"], cfg["HALVING"]) == (1, 32, 1, 1)
+    want = k.ss2d_scan_bwd(gy, *args, config=TILES)
+    got = k.ss2d_scan_bwd(gy, *args)
+    for name, ours, theirs in zip(("du", "ddelta", "dbc", "dA", "dD", "dbias"), got, want):
+        assert _rel(ours, theirs) < 1e-5, name
+
+
 @pytest.mark.parametrize(("dtype", "rank", "channels", "config"), [
     (torch.float32, 6, 20, None),  # R padded to 16, C not a multiple of the channel block
     (torch.bfloat16, 24, 40, {"BLOCK_M": 16, "BLOCK_C": 16}),  # several blocks in both directions

@@ -39,3 +39,10 @@ def test_kernels_compile_for_hopper():
         if row["variant"].startswith(("core_", "selective_scan")):
             assert row["fast_math_ptx"], row
             assert row["ftz_exp2_ptx"], row  # 2^x without ptxas's subnormal-result wrapper
+    # dB / dC summed over the channel lanes by halving (HALVING): 31 shuffles a step for the 32 sums
+    # instead of 5 for each, in the PTX
+    by_name = {row["variant"]: row for row in rows}
+    butterflies = by_name["selective_scan bwd d_state 16, channel lanes, 2-step chunks"]["butterfly_shuffles_ptx"]
+    halving = by_name["selective_scan bwd d_state 16, channel lanes, 2-step chunks, dB / dC by halving shuffles "
+                      "(default)"]["butterfly_shuffles_ptx"]
+    assert butterflies - halving >= 2 * (160 - 31), (butterflies, halving)

@@ -270,13 +270,17 @@ def test_lanes_forward_variant(state, block_t, prefetch):
            config={"LANES": 1, "BLOCK_D": 4, "BLOCK_T": block_t, "num_warps": 1, "PREFETCH": prefetch})
 
 
-@pytest.mark.parametrize(("state", "block_t", "flip", "block_d"),
-                         [(1, 4, 1, 4), (4, 2, 0, 4), (16, 2, 1, 4), (16, 4, 1, 4), (16, 2, 1, 32)])
-def test_lanes_backward_variant(state, block_t, flip, block_d):
+@pytest.mark.parametrize(("state", "block_t", "flip", "block_d", "halving"),
+                         [(1, 4, 1, 4, 0), (4, 2, 0, 4, 0), (16, 2, 1, 4, 0), (16, 4, 1, 4, 0), (16, 2, 1, 32, 1),
+                          (3, 4, 0, 32, 1)])
+def test_lanes_backward_variant(state, block_t, flip, block_d, halving):
     # LANES backward: chunks of block_t positions inside 16-position saved-state intervals, their entry
-    # states recomputed into a scratch; 37 positions: partial last chunk and interval
+    # states recomputed into a scratch; 37 positions: partial last chunk and interval. HALVING (one warp
+    # of 32 channels): dB / dC summed over the lanes by recursive halving, here with the interpreter's
+    # stand-in for the shuffles; d_state 3 leaves a padded state and two lanes per sum
     _check(batch=2, groups=2, per_group=5, state=state, length=37, dtype=torch.float32, seed=30 + state,
-           config={"LANES": 1, "BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": 1, "PREFETCH": 1, "FLIP": flip})
+           config={"LANES": 1, "BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": 1, "PREFETCH": 1, "FLIP": flip,
+                   "HALVING": halving})
     with pytest.raises(ValueError, match="must divide"):
         ins = _inputs(1, 1, 2, state, 9, torch.float32, seed=1)
         selective_scan_bwd(torch.zeros(1, 2, 9, device=DEVICE), *ins, True,
@@ -500,3 +504,15 @@ def test_default_forward_packs_short_rows():
     empty = torch.empty(saved_states_shape(ins[0], ins[2], ins[3]), device=DEVICE)
     assert empty.shape[1] == 0
     assert torch.equal(selective_scan_fwd(*ins, True, states_out=empty), selective_scan_fwd(*ins, True))
+
+
+def test_halving_applies_to_one_warp_of_channel_lanes():
+    """HALVING takes the channel lanes of one warp (32 channels, 2 N <= 32); the shuffles only compiled."""
+    from vmamba.ops.triton.selective_scan import halving
+
+    u = torch.zeros(1, device=DEVICE)
+    lanes = {"LANES": 1, "BLOCK_D": 32, "BLOCK_N": 16, "num_warps": 1, "HALVING": 1}
+    assert halving(lanes, u) == (2 if DEVICE == "cuda" else 1)
+    assert default_config(32, 16, backward=True, length=3136)["HALVING"] == 1
+    for off in ({"HALVING": 0}, {"LANES": 0}, {"BLOCK_D": 16}, {"num_warps": 2}, {"BLOCK_N": 32}):
+        assert halving({**lanes, **off}, u) == 0, off

@@ -303,14 +303,94 @@ def _over_channels(t, LANES: tl.constexpr, FLAT: tl.constexpr = False):
 
 
 @triton.jit
+def _lane_xor(x, MASK: tl.constexpr, SHUFFLE: tl.constexpr):
+    """x (T, M, 32) with its last axis permuted d -> d ^ MASK. SHUFFLE (compiled CUDA, where that axis is
+    the warp's lanes in order: LANES tiles of one warp): a butterfly shuffle; else (the interpreter) the
+    same permutation by reshapes."""
+    if SHUFFLE:
+        if MASK == 16:
+            out = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 16, 31, -1;", "=f,f", [x],
+                                            dtype=tl.float32, is_pure=False, pack=1)
+        elif MASK == 8:
+            out = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 8, 31, -1;", "=f,f", [x],
+                                            dtype=tl.float32, is_pure=False, pack=1)
+        elif MASK == 4:
+            out = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 4, 31, -1;", "=f,f", [x],
+                                            dtype=tl.float32, is_pure=False, pack=1)
+        elif MASK == 2:
+            out = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 31, -1;", "=f,f", [x],
+                                            dtype=tl.float32, is_pure=False, pack=1)
+        else:
+            tl.static_assert(MASK == 1, "lane masks are 16, 8, 4, 2 or 1")
+            out = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 31, -1;", "=f,f", [x],
+                                            dtype=tl.float32, is_pure=False, pack=1)
+    else:
+        T: tl.constexpr = x.shape[0]
+        M: tl.constexpr = x.shape[1]
+        halves = tl.reshape(x, (T, M, 32 // (2 * MASK), 2, MASK))
+        out = tl.reshape(tl.flip(halves, 3), (T, M, 32))
+    return out
+
+
+@triton.jit
+def _halve(x, lane, MASK: tl.constexpr, SHUFFLE: tl.constexpr):
+    """One step of :func:`_halving_sums` at lane bit MASK for the (T, M, 32) values x."""
+    T: tl.constexpr = x.shape[0]
+    M: tl.constexpr = x.shape[1]
+    if M > 1:
+        lo, hi = tl.split(tl.permute(tl.reshape(x, (T, 2, M // 2, 32)), (0, 2, 3, 1)))
+        upper = (lane & MASK) != 0
+        out = tl.where(upper, hi, lo) + _lane_xor(tl.where(upper, lo, hi), MASK, SHUFFLE)
+    else:
+        out = x + _lane_xor(x, MASK, SHUFFLE)
+    return out
+
+
+@triton.jit
+def _halving_sums(xb, xc, SHUFFLE: tl.constexpr):
+    """Sums over the 32 channel lanes of the 2N values [xb; xc] (two (T, N, 32) LANES tiles, 2N <= 32) at
+    each step, by recursive halving: at lane bit m = 16, 8, ... each lane keeps the half of its values
+    that the bit selects and adds its partner's copy of that half; once one value is left, butterfly adds.
+    Returns (T, 32): lane d holds the sum of value d // (16 / N) (dB's state n below N, else dC's n - N).
+    31 shuffles for 32 sums, where a butterfly sum of each takes 5 (160), and as many adds."""
+    T: tl.constexpr = xb.shape[0]
+    lane = tl.arange(0, 32)[None, None, :]
+    upper = (lane & 16) != 0
+    x = tl.where(upper, xc, xb) + _lane_xor(tl.where(upper, xb, xc), 16, SHUFFLE)
+    x = _halve(_halve(_halve(_halve(x, lane, 8, SHUFFLE), lane, 4, SHUFFLE), lane, 2, SHUFFLE), lane, 1, SHUFFLE)
+    return tl.reshape(x, (T, 32))
+
+
+@triton.jit
+def _store_halved_dBC(dB_ptr, dC_ptr, offset, t, L, sums, N, BLOCK_N: tl.constexpr, sdB_n, ATOMIC: tl.constexpr,
+                      EVEN: tl.constexpr):
+    """Stores (or with ATOMIC adds) :func:`_halving_sums`' (T, 32) tile at positions t: each value from
+    the first lane that holds it, dB's at states below BLOCK_N, dC's above (states from N masked)."""
+    lane = tl.arange(0, 32)
+    SHARE: tl.constexpr = 16 // BLOCK_N  # lanes holding each value
+    v = lane // SHARE
+    is_c = v >= BLOCK_N
+    n = v - is_c.to(tl.int32) * BLOCK_N
+    ptr = tl.where(is_c, dC_ptr, dB_ptr) + offset + n * sdB_n
+    m = _in_range(t, L, EVEN)[:, None] & ((lane % SHARE == 0) & (n < N))[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptr[None, :] + t[:, None], sums, mask=m)
+    else:
+        tl.store(ptr[None, :] + t[:, None], sums, mask=m)
+
+
+@triton.jit
 def _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A, Bt, dskip, m2, HAS_D: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, LANES: tl.constexpr, FLAT: tl.constexpr = False):
+                     SOFTPLUS: tl.constexpr, LANES: tl.constexpr, FLAT: tl.constexpr = False,
+                     HALVING: tl.constexpr = 0):
     """Gradient terms of one chunk from its adjoint states gs and states hs (module docstring).
 
     Returns the chunk's dA and dD partial sums, the (T, D) tiles du and ddelta (with respect to the
     raw delta + bias, masked) and the (T, N) dB and dC summed over the block's channels. Tiles are
     (T, D, N) with A (D, N), or with LANES (T, N, D) with A (N, D): the sums over the states then
-    stay within a thread; FLAT tiles (d_state 1) are (T, D) with A (D,).
+    stay within a thread; FLAT tiles (d_state 1) are (T, D) with A (D,). HALVING (LANES tiles of one
+    warp of 32 channels; 2: by shuffles, 1: the interpreter's stand-in): dB and dC come back as one
+    (T, 32) tile of :func:`_halving_sums`, returned twice.
     """
     gl = gs * (hs - x)  # g_t a_t h_{t-1}: gradient with respect to Δ_t A
     dA = tl.sum(gl * _per_channel(dt, LANES, FLAT), axis=0)
@@ -324,8 +404,12 @@ def _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A, Bt, dskip, m2, HAS_D: 
     if SOFTPLUS:
         ddt = ddt * slope  # σ(delta + bias)
     ddt = tl.where(m2, ddt, 0.0)
-    dB = _over_channels(gs * _per_channel(dtu, LANES, FLAT), LANES, FLAT)
-    dC = _over_channels(hs * _per_channel(gy, LANES, FLAT), LANES, FLAT)
+    if HALVING:
+        dB = _halving_sums(gs * _per_channel(dtu, LANES), hs * _per_channel(gy, LANES), HALVING > 1)
+        dC = dB
+    else:
+        dB = _over_channels(gs * _per_channel(dtu, LANES, FLAT), LANES, FLAT)
+        dC = _over_channels(hs * _per_channel(gy, LANES, FLAT), LANES, FLAT)
     return dA, dD, du, ddt, dB, dC
 
 
@@ -557,7 +641,8 @@ def _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n
 def _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h0, g, L, dt_base, du_base, ddt_base,
                   mask_d, sdt_l, A, A2, bias, dskip, first, last, HAS_D: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
-                  FLIP: tl.constexpr, LANES: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr):
+                  FLIP: tl.constexpr, LANES: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr,
+                  HALVING: tl.constexpr = 0):
     """One chunk of the backward (positions t, its loaded tiles, entry state h0, adjoint carry g from
     the chunk after it): stores du and ddelta; returns (g for the chunk before, dA, dD, dbias partials,
     the (T, N) dB and dC summed over the block's channels)."""
@@ -580,7 +665,7 @@ def _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h0, g, L, dt_base, du_base, ddt_base,
         gs, g = _adjoint_chunk(a, cg, g, first, last, FLIP)
 
     dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A, Bt, dskip, m2,
-                                                     HAS_D, SOFTPLUS, LANES, FLAT)
+                                                     HAS_D, SOFTPLUS, LANES, FLAT, HALVING)
     tl.store(du_base + t[:, None], du, mask=m2)
     tl.store(ddt_base + t[:, None], ddt, mask=m2)
     return g, dA_p, dD_p, tl.sum(ddt, axis=0), dBp, dCp
@@ -684,6 +769,7 @@ def _ss_bwd_kernel(
     FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SAVE_T: tl.constexpr,
     FLIP: tl.constexpr, LANES: tl.constexpr, HAS_STATES: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr,
     FLAT: tl.constexpr, ALIGN: tl.constexpr, PERSIST: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+    HALVING: tl.constexpr = 0,
 ):
     """ROW_BLOCKS = r (one chunk covers L): each program takes whole rows of r channel blocks in turn,
     from a zero state with no saved states, and sums the blocks' dB / dC partials before storing them
@@ -804,8 +890,12 @@ def _ss_bwd_kernel(
                                                    su_l, sdt_l, sg_l, sB_l, sC_l, EVEN)
                 g, dA_p, dD_p, dbias_p, dBp, dCp = _ss_bwd_chunk(
                     t, u, raw, gy, Bt, Ct, h, g, L, dt_base, du_base, ddt_base, mask_d, sdt_l, A, A2, bias, dskip,
-                    first, last, HAS_D, HAS_BIAS, SOFTPLUS, FAST, FLIP, LANES, EVEN, FLAT)
-                _store_dBC(dB_base, dC_base, t, L, mask_n, dBp, dCp, ATOMIC, EVEN)
+                    first, last, HAS_D, HAS_BIAS, SOFTPLUS, FAST, FLIP, LANES, EVEN, FLAT, HALVING)
+                if HALVING:
+                    _store_halved_dBC(dB_ptr, dC_ptr, b * sdB_b + k * sdB_k + pid_d * sdB_blk, t, L, dBp, N,
+                                      BLOCK_N, sdB_n, ATOMIC, EVEN)
+                else:
+                    _store_dBC(dB_base, dC_base, t, L, mask_n, dBp, dCp, ATOMIC, EVEN)
                 dA_acc += dA_p
                 if HAS_D:
                     dD_acc += dD_p
@@ -816,6 +906,16 @@ def _ss_bwd_kernel(
 
         _store_channel_partials(dA_ptr, dD_ptr, dbias_ptr, b, KC, N, rows, states, d, dA_acc, dD_acc, dbias_acc,
                                 state_mask, mask_d, HAS_D, HAS_BIAS)
+
+
+def halving(cfg: dict, u: torch.Tensor) -> int:
+    """The HALVING constant of the d_state-16 backwards (configuration key HALVING): dB / dC summed over
+    the channel lanes by :func:`_halving_sums`, which needs LANES tiles of one warp of 32 channels and
+    2 N <= 32; 2 with shuffles (compiled CUDA), 1 with the interpreter's stand-in; 0 otherwise."""
+    if not (cfg.get("HALVING") and cfg.get("LANES") and cfg["BLOCK_D"] == 32 and cfg["num_warps"] == 1
+            and 2 <= 2 * cfg["BLOCK_N"] <= 32):
+        return 0
+    return 2 if fast_math(u) else 1
 
 
 def cdiv(a: int, b: int) -> int:
@@ -854,7 +954,7 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     packs whole rows end to end, one 16-byte vector a thread (PACKED rows a program, VECTOR elements a
     thread; :mod:`.selective_scan_packed`; session 16: in float32, B and C read in aligned pieces where L
     and their rows allow, ALIGN_BC). The d_state 3-16 backward takes 2-position chunks up to L 256
-    (session 16).
+    (session 16) and sums dB / dC over its channel lanes by recursive halving (HALVING, session 17).
     BLOCK_D divides the group's channels where a power of two does, so no lane idles.
     """
     return dict(_default_config(channels_per_group, state, backward, length, elem_size))
@@ -882,10 +982,13 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
     if backward and 4 <= block_n <= 16:
         # LANES: 4-position chunks inside 16-position state intervals; 2-position ones for rows of up to 256
         # (session 16, vanilla-T bf16: stage 3 6.47 ms against 7.76, stage 4 3.81 against 4.56; stage 1
-        # 22.9 against 22.1 and stage 2 10.7 against 10.2 stay at 4)
+        # 22.9 against 22.1 and stage 2 10.7 against 10.2 stay at 4). HALVING: dB / dC summed over the
+        # lanes by recursive halving (session 17, bf16 with saved states: stage 1 18.2 ms against 22.1, stage
+        # 2 8.70 against 10.21, stage 3 5.48 against 6.46; float32 stage 1 17.3 against 21.1; 2-step chunks
+        # still lost at stages 1-2, 20.1 and 9.84 ms)
         block_t = 2 if length is not None and length <= 256 else 4
         return {"BLOCK_D": 32, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": 1, "PREFETCH": 0, "LANES": 1,
-                "FLIP": 1}
+                "FLIP": 1, "HALVING": 1}
     flip = half_grads = flat = 0
     if backward and block_n <= 2:
         # 2-byte inputs: du / ddelta stored in their dtype, in 16-step chunks (whole 32-byte sectors
@@ -1269,7 +1372,7 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         ALIGN=_row_alignment(cfg, (length,) + u.stride()[:2] + delta.stride()[:2] + B.stride()[:3]
                              + C.stride()[:3] + grad_out.stride()[:2] + du.stride()[:2] + dB_ws.stride()[:2]
                              + (blk_stride,) + dB_ws.stride()[-2:-1]),
-        PERSIST=len(grid) == 1, ROW_BLOCKS=row_blocks, **launch_options(cfg),
+        PERSIST=len(grid) == 1, ROW_BLOCKS=row_blocks, HALVING=halving(cfg, u), **launch_options(cfg),
     )
     if atomic:
         dB, dC = dB_ws, dC_ws

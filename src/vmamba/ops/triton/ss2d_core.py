@@ -55,6 +55,7 @@ from .selective_scan import (
     check_states,
     default_config,
     fast_math,
+    halving,
     launch_options,
 )
 
@@ -241,14 +242,14 @@ def _bwd_loads(t, u_base, dl_base, xp_base, gy_base, L, H, W, inv_h, rev, cols, 
 
 
 @triton.jit
-def _bwd_chunk(t, u, raw, Bt, Ct, gy, p, m2, h0, g, dl_base, du_base, ddt_base, bc_base, L, H, W, inv_h, rev, cols,
-               mask_d, mask_n, sd_l, sbc_l, A, A2, bias, dskip, first, last, N: tl.constexpr, HAS_D: tl.constexpr,
+def _bwd_chunk(t, u, raw, Bt, Ct, gy, p, m2, h0, g, dl_base, du_base, ddt_base, bc_base, bc_row, L, H, W, inv_h, rev,
+               cols, mask_d, mask_n, sd_l, sbc_l, A, A2, bias, dskip, first, last, N: tl.constexpr, HAS_D: tl.constexpr,
                SOFTPLUS: tl.constexpr, FAST: tl.constexpr, WIDE: tl.constexpr, FLIP: tl.constexpr,
-               LANES: tl.constexpr):
+               LANES: tl.constexpr, HALVING: tl.constexpr = 0):
     """One chunk of the backward (steps t, their inputs from :func:`_bwd_loads`, entry state h0, adjoint
     carry g from the chunk after it): stores du, ddelta and the dB/dC partials, returns (g for the chunk
     before, dA, dD and dbias partials). Tiles are (T, D, N), or (T, N, D) with LANES (A and A2 then
-    (N, D))."""
+    (N, D)); HALVING: dB / dC summed over the channel lanes by halving (``_chunk_gradients``)."""
     mtn = (t < L)[:, None] & mask_n[None, :]
     dt, a, x, slope = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST, LANES)
     dtu = dt * u
@@ -267,12 +268,22 @@ def _bwd_chunk(t, u, raw, Bt, Ct, gy, p, m2, h0, g, dl_base, du_base, ddt_base, 
     else:
         gs, g = _adjoint_chunk(a, cg, g, first, last, FLIP)  # the adjoint runs down the route
     dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A, Bt, dskip, m2, HAS_D,
-                                                     SOFTPLUS, LANES)
+                                                     SOFTPLUS, LANES, False, HALVING)
     tl.store(du_base + p[:, None] * sd_l, du.to(du_base.dtype.element_ty), mask=m2)
     tl.store(ddt_base + p[:, None] * sd_l, ddt.to(ddt_base.dtype.element_ty), mask=m2)
-    bc_ptrs = bc_base + p[:, None] * sbc_l
-    tl.store(bc_ptrs, dBp, mask=mtn)
-    tl.store(bc_ptrs + N, dCp, mask=mtn)
+    if HALVING:  # lane d holds value d // SHARE of the 2 BLOCK_N: dB's states, then dC's
+        BN: tl.constexpr = mask_n.shape[0]
+        SHARE: tl.constexpr = 32 // (2 * BN)
+        lane = tl.arange(0, 32)
+        v = lane // SHARE
+        is_c = (v >= BN).to(tl.int32)
+        n = v - is_c * BN
+        keep = (lane % SHARE == 0) & (n < N)
+        tl.store(bc_row + p[:, None] * sbc_l + (is_c * N + n)[None, :], dBp, mask=(t < L)[:, None] & keep[None, :])
+    else:
+        bc_ptrs = bc_base + p[:, None] * sbc_l
+        tl.store(bc_ptrs, dBp, mask=mtn)
+        tl.store(bc_ptrs + N, dCp, mask=mtn)
     return g, dA_p, dD_p, tl.sum(ddt, axis=0)
 
 
@@ -291,7 +302,7 @@ def _core_bwd_kernel(
     R: tl.constexpr, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SAVE_T: tl.constexpr, FAST: tl.constexpr,
     WIDE: tl.constexpr, HAS_STATES: tl.constexpr, FLIP: tl.constexpr, LANES: tl.constexpr,
-    PREFETCH: tl.constexpr, STAGES: tl.constexpr,
+    PREFETCH: tl.constexpr, STAGES: tl.constexpr, HALVING: tl.constexpr = 0,
 ):
     """Chunks of BLOCK_T steps walked in reverse from the states entering every SAVE_T steps.
 
@@ -316,7 +327,8 @@ def _core_bwd_kernel(
     du_base = du_ptr + k.to(tl.int64) * sd_k + b * sd_b + c64 * sd_c
     ddt_base = ddt_ptr + k.to(tl.int64) * sd_k + b * sd_b + c64 * sd_c
     # dB / dC partials of this channel block: (blocks, batch, L, K, 2N) float32
-    bc_base = dbc_ptr + pid_d * sbc_blk + b * sbc_b + k * sbc_k + offs_n[None, :]
+    bc_row = dbc_ptr + pid_d * sbc_blk + b * sbc_b + k * sbc_k
+    bc_base = bc_row + offs_n[None, :]
     hws_base = hws_ptr + (b * n_saved * KC + row_s) * BLOCK_N + n_s  # (batch, interval, K*C, N)
     interval_stride = KC * BLOCK_N + b * 0  # int64 (b is), so interval offsets cannot overflow
     program = (b * tl.num_programs(1) + k) * tl.num_programs(0) + pid_d
@@ -376,9 +388,9 @@ def _core_bwd_kernel(
                                                        cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, sg_l, R, N,
                                                        WIDE)
             g, dA_p, dD_p, dbias_p = _bwd_chunk(t, u, raw, Bt, Ct, gy, p, m2, h, g, dl_base, du_base, ddt_base,
-                                                bc_base, L, H, W, inv_h, rev, cols, mask_d, mask_n, sd_l, sbc_l, A_s,
-                                                A2, bias, dskip, first, last, N, HAS_D, SOFTPLUS, FAST, WIDE, FLIP,
-                                                LANES)
+                                                bc_base, bc_row, L, H, W, inv_h, rev, cols, mask_d, mask_n, sd_l,
+                                                sbc_l, A_s, A2, bias, dskip, first, last, N, HAS_D, SOFTPLUS, FAST,
+                                                WIDE, FLIP, LANES, HALVING)
             dA_acc += dA_p
             if HAS_D:
                 dD_acc += dD_p
@@ -427,14 +439,13 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
     tiny and small models; 32-step chunks through Triton's pipeliner, session 10) and otherwise reads it
     from one batched GEMM (DELTA_GEMM), two channels per lane. d_state 3-16 (vanilla models): LANES
     tiles, one channel and all its states per lane; forward in chunks of 4 steps with Δ from the GEMM,
-    backward in chunks inside the 16-step saved-state interval (session 6 sweep at vanilla-T stages 1
-    and 3: forward 9x and 32x, backward 2.9x and 2.9x faster than the (channel, state)-per-lane tiles):
-    2 steps above 256 positions, 4 up to 256 (session 16, bf16 with saved states: stage 3 6.60 ms
-    against 7.12 for 2 steps, stage 4 3.84 against 4.34). Larger d_state: the plain selective-scan
-    defaults. The backwards run their adjoint as a forward scan of the time-flipped chunk (FLIP: no
-    shuffles for Triton's reverse scan; session 5: 11 % faster at d_state 1 and 7 % at d_state 16,
-    stages 1 and 3), except the d_state-16 one above 256 positions, whose 2-step chunks now scan in
-    reverse faster (session 16: stage 1 25.8 ms against 27.1, stage 2 12.8 against 13.3).
+    backward in 2-step chunks inside the 16-step saved-state interval (session 6 sweep at vanilla-T
+    stages 1 and 3: forward 9x and 32x, backward 2.9x and 2.9x faster than the (channel, state)-per-lane
+    tiles), dB / dC summed over the lanes by recursive halving (HALVING; session 17: 25-30 % faster at
+    every stage). Larger d_state: the plain selective-scan defaults. The backwards run their adjoint as
+    a forward scan of the time-flipped chunk (FLIP: no shuffles for Triton's reverse scan; session 5:
+    11 % faster at d_state 1 and 7 % at d_state 16, stages 1 and 3; session 17 with HALVING: stage 1
+    18.07 ms against 20.56 in reverse).
     """
     defaults = default_config(channels, state, backward, length, elem_size)
     if backward:
@@ -447,12 +458,11 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
         else:  # VMamba-S stage 1 bf16: 0.810 ms against 1.185 with 8-step chunks and PREFETCH (session 10)
             defaults.update(BLOCK_D=32, BLOCK_T=32, num_warps=1, PREFETCH=0, DELTA_GEMM=0, STAGES=3)
     elif state <= 16:
-        if backward and length is not None and length <= 256:
-            defaults.update(LANES=1, BLOCK_D=32, BLOCK_T=4, num_warps=1)
-        elif backward:
-            # the adjoint as a reverse scan (session 16, vanilla-T bf16 with saved states: stage 1 25.8 ms
-            # against 27.1 with FLIP, stage 2 12.8 against 13.3)
-            defaults.update(LANES=1, BLOCK_D=32, BLOCK_T=2, num_warps=1, FLIP=0)
+        if backward:
+            # dB / dC summed over the channel lanes by halving (session 17, vanilla-T bf16 with saved states,
+            # against the session-16 defaults: stages 1-4 18.07 / 8.92 / 4.86 / 2.90 ms against 25.86 /
+            # 12.79 / 6.55 / 3.85)
+            defaults.update(LANES=1, BLOCK_D=32, BLOCK_T=2, num_warps=1, FLIP=1, HALVING=1)
         else:
             defaults.update(LANES=1, BLOCK_D=64, BLOCK_T=4, num_warps=2, PREFETCH=1, DELTA_GEMM=1)
     return _config(channels, state, backward, overrides, length, elem_size, defaults=defaults)
@@ -623,7 +633,7 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
         WIDE=_wide(length, grad_y.stride(2), u.stride(1), xp.stride(1), du.stride(2), dbc.stride(2)),
         HAS_STATES=has_states, FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes,
         PREFETCH=bool(cfg.get("PREFETCH", 0)) and interval == cfg["BLOCK_T"], STAGES=int(cfg.get("STAGES", 1)),
-        **launch_options(cfg),
+        HALVING=halving(cfg, u), **launch_options(cfg),
     )
     dbc = dbc[0] if n_blk == 1 else dbc.sum(0)
     return du, ddelta, dbc, dA.sum(0), dD.sum(0) if D is not None else None, dbias.sum(0)
