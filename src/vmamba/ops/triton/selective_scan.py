@@ -362,17 +362,25 @@ def _halving_sums(xb, xc, SHUFFLE: tl.constexpr):
 
 
 @triton.jit
-def _store_halved_dBC(dB_ptr, dC_ptr, offset, t, L, sums, N, BLOCK_N: tl.constexpr, sdB_n, ATOMIC: tl.constexpr,
-                      EVEN: tl.constexpr):
-    """Stores (or with ATOMIC adds) :func:`_halving_sums`' (T, 32) tile at positions t: each value from
-    the first lane that holds it, dB's at states below BLOCK_N, dC's above (states from N masked)."""
+def _halved_lanes(N, BLOCK_N: tl.constexpr):
+    """Per lane of :func:`_halving_sums`' (T, 32) tile: (1 where its value is dC's, else 0; the value's
+    state; whether the lane stores it: the first of the lanes holding it, states from N masked)."""
     lane = tl.arange(0, 32)
     SHARE: tl.constexpr = 16 // BLOCK_N  # lanes holding each value
     v = lane // SHARE
-    is_c = v >= BLOCK_N
-    n = v - is_c.to(tl.int32) * BLOCK_N
-    ptr = tl.where(is_c, dC_ptr, dB_ptr) + offset + n * sdB_n
-    m = _in_range(t, L, EVEN)[:, None] & ((lane % SHARE == 0) & (n < N))[None, :]
+    is_c = (v >= BLOCK_N).to(tl.int32)
+    n = v - is_c * BLOCK_N
+    return is_c, n, (lane % SHARE == 0) & (n < N)
+
+
+@triton.jit
+def _store_halved_dBC(dB_ptr, dC_ptr, offset, t, L, sums, N, BLOCK_N: tl.constexpr, sdB_n, ATOMIC: tl.constexpr,
+                      EVEN: tl.constexpr):
+    """Stores (or with ATOMIC adds) :func:`_halving_sums`' (T, 32) tile at positions t (dB and dC in
+    separate arrays, states n at stride sdB_n)."""
+    is_c, n, keep = _halved_lanes(N, BLOCK_N)
+    ptr = tl.where(is_c != 0, dC_ptr, dB_ptr) + offset + n * sdB_n
+    m = _in_range(t, L, EVEN)[:, None] & keep[None, :]
     if ATOMIC:
         tl.atomic_add(ptr[None, :] + t[:, None], sums, mask=m)
     else:

@@ -43,6 +43,7 @@ from .selective_scan import (
     _chunk_gradients,
     _config,
     _exp2,
+    _halved_lanes,
     _per_channel,
     _per_state,
     _save_entry_state,
@@ -271,14 +272,8 @@ def _bwd_chunk(t, u, raw, Bt, Ct, gy, p, m2, h0, g, dl_base, du_base, ddt_base, 
                                                      SOFTPLUS, LANES, False, HALVING)
     tl.store(du_base + p[:, None] * sd_l, du.to(du_base.dtype.element_ty), mask=m2)
     tl.store(ddt_base + p[:, None] * sd_l, ddt.to(ddt_base.dtype.element_ty), mask=m2)
-    if HALVING:  # lane d holds value d // SHARE of the 2 BLOCK_N: dB's states, then dC's
-        BN: tl.constexpr = mask_n.shape[0]
-        SHARE: tl.constexpr = 32 // (2 * BN)
-        lane = tl.arange(0, 32)
-        v = lane // SHARE
-        is_c = (v >= BN).to(tl.int32)
-        n = v - is_c * BN
-        keep = (lane % SHARE == 0) & (n < N)
+    if HALVING:  # one (T, 32) tile: dB's and dC's sums side by side, as the partials' last axis holds them
+        is_c, n, keep = _halved_lanes(N, mask_n.shape[0])
         tl.store(bc_row + p[:, None] * sbc_l + (is_c * N + n)[None, :], dBp, mask=(t < L)[:, None] & keep[None, :])
     else:
         bc_ptrs = bc_base + p[:, None] * sbc_l
