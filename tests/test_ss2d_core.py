@@ -186,19 +186,26 @@ def test_backward_prefetch_agrees(with_states):
             assert _rel(a, b) < 1e-6
 
 
+def _scan_case(state, width, rank, seed):
+    """Arguments of the core's scan kernels for one 3 × width map of 12 channels, and a gradient of its
+    four routes' outputs."""
+    from vmamba.ops.ss2d_core import _projections
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 3, width, 12, generator=g).to(DEVICE)
+    wx, wdt, A, D, bias = (t.to(DEVICE) for t in _params(ScanMode.CROSS2D, 12, rank, state, seed=seed))
+    u, xp = _projections(x, wx)
+    gy = torch.randn(4, 1, 3 * width, 12, generator=g).to(DEVICE)
+    return (u, xp, wdt, A, D, bias, 3, width, 2), gy
+
+
 @pytest.mark.parametrize(("state", "lanes"), [(1, 0), (4, 0), (4, 1)])
 def test_flipped_adjoint_scan_agrees(state, lanes):
     """The backward's adjoint scan as a forward scan of the time-flipped chunk (config FLIP, the
     default) gives the gradients of the reverse associative scan, in both tile layouts."""
-    from vmamba.ops.ss2d_core import _projections
     from vmamba.ops.triton import ss2d_core as k
 
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(1, 3, 5, 12, generator=g).to(DEVICE)
-    wx, wdt, A, D, bias = (t.to(DEVICE) for t in _params(ScanMode.CROSS2D, 12, 2, state, seed=7))
-    u, xp = _projections(x, wx)
-    args = (u, xp, wdt, A, D, bias, 3, 5, 2)
-    gy = torch.randn(4, 1, 15, 12, generator=g).to(DEVICE)
+    args, gy = _scan_case(state, width=5, rank=2, seed=7)
     layout = {"LANES": 1, "BLOCK_D": 16, "BLOCK_T": 4, "num_warps": 1} if lanes else {"LANES": 0}
     reverse_scan = k.ss2d_scan_bwd(gy, *args, config={**layout, "FLIP": 0})
     flipped = k.ss2d_scan_bwd(gy, *args, config={**layout, "FLIP": 1})
@@ -412,15 +419,9 @@ def test_lanes_backward_agrees(state, block_t):
     """The backward with one channel and all its states per lane (config LANES), whose chunks are
     shorter than the saved-state interval, gives the (channel, state)-per-lane backward's gradients:
     with the states a forward saved, and recomputing them."""
-    from vmamba.ops.ss2d_core import _projections
     from vmamba.ops.triton import ss2d_core as k
 
-    g = torch.Generator().manual_seed(9)
-    x = torch.randn(1, 3, 7, 12, generator=g).to(DEVICE)  # 21 steps: partial last chunk and interval
-    wx, wdt, A, D, bias = (t.to(DEVICE) for t in _params(ScanMode.CROSS2D, 12, 3, state, seed=9))
-    u, xp = _projections(x, wx)
-    args = (u, xp, wdt, A, D, bias, 3, 7, 2)
-    gy = torch.randn(4, 1, 21, 12, generator=g).to(DEVICE)
+    args, gy = _scan_case(state, width=7, rank=3, seed=9)  # 21 steps: partial last chunk and interval
     want = k.ss2d_scan_bwd(gy, *args, config=TILES)
     _, states = k.ss2d_scan_fwd(*args, config={**TILES, "DELTA_GEMM": 0}, save_states=True)
     cfg = {"LANES": 1, "BLOCK_D": 16, "BLOCK_T": block_t, "num_warps": 1}
@@ -437,15 +438,9 @@ def test_halving_backward_agrees(state):
     """The default d_state 3-16 backward (one warp of 32 channel lanes, dB / dC summed over the lanes by
     recursive halving: the interpreter's stand-in for its shuffles on the CPU) gives the (channel,
     state)-per-lane backward's gradients; d_state 3 pads the states to 4."""
-    from vmamba.ops.ss2d_core import _projections
     from vmamba.ops.triton import ss2d_core as k
 
-    g = torch.Generator().manual_seed(19)
-    x = torch.randn(1, 3, 5, 12, generator=g).to(DEVICE)
-    wx, wdt, A, D, bias = (t.to(DEVICE) for t in _params(ScanMode.CROSS2D, 12, 3, state, seed=19))
-    u, xp = _projections(x, wx)
-    args = (u, xp, wdt, A, D, bias, 3, 5, 2)
-    gy = torch.randn(4, 1, 15, 12, generator=g).to(DEVICE)
+    args, gy = _scan_case(state, width=5, rank=3, seed=19)
     cfg = k.core_config(12, state, 3, True, 15, 4)
     assert (cfg["LANES"], cfg["BLOCK_D"], cfg["num_warps"], cfg["HALVING"]) == (1, 32, 1, 1)
     want = k.ss2d_scan_bwd(gy, *args, config=TILES)

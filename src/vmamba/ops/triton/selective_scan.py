@@ -308,22 +308,9 @@ def _lane_xor(x, MASK: tl.constexpr, SHUFFLE: tl.constexpr):
     the warp's lanes in order: LANES tiles of one warp): a butterfly shuffle; else (the interpreter) the
     same permutation by reshapes."""
     if SHUFFLE:
-        if MASK == 16:
-            out = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 16, 31, -1;", "=f,f", [x],
-                                            dtype=tl.float32, is_pure=False, pack=1)
-        elif MASK == 8:
-            out = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 8, 31, -1;", "=f,f", [x],
-                                            dtype=tl.float32, is_pure=False, pack=1)
-        elif MASK == 4:
-            out = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 4, 31, -1;", "=f,f", [x],
-                                            dtype=tl.float32, is_pure=False, pack=1)
-        elif MASK == 2:
-            out = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 31, -1;", "=f,f", [x],
-                                            dtype=tl.float32, is_pure=False, pack=1)
-        else:
-            tl.static_assert(MASK == 1, "lane masks are 16, 8, 4, 2 or 1")
-            out = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 31, -1;", "=f,f", [x],
-                                            dtype=tl.float32, is_pure=False, pack=1)
+        mask = tl.full(x.shape, MASK, tl.int32)  # a constant: ptxas makes it the instruction's immediate
+        out = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 31, -1;", "=f,f,r", [x, mask],
+                                        dtype=tl.float32, is_pure=False, pack=1)
     else:
         T: tl.constexpr = x.shape[0]
         M: tl.constexpr = x.shape[1]
