@@ -908,7 +908,7 @@ def halving(cfg: dict, u: torch.Tensor) -> int:
     the channel lanes by :func:`_halving_sums`, which needs LANES tiles of one warp of 32 channels and
     2 N <= 32; 2 with shuffles (compiled CUDA), 1 with the interpreter's stand-in; 0 otherwise."""
     if not (cfg.get("HALVING") and cfg.get("LANES") and cfg["BLOCK_D"] == 32 and cfg["num_warps"] == 1
-            and 2 <= 2 * cfg["BLOCK_N"] <= 32):
+            and cfg["BLOCK_N"] <= 16):
         return 0
     return 2 if fast_math(u) else 1
 

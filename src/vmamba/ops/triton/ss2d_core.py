@@ -243,8 +243,8 @@ def _bwd_loads(t, u_base, dl_base, xp_base, gy_base, L, H, W, inv_h, rev, cols, 
 
 
 @triton.jit
-def _bwd_chunk(t, u, raw, Bt, Ct, gy, p, m2, h0, g, dl_base, du_base, ddt_base, bc_base, bc_row, L, H, W, inv_h, rev,
-               cols, mask_d, mask_n, sd_l, sbc_l, A, A2, bias, dskip, first, last, N: tl.constexpr, HAS_D: tl.constexpr,
+def _bwd_chunk(t, u, raw, Bt, Ct, gy, p, m2, h0, g, dl_base, du_base, ddt_base, bc_row, L, H, W, inv_h, rev, cols,
+               mask_d, mask_n, sd_l, sbc_l, A, A2, bias, dskip, first, last, N: tl.constexpr, HAS_D: tl.constexpr,
                SOFTPLUS: tl.constexpr, FAST: tl.constexpr, WIDE: tl.constexpr, FLIP: tl.constexpr,
                LANES: tl.constexpr, HALVING: tl.constexpr = 0):
     """One chunk of the backward (steps t, their inputs from :func:`_bwd_loads`, entry state h0, adjoint
@@ -276,7 +276,7 @@ def _bwd_chunk(t, u, raw, Bt, Ct, gy, p, m2, h0, g, dl_base, du_base, ddt_base, 
         is_c, n, keep = _halved_lanes(N, mask_n.shape[0])
         tl.store(bc_row + p[:, None] * sbc_l + (is_c * N + n)[None, :], dBp, mask=(t < L)[:, None] & keep[None, :])
     else:
-        bc_ptrs = bc_base + p[:, None] * sbc_l
+        bc_ptrs = bc_row + p[:, None] * sbc_l + tl.arange(0, mask_n.shape[0])[None, :]
         tl.store(bc_ptrs, dBp, mask=mtn)
         tl.store(bc_ptrs + N, dCp, mask=mtn)
     return g, dA_p, dD_p, tl.sum(ddt, axis=0)
@@ -323,7 +323,6 @@ def _core_bwd_kernel(
     ddt_base = ddt_ptr + k.to(tl.int64) * sd_k + b * sd_b + c64 * sd_c
     # dB / dC partials of this channel block: (blocks, batch, L, K, 2N) float32
     bc_row = dbc_ptr + pid_d * sbc_blk + b * sbc_b + k * sbc_k
-    bc_base = bc_row + offs_n[None, :]
     hws_base = hws_ptr + (b * n_saved * KC + row_s) * BLOCK_N + n_s  # (batch, interval, K*C, N)
     interval_stride = KC * BLOCK_N + b * 0  # int64 (b is), so interval offsets cannot overflow
     program = (b * tl.num_programs(1) + k) * tl.num_programs(0) + pid_d
@@ -383,9 +382,9 @@ def _core_bwd_kernel(
                                                        cols, mask_d, offs_n, mask_n, su_l, sd_l, sxp_l, sg_l, R, N,
                                                        WIDE)
             g, dA_p, dD_p, dbias_p = _bwd_chunk(t, u, raw, Bt, Ct, gy, p, m2, h, g, dl_base, du_base, ddt_base,
-                                                bc_base, bc_row, L, H, W, inv_h, rev, cols, mask_d, mask_n, sd_l,
-                                                sbc_l, A_s, A2, bias, dskip, first, last, N, HAS_D, SOFTPLUS, FAST,
-                                                WIDE, FLIP, LANES, HALVING)
+                                                bc_row, L, H, W, inv_h, rev, cols, mask_d, mask_n, sd_l, sbc_l, A_s,
+                                                A2, bias, dskip, first, last, N, HAS_D, SOFTPLUS, FAST, WIDE, FLIP,
+                                                LANES, HALVING)
             dA_acc += dA_p
             if HAS_D:
                 dD_acc += dD_p
