@@ -435,6 +435,47 @@ def test_default_whole_rows_walk_blocks_through_the_pipeliner():
     _check(batch=1, groups=1, per_group=40, state=1, length=100, dtype=torch.float32, seed=70)
 
 
+@pytest.mark.parametrize("dtype, length, config", [
+    # 16 lanes x 4 steps a channel, 2 channels a warp; 7 channels in blocks walked 3 at a time: the second
+    # program's last blocks are masked
+    (torch.float32, 49, {"STEPS": 4, "BLOCK_D": 2, "ROW_BLOCKS": 3}),
+    (torch.bfloat16, 49, {"STEPS": 4, "BLOCK_D": 2, "ROW_BLOCKS": 3}),
+    (torch.float16, 33, {"STEPS": 8, "BLOCK_D": 4, "ROW_BLOCKS": 1}),
+    # 32 lanes x 8 steps, one channel a warp (rows of up to 256); a lane past the row's end altogether
+    (torch.float32, 196, {"STEPS": 8, "BLOCK_D": 1, "ROW_BLOCKS": 4}),
+    (torch.bfloat16, 70, {"STEPS": 2, "BLOCK_D": 1, "ROW_BLOCKS": 2}),
+])
+def test_rows_with_consecutive_steps_a_lane(dtype, length, config):
+    """STEPS (selective_scan_rows): whole rows with each lane's steps in registers, both scans in two
+    levels (within lanes, then over the lanes' totals); against the reference, forward keeping no states."""
+    from vmamba.ops.triton.selective_scan import saved_states_shape
+
+    ins = _inputs(2, 2, 7, 1, length, dtype, seed=53)
+    assert saved_states_shape(ins[0], ins[2], ins[3], config=config)[1] == 0
+    _check(batch=2, groups=2, per_group=7, state=1, length=length, dtype=dtype, seed=53, config=config)
+
+
+def test_rows_with_consecutive_steps_options_and_strides():
+    """STEPS without D, bias or softplus (short rows: the raw deltas here are mostly negative, so the
+    decays grow), and from transposed / strided storage."""
+    _check(batch=1, groups=2, per_group=4, state=1, length=20, dtype=torch.float32, seed=54, with_d=False,
+           with_bias=False, softplus=False, config={"STEPS": 4, "BLOCK_D": 4, "ROW_BLOCKS": 2})
+    config = {"STEPS": 4, "BLOCK_D": 2, "ROW_BLOCKS": 2}
+    _check(batch=2, groups=1, per_group=6, state=1, length=37, dtype=torch.bfloat16, seed=55, noncontig=True,
+           config=config)
+
+
+def test_rows_with_consecutive_steps_need_rows_that_fit():
+    """Rows longer than a channel's lanes hold, or d_state above 1, fall back to the chunked backward."""
+    from vmamba.ops.triton.selective_scan_rows import rows_bwd_applies
+
+    assert rows_bwd_applies(1, 64, 16, 4) and not rows_bwd_applies(1, 65, 16, 4)
+    assert not rows_bwd_applies(4, 64, 16, 4) and not rows_bwd_applies(1, 8, 8, 3)
+    # L 80 does not fit 16 lanes x 4 steps: the chunked kernel takes the same configuration
+    _check(batch=1, groups=1, per_group=4, state=1, length=80, dtype=torch.float32, seed=56,
+           config={"STEPS": 4, "BLOCK_D": 2, "ROW_BLOCKS": 2, "BLOCK_T": 16})
+
+
 def _forward_against_reference(ins, config, softplus=True):
     leaves = [None if x is None else x.detach().double().cpu() for x in ins]
     y = selective_scan_fwd(*ins, softplus, config=config)

@@ -1175,7 +1175,13 @@ def launch_options(cfg) -> dict:
 
 def _whole_rows(cfg: dict, length: int) -> int:
     """Channel blocks per program of a backward that takes whole rows in one chunk (configuration key
-    ROW_BLOCKS, where BLOCK_T covers the length; not LANES): it needs no states. 0 otherwise."""
+    ROW_BLOCKS, where BLOCK_T covers the length, not LANES; or STEPS, :mod:`.selective_scan_rows`): it
+    needs no states. 0 otherwise."""
+    if cfg.get("STEPS", 0):
+        from .selective_scan_rows import rows_bwd_applies  # imported here: it imports this module
+
+        if rows_bwd_applies(cfg["BLOCK_N"], length, 32 // cfg["BLOCK_D"], int(cfg["STEPS"])):
+            return max(1, int(cfg.get("ROW_BLOCKS", 1)))
     if cfg.get("LANES", 0) or length > cfg["BLOCK_T"]:
         return 0
     return int(cfg.get("ROW_BLOCKS", 0))
@@ -1307,6 +1313,17 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
     if deterministic is None:
         deterministic = (os.environ.get("VMAMBA_DETERMINISTIC", "0") not in ("", "0")
                          or torch.are_deterministic_algorithms_enabled())
+    steps = int(cfg.get("STEPS", 0))
+    if steps:
+        # imported here, not at the top: that module takes its jit helpers from this one
+        from .selective_scan_rows import rows_bwd, rows_bwd_applies
+
+        lanes_t = 32 // cfg["BLOCK_D"]
+        if rows_bwd_applies(state, length, lanes_t, steps):
+            options = {k: v for k, v in launch_options(cfg).items() if k != "num_warps"}
+            return rows_bwd(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus,
+                            (_grad_dtype(u, cfg), _grad_dtype(delta, cfg)), lanes_t, cfg["BLOCK_D"], steps,
+                            max(1, int(cfg.get("ROW_BLOCKS", 1))), int(cfg.get("STAGES", 1)), options)
     lanes = bool(cfg.get("LANES", 0))
     row_blocks = _whole_rows(cfg, length)
     interval = cfg["BLOCK_T"] if row_blocks else _state_interval(cfg)

@@ -1,0 +1,236 @@
+"""Selective scan backward at d_state 1 over whole short rows, consecutive steps in each lane.
+
+A warp holds BLOCK_D rows (channels) of one group of one batch element as (LANES_T, BLOCK_D, STEPS)
+tiles: lane i of a row holds its positions i·STEPS ... i·STEPS + STEPS - 1 in registers, so
+LANES_T·STEPS >= L. Time is then in registers within a lane and across lanes between lanes, and both
+scans of the backward run in two levels:
+
+* within a lane, ``associative_scan`` along the in-thread axis: a sequential loop, no shuffles;
+* across lanes, one element a lane: the lane totals are composed with :func:`_adjoint_combine`, whose
+  second pair reads out the composition of everything before (forward) or after (adjoint) a lane but
+  not the lane itself, which is the state (or adjoint carry) entering it.
+
+The whole-row kernel of :mod:`.selective_scan` (time across the lanes, one position a lane per
+register) instead runs every scan over the lanes for each register of a lane, and Triton compiles the
+adjoint's reverse scan there to butterfly shuffles that flip the lanes (175 of the L-196 loop's 1192
+instructions, sm_90a). Triton gives a thread consecutive elements only where a load is vectorized,
+which rows not aligned to the vector (L = 49) never are, so the tiles here are loaded a step at a time
+and joined (``tl.join``) into the in-thread axis.
+
+Each program walks ROW_BLOCKS blocks of BLOCK_D channels in turn and keeps dB / dC summed over them
+in registers, so one partial per program goes to the workspace. No states are kept: a row starts from
+a zero state.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .selective_scan import _adjoint_combine, _combine, _exp2, _softplus_and_slope, cdiv, fast_math
+
+__all__ = ["rows_bwd", "rows_bwd_applies"]
+
+
+@triton.jit
+def _load_steps(ptrs, pos, ok, L, sl, N: tl.constexpr, FIRST: tl.constexpr, STRIDE: tl.constexpr):
+    """(LANES_T, BLOCK_D, N) float32 tile of steps FIRST + STRIDE·m (m < N) of every lane, from the
+    (LANES_T, BLOCK_D) pointers ``ptrs`` of the lanes' first positions ``pos``; zero outside ``ok`` and L.
+    Steps are loaded one at a time and joined: even steps at index 0 of the new last axis, odd at 1,
+    then that axis merged into the steps axis."""
+    if N == 1:
+        out = tl.load(ptrs + FIRST * sl, mask=ok & (pos + FIRST < L), other=0.0).to(tl.float32)
+    else:
+        lo = _load_steps(ptrs, pos, ok, L, sl, N // 2, FIRST, 2 * STRIDE)
+        hi = _load_steps(ptrs, pos, ok, L, sl, N // 2, FIRST + STRIDE, 2 * STRIDE)
+        out = tl.join(lo, hi)
+        if N > 2:
+            out = tl.reshape(out, (out.shape[0], out.shape[1], N))
+    return out
+
+
+@triton.jit
+def _store_steps(ptrs, pos, ok, L, sl, x, N: tl.constexpr, FIRST: tl.constexpr, STRIDE: tl.constexpr):
+    """Stores the steps of a tile of :func:`_load_steps`' layout, the inverse of its joins."""
+    if N == 1:
+        tl.store(ptrs + FIRST * sl, x, mask=ok & (pos + FIRST < L))
+    else:
+        if N > 2:
+            x = tl.reshape(x, (x.shape[0], x.shape[1], N // 2, 2))
+        lo, hi = tl.split(x)
+        _store_steps(ptrs, pos, ok, L, sl, lo, N // 2, FIRST, 2 * STRIDE)
+        _store_steps(ptrs, pos, ok, L, sl, hi, N // 2, FIRST + STRIDE, 2 * STRIDE)
+
+
+@triton.jit
+def _edge_step(x, LAST: tl.constexpr, N: tl.constexpr):
+    """The first (or LAST) step of every lane of a steps tile: a (LANES_T, BLOCK_D) tile."""
+    if N > 2:
+        x = tl.reshape(x, (x.shape[0], x.shape[1], N // 2, 2))
+    lo, hi = tl.split(x)
+    if LAST:
+        out = hi
+    else:
+        out = lo
+    if N > 2:
+        out = _edge_step(out, LAST, N // 2)
+    return out
+
+
+@triton.jit
+def _reversed_steps(x, N: tl.constexpr):
+    """A steps tile with each lane's steps in reverse order: the joins of :func:`_load_steps` undone and
+    redone the other way round, so no data moves (``tl.flip`` and reverse scans compile to shuffles even
+    along an axis held within the thread)."""
+    if N > 2:
+        x = tl.reshape(x, (x.shape[0], x.shape[1], N // 2, 2))
+    lo, hi = tl.split(x)
+    if N > 2:
+        lo = _reversed_steps(lo, N // 2)
+        hi = _reversed_steps(hi, N // 2)
+    out = tl.join(hi, lo)
+    if N > 2:
+        out = tl.reshape(out, (out.shape[0], out.shape[1], N))
+    return out
+
+
+@triton.jit
+def _states(a, x):
+    """States h of every step from a zero state: a scan within each lane, then the state entering each
+    lane from the exclusive part of a scan over the lanes' totals."""
+    a_in, x_in = tl.associative_scan((a, x), 2, _combine)
+    lane_a = _edge_step(a_in, True, a.shape[2])
+    lane_x = _edge_step(x_in, True, a.shape[2])
+    one = tl.full(lane_a.shape, 1.0, tl.float32)
+    _, _, _, entering = tl.associative_scan((lane_a, lane_x, one, tl.zeros_like(lane_a)), 0, _adjoint_combine)
+    return a_in * entering[:, :, None] + x_in
+
+
+@triton.jit
+def _adjoints(a, c):
+    """Adjoint states g_t = c_t + a_{t+1} g_{t+1} (zero past the row): the composed adjoint steps of
+    :func:`_adjoint_combine` within each lane (reverse), then the carry a_{t+1} g_{t+1} entering each lane
+    from the lanes after it, as the exclusive part of a reverse scan over the lanes."""
+    n: tl.constexpr = a.shape[2]
+    one = tl.full(a.shape, 1.0, tl.float32)
+    pass_a, pass_b, read_k, read_c = tl.associative_scan(
+        (_reversed_steps(a, n), _reversed_steps(a * c, n), one, _reversed_steps(c, n)), 2, _adjoint_combine)
+    lane_a = _edge_step(pass_a, True, n)
+    lane_b = _edge_step(pass_b, True, n)
+    read_k = _reversed_steps(read_k, n)
+    read_c = _reversed_steps(read_c, n)
+    lane_one = tl.full(lane_a.shape, 1.0, tl.float32)
+    _, _, _, carry = tl.associative_scan((lane_a, lane_b, lane_one, tl.zeros_like(lane_a)), 0, _adjoint_combine,
+                                         reverse=True)
+    return read_k * carry[:, :, None] + read_c
+
+
+@triton.jit
+def _rows_bwd_kernel(gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, du_ptr, ddt_ptr, dA_ptr,
+                     dB_ptr, dC_ptr, dD_ptr, dbias_ptr, L, CG, KC,
+                     sg_b, sg_d, sg_l, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sB_b, sB_k, sB_l,
+                     sC_b, sC_k, sC_l, sD, sbias, sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk,
+                     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
+                     LANES_T: tl.constexpr, BLOCK_D: tl.constexpr, STEPS: tl.constexpr,
+                     ROW_BLOCKS: tl.constexpr, STAGES: tl.constexpr):
+    """Gradients of ROW_BLOCKS blocks of BLOCK_D channels of group k of batch element b (grid: program,
+    group, batch): du, ddelta; per channel dA, dD, dbias; dB / dC summed over the program's channels."""
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    pos = (tl.arange(0, LANES_T) * STEPS)[:, None] + tl.zeros((1, BLOCK_D), tl.int32)
+    lane_d = tl.arange(0, BLOCK_D)
+    B_lanes = B_ptr + b * sB_b + k * sB_k + pos * sB_l
+    C_lanes = C_ptr + b * sC_b + k * sC_k + pos * sC_l
+    everywhere = pos >= 0
+    Bt = _load_steps(B_lanes, pos, everywhere, L, sB_l, STEPS, 0, 1)
+    Ct = _load_steps(C_lanes, pos, everywhere, L, sC_l, STEPS, 0, 1)
+    dB_acc = tl.zeros((LANES_T, BLOCK_D, STEPS), tl.float32)
+    dC_acc = tl.zeros((LANES_T, BLOCK_D, STEPS), tl.float32)
+    for blk in tl.range(0, ROW_BLOCKS, num_stages=STAGES):
+        c_in = (pid * ROW_BLOCKS + blk) * BLOCK_D + lane_d  # channels within the group
+        ch_ok = c_in < CG
+        d = k * CG + c_in
+        A = tl.load(A_ptr + d * sA_d, mask=ch_ok, other=0.0)
+        ok = everywhere & ch_ok[None, :]
+        u = _load_steps(u_ptr + b * su_b + d[None, :] * su_d + pos * su_l, pos, ok, L, su_l, STEPS, 0, 1)
+        raw = _load_steps(dt_ptr + b * sdt_b + d[None, :] * sdt_d + pos * sdt_l, pos, ok, L, sdt_l, STEPS, 0, 1)
+        gy = _load_steps(gy_ptr + b * sg_b + d[None, :] * sg_d + pos * sg_l, pos, ok, L, sg_l, STEPS, 0, 1)
+        if HAS_BIAS:
+            raw += tl.load(bias_ptr + d * sbias, mask=ch_ok, other=0.0)[None, :, None]
+        dt = raw
+        slope = tl.full(raw.shape, 1.0, tl.float32)
+        if SOFTPLUS:
+            dt, slope = _softplus_and_slope(raw, FAST)
+        inside = (pos[:, :, None] + tl.arange(0, STEPS)[None, None, :] < L) & ch_ok[None, :, None]
+        dt = tl.where(inside, dt, 0.0)
+        a = _exp2(dt * (A * 1.4426950408889634)[None, :, None], FAST)
+        dtu = dt * u
+        x = dtu * Bt
+        h = _states(a, x)
+        g = _adjoints(a, Ct * gy)
+        gl = g * (h - x)  # g_t a_t h_{t-1}: the gradient with respect to Δ_t A
+        gB = g * Bt
+        ddt = (gl * A[None, :, None] + gB * u) * slope
+        du = gB * dt
+        if HAS_D:
+            dskip = tl.load(D_ptr + d * sD, mask=ch_ok, other=0.0)
+            du += dskip[None, :, None] * gy
+            tl.store(dD_ptr + b * KC + d, tl.sum(tl.sum(gy * u, 2), 0), mask=ch_ok)
+        tl.store(dA_ptr + b * KC + d, tl.sum(tl.sum(gl * dt, 2), 0), mask=ch_ok)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + b * KC + d, tl.sum(tl.sum(ddt, 2), 0), mask=ch_ok)
+        _store_steps(du_ptr + b * sdu_b + d[None, :] * sdu_d + pos, pos, ok, L, 1,
+                     du.to(du_ptr.dtype.element_ty), STEPS, 0, 1)
+        _store_steps(ddt_ptr + b * sdu_b + d[None, :] * sdu_d + pos, pos, ok, L, 1,
+                     ddt.to(ddt_ptr.dtype.element_ty), STEPS, 0, 1)
+        dB_acc += g * dtu
+        dC_acc += h * gy
+    dBC = b * sdB_b + k * sdB_k + pid * sdB_blk + pos
+    first_lane = lane_d[None, :] == 0  # one channel lane stores the sums
+    _store_steps(dB_ptr + dBC, pos, first_lane, L, 1, tl.sum(dB_acc, 1, keep_dims=True) + tl.zeros_like(dB_acc),
+                 STEPS, 0, 1)
+    _store_steps(dC_ptr + dBC, pos, first_lane, L, 1, tl.sum(dC_acc, 1, keep_dims=True) + tl.zeros_like(dC_acc),
+                 STEPS, 0, 1)
+
+
+def rows_bwd_applies(state: int, length: int, lanes_t: int, steps: int) -> bool:
+    """Whether :func:`rows_bwd` takes a scan: one state, and rows that fit the lanes' steps."""
+    return state == 1 and 0 < length <= lanes_t * steps and steps >= 2 and steps & (steps - 1) == 0
+
+
+def rows_bwd(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, grad_dtypes: tuple[torch.dtype, torch.dtype],
+             lanes_t: int, block_d: int, steps: int, row_blocks: int, stages: int = 1, options: dict | None = None):
+    """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias) of the d_state-1 scan by whole rows held as
+    ``steps`` consecutive positions in each of ``lanes_t`` lanes per channel (``lanes_t·block_d`` = 32:
+    one warp), ``row_blocks`` blocks of ``block_d`` channels a program. du and ddelta are stored in
+    ``grad_dtypes``; the rest are float32, dD / ddelta_bias None where D / delta_bias are. ``options``:
+    Triton launch options besides num_warps (a register cap)."""
+    batch, channels, length = u.shape
+    groups = B.shape[1]
+    cg = channels // groups
+    dev, f32 = u.device, torch.float32
+    du = torch.empty(batch, channels, length, device=dev, dtype=grad_dtypes[0])
+    ddelta = torch.empty(batch, channels, length, device=dev, dtype=grad_dtypes[1])
+    dA_part = torch.empty(batch, channels, device=dev, dtype=f32)
+    dD_part = torch.empty(batch, channels, device=dev, dtype=f32) if D is not None else dA_part
+    dbias_part = torch.empty(batch, channels, device=dev, dtype=f32) if delta_bias is not None else dA_part
+    n_prog = cdiv(cg, block_d * row_blocks)
+    dB_ws = torch.empty(batch, groups, n_prog, length, device=dev, dtype=f32)
+    dC_ws = torch.empty(batch, groups, n_prog, length, device=dev, dtype=f32)
+    Dt = D if D is not None else dA_part
+    bt = delta_bias if delta_bias is not None else dA_part
+    _rows_bwd_kernel[(n_prog, groups, batch)](
+        grad_out, u, delta, A, B, C, Dt, bt, du, ddelta, dA_part, dB_ws, dC_ws, dD_part, dbias_part,
+        length, cg, channels, *grad_out.stride(), *u.stride(), *delta.stride(), A.stride(0),
+        B.stride(0), B.stride(1), B.stride(3), C.stride(0), C.stride(1), C.stride(3), Dt.stride(0), bt.stride(0),
+        du.stride(0), du.stride(1), dB_ws.stride(0), dB_ws.stride(1), dB_ws.stride(2),
+        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), FAST=fast_math(u),
+        LANES_T=lanes_t, BLOCK_D=block_d, STEPS=steps, ROW_BLOCKS=row_blocks, STAGES=stages,
+        **{**(options or {}), "num_warps": 1},
+    )
+    dB = dB_ws[:, :, 0] if n_prog == 1 else dB_ws.sum(2)
+    dC = dC_ws[:, :, 0] if n_prog == 1 else dC_ws.sum(2)
+    return (du, ddelta, dA_part.sum(0).unsqueeze(1), dB.unsqueeze(2), dC.unsqueeze(2),
+            dD_part.sum(0) if D is not None else None, dbias_part.sum(0) if delta_bias is not None else None)
