@@ -30,7 +30,13 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from vmamba.ops.triton import layer_norm, selective_scan, selective_scan_packed, ss2d_core  # noqa: E402
+from vmamba.ops.triton import (  # noqa: E402
+    layer_norm,
+    selective_scan,
+    selective_scan_packed,
+    selective_scan_rows,
+    ss2d_core,
+)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 FLOATS = {"inv_h", "eps"}
@@ -212,6 +218,14 @@ VARIANTS = [
      dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=2, BLOCK_N=1, BLOCK_T=64,
           SAVE_T=64, FLIP=False, LANES=False, HAS_STATES=False, STAGES=1, EVEN=False, FLAT=True, ROW_BLOCKS=1),
      {"num_warps": 1}, False),
+    ("selective_scan bwd d_state 1, whole rows of up to 64 steps, 8 consecutive steps a lane (default), bf16",
+     selective_scan_rows._rows_bwd_kernel,
+     dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, LANES_T=8, BLOCK_D=4, STEPS=8, ROW_BLOCKS=16,
+          STAGES=1), {"num_warps": 1, "maxnreg": 128}, {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "du_ptr", "ddt_ptr"}),
+    ("selective_scan bwd d_state 1, whole rows, 4 consecutive steps a lane, float32",
+     selective_scan_rows._rows_bwd_kernel,
+     dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, LANES_T=16, BLOCK_D=2, STEPS=4, ROW_BLOCKS=1,
+          STAGES=1), {"num_warps": 1}, False),
     ("selective_scan bwd d_state 16, channel lanes, 2-step chunks", selective_scan._ss_bwd_kernel,
      dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=16, BLOCK_T=2,
           SAVE_T=16, FLIP=True, LANES=True, HAS_STATES=False, EVEN=False), {"num_warps": 1}, False),

@@ -949,7 +949,9 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     packs whole rows end to end, one 16-byte vector a thread (PACKED rows a program, VECTOR elements a
     thread; :mod:`.selective_scan_packed`; session 16: in float32, B and C read in aligned pieces where L
     and their rows allow, ALIGN_BC). The d_state 3-16 backward takes 2-position chunks up to L 256
-    (session 16) and sums dB / dC over its channel lanes by recursive halving (HALVING, session 17).
+    (session 16) and sums dB / dC over its channel lanes by recursive halving (HALVING, session 17). Rows of
+    33-64 steps at d_state 1 take the backward with consecutive steps in each lane (STEPS, session 18;
+    :mod:`.selective_scan_rows`).
     BLOCK_D divides the group's channels where a power of two does, so no lane idles.
     """
     return dict(_default_config(channels_per_group, state, backward, length, elem_size))
@@ -1072,6 +1074,13 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
     cfg = {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0,
            "STAGES": stages, "FLIP": flip, "HALF_GRADS": half_grads, "EVEN": even, "FLAT": flat,
            "ROW_ALIGN": row_align, "PERSIST": persist, "ROW_BLOCKS": row_blocks}
+    if backward and block_n == 1 and length is not None and 32 < length <= 64:
+        # Rows of up to 64 steps (L 49: stage 4) as 8 lanes of 8 consecutive steps a channel, 4 channels a
+        # warp, 16 blocks a program, capped at 128 registers (STEPS, selective_scan_rows). Session 18, kernels
+        # as CUDA-graph replays in one run against the whole-row kernel: bf16 0.166 ms against 0.256, float32
+        # 0.180 against 0.263 (8 blocks: 0.171 / 0.185; caps of 112 / 96: 0.185 / 0.228 bf16; 16 lanes of 4
+        # steps, 16 blocks, cap 80: 0.177 / 0.196)
+        cfg.update(STEPS=8, BLOCK_D=4, ROW_BLOCKS=16, maxnreg=128)
     if not backward and block_n == 1 and length is not None and length <= 256:
         # Rows packed end to end, one 16-byte vector a thread (selective_scan_packed): tiles of 512 elements
         # up to L 64, else of 256 threads, holding as many whole rows as fit (with the up to V - 1 elements
@@ -1320,6 +1329,8 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
 
         lanes_t = 32 // cfg["BLOCK_D"]
         if rows_bwd_applies(state, length, lanes_t, steps):
+            if states is not None:  # whole rows keep no states: only the empty ones are the forward's
+                check_states(states, (batch, 0, channels, cfg["BLOCK_N"]))
             options = {k: v for k, v in launch_options(cfg).items() if k != "num_warps"}
             return rows_bwd(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus,
                             (_grad_dtype(u, cfg), _grad_dtype(delta, cfg)), lanes_t, cfg["BLOCK_D"], steps,

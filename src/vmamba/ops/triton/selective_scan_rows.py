@@ -108,22 +108,39 @@ def _states(a, x):
 
 
 @triton.jit
+def _next_steps(x, fill, N: tl.constexpr):
+    """x_{t+1} for every step of a steps tile, ``fill`` at each lane's last step: joins again, no data
+    moves (the odd steps become the even ones, the even ones shifted by one the odd ones)."""
+    if N > 2:
+        x = tl.reshape(x, (x.shape[0], x.shape[1], N // 2, 2))
+    lo, hi = tl.split(x)
+    if N > 2:
+        after = _next_steps(lo, fill, N // 2)
+    else:
+        after = tl.full(lo.shape, fill, tl.float32)
+    out = tl.join(hi, after)
+    if N > 2:
+        out = tl.reshape(out, (out.shape[0], out.shape[1], N))
+    return out
+
+
+@triton.jit
 def _adjoints(a, c):
-    """Adjoint states g_t = c_t + a_{t+1} g_{t+1} (zero past the row): the composed adjoint steps of
-    :func:`_adjoint_combine` within each lane (reverse), then the carry a_{t+1} g_{t+1} entering each lane
-    from the lanes after it, as the exclusive part of a reverse scan over the lanes."""
+    """Adjoint states g_t = c_t + a_{t+1} g_{t+1} (zero past the row). Within each lane, the scan of the
+    pairs (a_{t+1}, c_t) over the reversed steps gives g_t = g0_t + k_t w, in the carry w = a_{t+1} g_{t+1}
+    entering the lane's last step from the lane after it (k_t: the decays from t + 1 to the lane's end).
+    The carry comes from the exclusive part of a reverse scan over the lanes of what each passes on,
+    a_{t0} g_{t0} = a_{t0} k_{t0} w + a_{t0} g0_{t0} at its first step t0."""
     n: tl.constexpr = a.shape[2]
-    one = tl.full(a.shape, 1.0, tl.float32)
-    pass_a, pass_b, read_k, read_c = tl.associative_scan(
-        (_reversed_steps(a, n), _reversed_steps(a * c, n), one, _reversed_steps(c, n)), 2, _adjoint_combine)
-    lane_a = _edge_step(pass_a, True, n)
-    lane_b = _edge_step(pass_b, True, n)
-    read_k = _reversed_steps(read_k, n)
-    read_c = _reversed_steps(read_c, n)
+    k_rev, g0_rev = tl.associative_scan((_reversed_steps(_next_steps(a, 1.0, n), n), _reversed_steps(c, n)), 2,
+                                        _combine)
+    first_a = _edge_step(a, False, n)
+    lane_a = first_a * _edge_step(k_rev, True, n)
+    lane_b = first_a * _edge_step(g0_rev, True, n)
     lane_one = tl.full(lane_a.shape, 1.0, tl.float32)
     _, _, _, carry = tl.associative_scan((lane_a, lane_b, lane_one, tl.zeros_like(lane_a)), 0, _adjoint_combine,
                                          reverse=True)
-    return read_k * carry[:, :, None] + read_c
+    return _reversed_steps(k_rev, n) * carry[:, :, None] + _reversed_steps(g0_rev, n)
 
 
 @triton.jit
