@@ -44,9 +44,9 @@ def states_for(cfg: dict, ins, default_states: torch.Tensor) -> torch.Tensor | N
 
 
 def time_stage(stage: int, dtype: torch.dtype, fwd_variants: list, bwd_variants: list, rounds: int,
-               copy_gbs: float, model: str = "s1l8") -> list[dict]:
+               copy_gbs: float, model: str = "s1l8", length: int | None = None) -> list[dict]:
     dims, n = MODELS[model]
-    kc, length = K * dims[stage - 1], LENGTHS[stage - 1]
+    kc, length = K * dims[stage - 1], length or LENGTHS[stage - 1]
     ins = make_inputs(BATCH, kc, n, length, dtype, seed=stage)
     gy = torch.randn(BATCH, kc, length, device="cuda")
     states = torch.empty(saved_states_shape(ins[0], ins[2], ins[3]), device="cuda")
@@ -104,20 +104,22 @@ def main():
     parser.add_argument("--fwd", default="[{}]", help="JSON list of forward configuration overrides")
     parser.add_argument("--bwd", default="[{}]", help="JSON list of backward configuration overrides")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--length", type=int, default=None,
+                        help="sequence length instead of the stage's (e.g. 64: stage 4 at 256x256)")
     parser.add_argument("--out", default="gpu_scan_variants.json")
     args = parser.parse_args()
     fwd_variants, bwd_variants = json.loads(args.fwd), json.loads(args.bwd)
     copy_gbs = copy_bandwidth()
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "batch": BATCH, "model": args.model, "copy_GBs": copy_gbs,
+               "batch": BATCH, "model": args.model, "length": args.length, "copy_GBs": copy_gbs,
                "protocol": "do_bench_cudagraph median of 100 ms of replays; best of the rounds", "rows": []}
     print(f"{results['gpu']} torch {torch.__version__} triton {triton.__version__}: copy {copy_gbs:.0f} GB/s",
           flush=True)
     for stage in (int(s) for s in args.stages.split(",")):
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
             results["rows"] += time_stage(stage, dtype, fwd_variants, bwd_variants, args.rounds, copy_gbs,
-                                          args.model)
+                                          args.model, args.length)
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
             torch.cuda.empty_cache()

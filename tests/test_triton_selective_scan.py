@@ -447,6 +447,11 @@ def test_default_whole_rows_walk_blocks_through_the_pipeliner():
     # one channel a warp: 32 lanes x 8 steps (rows of up to 256), lanes past the row's end altogether; 32 x 2
     (torch.float32, 196, {"STEPS": 8, "BLOCK_D": 1, "ROW_BLOCKS": 4}),
     (torch.bfloat16, 60, {"STEPS": 2, "BLOCK_D": 1, "ROW_BLOCKS": 2}),
+    # two warps a channel (64 lanes x 4 steps): the scans over the lanes cross warps; rows of 100 aligned to
+    # 4 elements, so each lane's steps move as one vector, or (ROW_ALIGN 0) one step at a time
+    (torch.float32, 100, {"STEPS": 4, "BLOCK_D": 1, "num_warps": 2, "ROW_BLOCKS": 3}),
+    (torch.bfloat16, 100, {"STEPS": 4, "BLOCK_D": 1, "num_warps": 2, "ROW_BLOCKS": 3, "ROW_ALIGN": 0}),
+    (torch.float16, 196, {"STEPS": 4, "BLOCK_D": 2, "num_warps": 4, "ROW_BLOCKS": 2}),
 ])
 def test_rows_with_consecutive_steps_a_lane(dtype, length, config):
     """STEPS (selective_scan_rows): whole rows with each lane's steps in registers, both scans in two

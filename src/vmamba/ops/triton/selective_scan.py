@@ -1079,7 +1079,10 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
         # warp, 16 blocks a program, capped at 128 registers (STEPS, selective_scan_rows). Session 18, kernels
         # as CUDA-graph replays in one run against the whole-row kernel: bf16 0.166 ms against 0.256, float32
         # 0.180 against 0.263 (8 blocks: 0.171 / 0.185; caps of 112 / 96: 0.185 / 0.228 bf16; 16 lanes of 4
-        # steps, 16 blocks, cap 80: 0.177 / 0.196)
+        # steps, 16 blocks, cap 80: 0.177 / 0.196). Rows aligned to the steps move as vectors (ROW_ALIGN): at
+        # L 64 (stage 4 at 256²) bf16 0.133 ms against 0.174 one step at a time and 0.213 for the whole-row
+        # kernel, float32 0.208 against 0.219 and 0.229. At L 196 (stage 3) it lost: 64 lanes of 4 steps
+        # (two warps a channel, vectors) bf16 0.374 ms at best against 0.319, float32 0.373 against 0.345.
         cfg.update(STEPS=8, BLOCK_D=4, ROW_BLOCKS=16, maxnreg=128)
     if not backward and block_n == 1 and length is not None and length <= 256:
         # Rows packed end to end, one 16-byte vector a thread (selective_scan_packed): tiles of 512 elements
@@ -1182,6 +1185,11 @@ def launch_options(cfg) -> dict:
     return options
 
 
+def _lanes_a_channel(cfg: dict) -> int:
+    """Lanes a channel's row spreads over in the STEPS backward: its warps' lanes shared by BLOCK_D."""
+    return 32 * int(cfg.get("num_warps", 1)) // cfg["BLOCK_D"]
+
+
 def _whole_rows(cfg: dict, length: int) -> int:
     """Channel blocks per program of a backward that takes whole rows in one chunk (configuration key
     ROW_BLOCKS, where BLOCK_T covers the length, not LANES; or STEPS, :mod:`.selective_scan_rows`): it
@@ -1189,7 +1197,7 @@ def _whole_rows(cfg: dict, length: int) -> int:
     if cfg.get("STEPS", 0):
         from .selective_scan_rows import rows_bwd_applies  # imported here: it imports this module
 
-        if rows_bwd_applies(cfg["BLOCK_N"], length, 32 // cfg["BLOCK_D"], int(cfg["STEPS"])):
+        if rows_bwd_applies(cfg["BLOCK_N"], length, _lanes_a_channel(cfg), int(cfg["STEPS"])):
             return max(1, int(cfg.get("ROW_BLOCKS", 1)))
     if cfg.get("LANES", 0) or length > cfg["BLOCK_T"]:
         return 0
@@ -1327,14 +1335,15 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         # imported here, not at the top: that module takes its jit helpers from this one
         from .selective_scan_rows import rows_bwd, rows_bwd_applies
 
-        lanes_t = 32 // cfg["BLOCK_D"]
+        lanes_t = _lanes_a_channel(cfg)
         if rows_bwd_applies(state, length, lanes_t, steps):
             if states is not None:  # whole rows keep no states: only the empty ones are the forward's
                 check_states(states, (batch, 0, channels, cfg["BLOCK_N"]))
             options = {k: v for k, v in launch_options(cfg).items() if k != "num_warps"}
             return rows_bwd(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus,
                             (_grad_dtype(u, cfg), _grad_dtype(delta, cfg)), lanes_t, cfg["BLOCK_D"], steps,
-                            max(1, int(cfg.get("ROW_BLOCKS", 1))), int(cfg.get("STAGES", 1)), options)
+                            max(1, int(cfg.get("ROW_BLOCKS", 1))), int(cfg.get("STAGES", 1)), options,
+                            vectors=bool(cfg.get("ROW_ALIGN", 1)))
     lanes = bool(cfg.get("LANES", 0))
     row_blocks = _whole_rows(cfg, length)
     interval = cfg["BLOCK_T"] if row_blocks else _state_interval(cfg)

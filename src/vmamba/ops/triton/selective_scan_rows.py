@@ -28,22 +28,39 @@ import torch
 import triton
 import triton.language as tl
 
-from .selective_scan import _adjoint_combine, _combine, _exp2, _softplus_and_slope, cdiv, fast_math
+from .selective_scan import (
+    _adjoint_combine,
+    _aligned,
+    _aligned_inputs,
+    _combine,
+    _exp2,
+    _softplus_and_slope,
+    cdiv,
+    common_alignment,
+    fast_math,
+)
 
 __all__ = ["rows_bwd", "rows_bwd_applies"]
 
 
 @triton.jit
-def _load_steps(ptrs, pos, ok, L, sl, N: tl.constexpr, FIRST: tl.constexpr, STRIDE: tl.constexpr):
+def _load_steps(ptrs, pos, ok, L, sl, N: tl.constexpr, FIRST: tl.constexpr, STRIDE: tl.constexpr,
+                WHOLE: tl.constexpr):
     """(LANES_T, BLOCK_D, N) float32 tile of steps FIRST + STRIDE·m (m < N) of every lane, from the
     (LANES_T, BLOCK_D) pointers ``ptrs`` of the lanes' first positions ``pos``; zero outside ``ok`` and L.
-    Steps are loaded one at a time and joined: even steps at index 0 of the new last axis, odd at 1,
-    then that axis merged into the steps axis."""
-    if N == 1:
+
+    WHOLE (rows and strides aligned to N elements, declared): one vector load of the N steps. Else the
+    steps are loaded one at a time and joined: even steps at index 0 of the new last axis, odd at 1, then
+    that axis merged into the steps axis."""
+    if WHOLE:
+        steps = tl.arange(0, N)[None, None, :]
+        out = tl.load(ptrs[:, :, None] + steps * sl, mask=ok[:, :, None] & (pos[:, :, None] + steps < L),
+                      other=0.0).to(tl.float32)
+    elif N == 1:
         out = tl.load(ptrs + FIRST * sl, mask=ok & (pos + FIRST < L), other=0.0).to(tl.float32)
     else:
-        lo = _load_steps(ptrs, pos, ok, L, sl, N // 2, FIRST, 2 * STRIDE)
-        hi = _load_steps(ptrs, pos, ok, L, sl, N // 2, FIRST + STRIDE, 2 * STRIDE)
+        lo = _load_steps(ptrs, pos, ok, L, sl, N // 2, FIRST, 2 * STRIDE, False)
+        hi = _load_steps(ptrs, pos, ok, L, sl, N // 2, FIRST + STRIDE, 2 * STRIDE, False)
         out = tl.join(lo, hi)
         if N > 2:
             out = tl.reshape(out, (out.shape[0], out.shape[1], N))
@@ -51,16 +68,20 @@ def _load_steps(ptrs, pos, ok, L, sl, N: tl.constexpr, FIRST: tl.constexpr, STRI
 
 
 @triton.jit
-def _store_steps(ptrs, pos, ok, L, sl, x, N: tl.constexpr, FIRST: tl.constexpr, STRIDE: tl.constexpr):
+def _store_steps(ptrs, pos, ok, L, sl, x, N: tl.constexpr, FIRST: tl.constexpr, STRIDE: tl.constexpr,
+                 WHOLE: tl.constexpr):
     """Stores the steps of a tile of :func:`_load_steps`' layout, the inverse of its joins."""
-    if N == 1:
+    if WHOLE:
+        steps = tl.arange(0, N)[None, None, :]
+        tl.store(ptrs[:, :, None] + steps * sl, x, mask=ok[:, :, None] & (pos[:, :, None] + steps < L))
+    elif N == 1:
         tl.store(ptrs + FIRST * sl, x, mask=ok & (pos + FIRST < L))
     else:
         if N > 2:
             x = tl.reshape(x, (x.shape[0], x.shape[1], N // 2, 2))
         lo, hi = tl.split(x)
-        _store_steps(ptrs, pos, ok, L, sl, lo, N // 2, FIRST, 2 * STRIDE)
-        _store_steps(ptrs, pos, ok, L, sl, hi, N // 2, FIRST + STRIDE, 2 * STRIDE)
+        _store_steps(ptrs, pos, ok, L, sl, lo, N // 2, FIRST, 2 * STRIDE, False)
+        _store_steps(ptrs, pos, ok, L, sl, hi, N // 2, FIRST + STRIDE, 2 * STRIDE, False)
 
 
 @triton.jit
@@ -150,9 +171,17 @@ def _rows_bwd_kernel(gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr
                      sC_b, sC_k, sC_l, sD, sbias, sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk,
                      HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
                      LANES_T: tl.constexpr, BLOCK_D: tl.constexpr, STEPS: tl.constexpr,
-                     ROW_BLOCKS: tl.constexpr, STAGES: tl.constexpr):
+                     ROW_BLOCKS: tl.constexpr, STAGES: tl.constexpr, ALIGN: tl.constexpr):
     """Gradients of ROW_BLOCKS blocks of BLOCK_D channels of group k of batch element b (grid: program,
-    group, batch): du, ddelta; per channel dA, dD, dbias; dB / dC summed over the program's channels."""
+    group, batch): du, ddelta; per channel dA, dD, dbias; dB / dC summed over the program's channels.
+    ALIGN: L and the row strides are multiples of it (the launch checked); from STEPS up, each lane's
+    steps load and store as one vector (WHOLE)."""
+    WHOLE: tl.constexpr = ALIGN >= STEPS
+    L, su_b, su_d, sdt_b, sdt_d, sB_b, sB_k, _, sC_b, sC_k, _ = _aligned_inputs(
+        L, su_b, su_d, sdt_b, sdt_d, sB_b, sB_k, 0, sC_b, sC_k, 0, ALIGN)
+    sg_b, sg_d = _aligned(sg_b, ALIGN), _aligned(sg_d, ALIGN)
+    sdu_b, sdu_d = _aligned(sdu_b, ALIGN), _aligned(sdu_d, ALIGN)
+    sdB_b, sdB_k, sdB_blk = _aligned(sdB_b, ALIGN), _aligned(sdB_k, ALIGN), _aligned(sdB_blk, ALIGN)
     pid = tl.program_id(0)
     k = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -161,8 +190,8 @@ def _rows_bwd_kernel(gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr
     B_lanes = B_ptr + b * sB_b + k * sB_k + pos * sB_l
     C_lanes = C_ptr + b * sC_b + k * sC_k + pos * sC_l
     everywhere = pos >= 0
-    Bt = _load_steps(B_lanes, pos, everywhere, L, sB_l, STEPS, 0, 1)
-    Ct = _load_steps(C_lanes, pos, everywhere, L, sC_l, STEPS, 0, 1)
+    Bt = _load_steps(B_lanes, pos, everywhere, L, sB_l, STEPS, 0, 1, WHOLE)
+    Ct = _load_steps(C_lanes, pos, everywhere, L, sC_l, STEPS, 0, 1, WHOLE)
     dB_acc = tl.zeros((LANES_T, BLOCK_D, STEPS), tl.float32)
     dC_acc = tl.zeros((LANES_T, BLOCK_D, STEPS), tl.float32)
     for blk in tl.range(0, ROW_BLOCKS, num_stages=STAGES):
@@ -171,9 +200,9 @@ def _rows_bwd_kernel(gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr
         d = k * CG + c_in
         A = tl.load(A_ptr + d * sA_d, mask=ch_ok, other=0.0)
         ok = everywhere & ch_ok[None, :]
-        u = _load_steps(u_ptr + b * su_b + d[None, :] * su_d + pos * su_l, pos, ok, L, su_l, STEPS, 0, 1)
-        raw = _load_steps(dt_ptr + b * sdt_b + d[None, :] * sdt_d + pos * sdt_l, pos, ok, L, sdt_l, STEPS, 0, 1)
-        gy = _load_steps(gy_ptr + b * sg_b + d[None, :] * sg_d + pos * sg_l, pos, ok, L, sg_l, STEPS, 0, 1)
+        u = _load_steps(u_ptr + b * su_b + d[None, :] * su_d + pos * su_l, pos, ok, L, su_l, STEPS, 0, 1, WHOLE)
+        raw = _load_steps(dt_ptr + b * sdt_b + d[None, :] * sdt_d + pos * sdt_l, pos, ok, L, sdt_l, STEPS, 0, 1, WHOLE)
+        gy = _load_steps(gy_ptr + b * sg_b + d[None, :] * sg_d + pos * sg_l, pos, ok, L, sg_l, STEPS, 0, 1, WHOLE)
         if HAS_BIAS:
             raw += tl.load(bias_ptr + d * sbias, mask=ch_ok, other=0.0)[None, :, None]
         dt = raw
@@ -199,17 +228,25 @@ def _rows_bwd_kernel(gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr
         if HAS_BIAS:
             tl.store(dbias_ptr + b * KC + d, tl.sum(tl.sum(ddt, 2), 0), mask=ch_ok)
         _store_steps(du_ptr + b * sdu_b + d[None, :] * sdu_d + pos, pos, ok, L, 1,
-                     du.to(du_ptr.dtype.element_ty), STEPS, 0, 1)
+                     du.to(du_ptr.dtype.element_ty), STEPS, 0, 1, WHOLE)
         _store_steps(ddt_ptr + b * sdu_b + d[None, :] * sdu_d + pos, pos, ok, L, 1,
-                     ddt.to(ddt_ptr.dtype.element_ty), STEPS, 0, 1)
+                     ddt.to(ddt_ptr.dtype.element_ty), STEPS, 0, 1, WHOLE)
         dB_acc += g * dtu
         dC_acc += h * gy
     dBC = b * sdB_b + k * sdB_k + pid * sdB_blk + pos
     first_lane = lane_d[None, :] == 0  # one channel lane stores the sums
     _store_steps(dB_ptr + dBC, pos, first_lane, L, 1, tl.sum(dB_acc, 1, keep_dims=True) + tl.zeros_like(dB_acc),
-                 STEPS, 0, 1)
+                 STEPS, 0, 1, WHOLE)
     _store_steps(dC_ptr + dBC, pos, first_lane, L, 1, tl.sum(dC_acc, 1, keep_dims=True) + tl.zeros_like(dC_acc),
-                 STEPS, 0, 1)
+                 STEPS, 0, 1, WHOLE)
+
+
+def _row_alignment(length: int, *tensors: torch.Tensor) -> int:
+    """The largest power of two up to 16 dividing L and the batch and row strides of the (batch, rows, L)
+    tensors (elements); 1 where one is not contiguous along L."""
+    if any(t.stride(-1) != 1 for t in tensors):
+        return 1
+    return common_alignment([length] + [s for t in tensors for s in t.stride()[:2]])
 
 
 def rows_bwd_applies(state: int, length: int, lanes_t: int, steps: int) -> bool:
@@ -218,10 +255,12 @@ def rows_bwd_applies(state: int, length: int, lanes_t: int, steps: int) -> bool:
 
 
 def rows_bwd(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, grad_dtypes: tuple[torch.dtype, torch.dtype],
-             lanes_t: int, block_d: int, steps: int, row_blocks: int, stages: int = 1, options: dict | None = None):
+             lanes_t: int, block_d: int, steps: int, row_blocks: int, stages: int = 1, options: dict | None = None,
+             vectors: bool = True):
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias) of the d_state-1 scan by whole rows held as
-    ``steps`` consecutive positions in each of ``lanes_t`` lanes per channel (``lanes_t·block_d`` = 32:
-    one warp), ``row_blocks`` blocks of ``block_d`` channels a program. du and ddelta are stored in
+    ``steps`` consecutive positions in each of ``lanes_t`` lanes per channel (``lanes_t·block_d / 32``
+    warps), ``row_blocks`` blocks of ``block_d`` channels a program. ``vectors``: where L and the rows are
+    aligned to ``steps`` elements, each lane's steps move as one vector. du and ddelta are stored in
     ``grad_dtypes``; the rest are float32, dD / ddelta_bias None where D / delta_bias are. ``options``:
     Triton launch options besides num_warps (a register cap)."""
     batch, channels, length = u.shape
@@ -238,14 +277,15 @@ def rows_bwd(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, grad_dt
     dC_ws = torch.empty(batch, groups, n_prog, length, device=dev, dtype=f32)
     Dt = D if D is not None else dA_part
     bt = delta_bias if delta_bias is not None else dA_part
+    align = _row_alignment(length, grad_out, u, delta, du, B[:, :, 0], C[:, :, 0]) if vectors else 1
     _rows_bwd_kernel[(n_prog, groups, batch)](
         grad_out, u, delta, A, B, C, Dt, bt, du, ddelta, dA_part, dB_ws, dC_ws, dD_part, dbias_part,
         length, cg, channels, *grad_out.stride(), *u.stride(), *delta.stride(), A.stride(0),
         B.stride(0), B.stride(1), B.stride(3), C.stride(0), C.stride(1), C.stride(3), Dt.stride(0), bt.stride(0),
         du.stride(0), du.stride(1), dB_ws.stride(0), dB_ws.stride(1), dB_ws.stride(2),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), FAST=fast_math(u),
-        LANES_T=lanes_t, BLOCK_D=block_d, STEPS=steps, ROW_BLOCKS=row_blocks, STAGES=stages,
-        **{**(options or {}), "num_warps": 1},
+        LANES_T=lanes_t, BLOCK_D=block_d, STEPS=steps, ROW_BLOCKS=row_blocks, STAGES=stages, ALIGN=align,
+        **{**(options or {}), "num_warps": max(1, lanes_t * block_d // 32)},
     )
     dB = dB_ws[:, :, 0] if n_prog == 1 else dB_ws.sum(2)
     dC = dC_ws[:, :, 0] if n_prog == 1 else dC_ws.sum(2)
