@@ -416,7 +416,7 @@ def test_default_short_rows_take_whole_rows():
     from vmamba.ops.triton.selective_scan import saved_states_shape
 
     cfg = default_config(12, 1, backward=True, length=49, elem_size=2)
-    assert cfg["ROW_BLOCKS"] >= 1 and 32 // cfg["BLOCK_D"] * cfg["STEPS"] >= 49  # selective_scan_rows
+    assert cfg["ROW_BLOCKS"] >= 1 and cfg["STEPS"] and cfg["BLOCK_T"] >= 49  # selective_scan_rows
     ins = _inputs(1, 2, 12, 1, 49, torch.bfloat16, seed=51)
     assert saved_states_shape(ins[0], ins[2], ins[3])[1] == 0
     empty = torch.empty(saved_states_shape(ins[0], ins[2], ins[3]), device=DEVICE)
@@ -439,19 +439,24 @@ def test_default_whole_rows_walk_blocks_through_the_pipeliner():
 
 
 @pytest.mark.parametrize("dtype, length, config", [
-    # 16 lanes x 4 steps a channel, 2 channels a warp; 7 channels in blocks walked 3 at a time: the second
-    # program's last blocks are masked
-    (torch.float32, 49, {"STEPS": 4, "BLOCK_D": 2, "ROW_BLOCKS": 3}),
-    (torch.bfloat16, 49, {"STEPS": 4, "BLOCK_D": 2, "ROW_BLOCKS": 3}),
-    (torch.float16, 33, {"STEPS": 8, "BLOCK_D": 4, "ROW_BLOCKS": 1}),
+    # BLOCK_T positions a channel in lanes of STEPS: 16 lanes x 4 steps, 2 channels a warp; 7 channels in
+    # blocks walked 3 at a time: the second program's last blocks are masked
+    (torch.float32, 49, {"BLOCK_T": 64, "STEPS": 4, "BLOCK_D": 2, "ROW_BLOCKS": 3}),
+    (torch.bfloat16, 49, {"BLOCK_T": 64, "STEPS": 4, "BLOCK_D": 2, "ROW_BLOCKS": 3}),
+    (torch.float16, 33, {"BLOCK_T": 64, "STEPS": 8, "BLOCK_D": 4, "ROW_BLOCKS": 1}),
     # one channel a warp: 32 lanes x 8 steps (rows of up to 256), lanes past the row's end altogether; 32 x 2
-    (torch.float32, 196, {"STEPS": 8, "BLOCK_D": 1, "ROW_BLOCKS": 4}),
-    (torch.bfloat16, 60, {"STEPS": 2, "BLOCK_D": 1, "ROW_BLOCKS": 2}),
+    (torch.float32, 196, {"BLOCK_T": 256, "STEPS": 8, "BLOCK_D": 1, "ROW_BLOCKS": 4}),
+    (torch.bfloat16, 60, {"BLOCK_T": 64, "STEPS": 2, "BLOCK_D": 1, "ROW_BLOCKS": 2}),
     # two warps a channel (64 lanes x 4 steps): the scans over the lanes cross warps; rows of 100 aligned to
     # 4 elements, so each lane's steps move as one vector, or (ROW_ALIGN 0) one step at a time
-    (torch.float32, 100, {"STEPS": 4, "BLOCK_D": 1, "num_warps": 2, "ROW_BLOCKS": 3}),
-    (torch.bfloat16, 100, {"STEPS": 4, "BLOCK_D": 1, "num_warps": 2, "ROW_BLOCKS": 3, "ROW_ALIGN": 0}),
-    (torch.float16, 196, {"STEPS": 4, "BLOCK_D": 2, "num_warps": 4, "ROW_BLOCKS": 2}),
+    (torch.float32, 100, {"BLOCK_T": 256, "STEPS": 4, "BLOCK_D": 1, "num_warps": 2, "ROW_BLOCKS": 3}),
+    (torch.bfloat16, 100, {"BLOCK_T": 256, "STEPS": 4, "BLOCK_D": 1, "num_warps": 2, "ROW_BLOCKS": 3,
+                           "ROW_ALIGN": 0}),
+    (torch.float16, 196, {"BLOCK_T": 256, "STEPS": 4, "BLOCK_D": 2, "num_warps": 4, "ROW_BLOCKS": 2}),
+    # 64 lanes x 4 steps on one warp: each thread holds two lanes, 32 apart
+    (torch.bfloat16, 196, {"BLOCK_T": 256, "STEPS": 4, "BLOCK_D": 1, "num_warps": 1, "ROW_BLOCKS": 3}),
+    (torch.float32, 130, {"BLOCK_T": 256, "STEPS": 4, "BLOCK_D": 1, "num_warps": 1, "ROW_BLOCKS": 2,
+                          "ROW_ALIGN": 0}),
 ])
 def test_rows_with_consecutive_steps_a_lane(dtype, length, config):
     """STEPS (selective_scan_rows): whole rows with each lane's steps in registers, both scans in two
@@ -467,8 +472,8 @@ def test_rows_with_consecutive_steps_options_and_strides():
     """STEPS without D, bias or softplus (short rows: the raw deltas here are mostly negative, so the
     decays grow), and from transposed / strided storage."""
     _check(batch=1, groups=2, per_group=4, state=1, length=20, dtype=torch.float32, seed=54, with_d=False,
-           with_bias=False, softplus=False, config={"STEPS": 4, "BLOCK_D": 4, "ROW_BLOCKS": 2})
-    config = {"STEPS": 4, "BLOCK_D": 2, "ROW_BLOCKS": 2}
+           with_bias=False, softplus=False, config={"BLOCK_T": 32, "STEPS": 4, "BLOCK_D": 4, "ROW_BLOCKS": 2})
+    config = {"BLOCK_T": 64, "STEPS": 4, "BLOCK_D": 2, "ROW_BLOCKS": 2}
     _check(batch=2, groups=1, per_group=6, state=1, length=37, dtype=torch.bfloat16, seed=55, noncontig=True,
            config=config)
 
@@ -479,7 +484,7 @@ def test_rows_with_consecutive_steps_need_rows_that_fit():
 
     assert rows_bwd_applies(1, 64, 16, 4) and not rows_bwd_applies(1, 65, 16, 4)
     assert not rows_bwd_applies(4, 64, 16, 4) and not rows_bwd_applies(1, 8, 8, 3)
-    # L 80 does not fit 16 lanes x 4 steps: the chunked kernel takes the same configuration
+    # L 80 does not fit 4 lanes x 4 steps: the chunked kernel takes the same configuration
     _check(batch=1, groups=1, per_group=4, state=1, length=80, dtype=torch.float32, seed=56,
            config={"STEPS": 4, "BLOCK_D": 2, "ROW_BLOCKS": 2, "BLOCK_T": 16})
 

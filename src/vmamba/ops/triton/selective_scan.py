@@ -950,7 +950,7 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     thread; :mod:`.selective_scan_packed`; session 16: in float32, B and C read in aligned pieces where L
     and their rows allow, ALIGN_BC). The d_state 3-16 backward takes 2-position chunks up to L 256
     (session 16) and sums dB / dC over its channel lanes by recursive halving (HALVING, session 17). Rows of
-    33-64 steps at d_state 1 take the backward with consecutive steps in each lane (STEPS, session 18;
+    33-256 steps at d_state 1 take the backward with consecutive steps in each lane (STEPS, session 18;
     :mod:`.selective_scan_rows`).
     BLOCK_D divides the group's channels where a power of two does, so no lane idles.
     """
@@ -1027,7 +1027,7 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
     # forward and the fp32 backward, whose layouts change with the vector width, lost: 0.232 against
     # 0.209 ms, and 0.714 against 0.649 ms as forward + backward minus forward)
     row_align = int(block_n == 1 and backward == (elem_size == 2))
-    persist = row_blocks = maxnreg = 0
+    persist = row_blocks = maxnreg = steps = 0
     if block_n == 1 and not long_seq and length % 4 == 0:
         # Rows of 4k elements below L 512 (L = 196: stage 3) at d_state 1, where declared alignment lets the
         # pipeliner copy them asynchronously (8-byte pieces in bf16): the forward as 8 programs per SM, each
@@ -1069,11 +1069,18 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
         if backward:
             block_d, num_warps, row_blocks = (2, 1, 1) if block_t <= 64 else (1, 1, 32)
             maxnreg, stages = (0, 1) if block_t <= 64 else (128, 2)
+            # Session 18: above 64 steps, lanes of 4 consecutive steps (STEPS, selective_scan_rows; 64 lanes
+            # a channel at L 196, two a thread, loaded as vectors: kernels as CUDA-graph replays in one run,
+            # bf16 0.282 ms against 0.318, float32 0.279 against 0.342; uncapped 0.317 / 0.316, one stage
+            # 0.347 / 0.360, 2 steps a lane 0.378 / 0.385); up to 64, below
+            steps = 4 if block_t > 64 else 0
         else:
             block_d, num_warps = 2, 1 if elem_size == 2 else 2
     cfg = {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0,
            "STAGES": stages, "FLIP": flip, "HALF_GRADS": half_grads, "EVEN": even, "FLAT": flat,
            "ROW_ALIGN": row_align, "PERSIST": persist, "ROW_BLOCKS": row_blocks}
+    if steps:
+        cfg["STEPS"] = steps
     if backward and block_n == 1 and length is not None and 32 < length <= 64:
         # Rows of up to 64 steps (L 49: stage 4) as 8 lanes of 8 consecutive steps a channel, 4 channels a
         # warp, 16 blocks a program, capped at 128 registers (STEPS, selective_scan_rows). Session 18, kernels
@@ -1186,8 +1193,9 @@ def launch_options(cfg) -> dict:
 
 
 def _lanes_a_channel(cfg: dict) -> int:
-    """Lanes a channel's row spreads over in the STEPS backward: its warps' lanes shared by BLOCK_D."""
-    return 32 * int(cfg.get("num_warps", 1)) // cfg["BLOCK_D"]
+    """Lanes a channel's row spreads over in the STEPS backward, BLOCK_T positions in STEPS a lane: with
+    more than the warps have for BLOCK_D channels, a thread holds several of them."""
+    return max(1, cfg["BLOCK_T"] // int(cfg["STEPS"]))
 
 
 def _whole_rows(cfg: dict, length: int) -> int:
@@ -1342,8 +1350,8 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
             options = {k: v for k, v in launch_options(cfg).items() if k != "num_warps"}
             return rows_bwd(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus,
                             (_grad_dtype(u, cfg), _grad_dtype(delta, cfg)), lanes_t, cfg["BLOCK_D"], steps,
-                            max(1, int(cfg.get("ROW_BLOCKS", 1))), int(cfg.get("STAGES", 1)), options,
-                            vectors=bool(cfg.get("ROW_ALIGN", 1)))
+                            max(1, int(cfg.get("ROW_BLOCKS", 1))), int(cfg.get("STAGES", 1)), cfg["num_warps"],
+                            options, vectors=bool(cfg.get("ROW_ALIGN", 1)))
     lanes = bool(cfg.get("LANES", 0))
     row_blocks = _whole_rows(cfg, length)
     interval = cfg["BLOCK_T"] if row_blocks else _state_interval(cfg)

@@ -1,6 +1,6 @@
 """Selective scan backward at d_state 1 over whole short rows, consecutive steps in each lane.
 
-A warp holds BLOCK_D rows (channels) of one group of one batch element as (LANES_T, BLOCK_D, STEPS)
+A program holds BLOCK_D rows (channels) of one group of one batch element as (LANES_T, BLOCK_D, STEPS)
 tiles: lane i of a row holds its positions i·STEPS ... i·STEPS + STEPS - 1 in registers, so
 LANES_T·STEPS >= L. Time is then in registers within a lane and across lanes between lanes, and both
 scans of the backward run in two levels:
@@ -10,12 +10,18 @@ scans of the backward run in two levels:
   second pair reads out the composition of everything before (forward) or after (adjoint) a lane but
   not the lane itself, which is the state (or adjoint carry) entering it.
 
+"Lanes" are positions of the tile's first axis: with more of them than the program's threads have
+for BLOCK_D channels (64 lanes of 4 steps at L 196 on one warp), a thread holds several, 32 apart, and
+Triton's scan over that axis handles the repetition.
+
 The whole-row kernel of :mod:`.selective_scan` (time across the lanes, one position a lane per
 register) instead runs every scan over the lanes for each register of a lane, and Triton compiles the
 adjoint's reverse scan there to butterfly shuffles that flip the lanes (175 of the L-196 loop's 1192
-instructions, sm_90a). Triton gives a thread consecutive elements only where a load is vectorized,
-which rows not aligned to the vector (L = 49) never are, so the tiles here are loaded a step at a time
-and joined (``tl.join``) into the in-thread axis.
+instructions, sm_90a); in-thread reverse scans and ``tl.flip`` compile to shuffles too, so the steps
+are reversed here by re-joining them (:func:`_reversed_steps`). Triton gives a thread consecutive
+elements only where a load is vectorized: where L and the row strides are multiples of STEPS
+(L 196 with 4 steps) each lane's steps load and store as one vector; rows not aligned to it (L 49) are
+loaded a step at a time and joined (``tl.join``) into the in-thread axis.
 
 Each program walks ROW_BLOCKS blocks of BLOCK_D channels in turn and keeps dB / dC summed over them
 in registers, so one partial per program goes to the workspace. No states are kept: a row starts from
@@ -255,11 +261,12 @@ def rows_bwd_applies(state: int, length: int, lanes_t: int, steps: int) -> bool:
 
 
 def rows_bwd(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, grad_dtypes: tuple[torch.dtype, torch.dtype],
-             lanes_t: int, block_d: int, steps: int, row_blocks: int, stages: int = 1, options: dict | None = None,
-             vectors: bool = True):
+             lanes_t: int, block_d: int, steps: int, row_blocks: int, stages: int = 1, num_warps: int = 1,
+             options: dict | None = None, vectors: bool = True):
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias) of the d_state-1 scan by whole rows held as
-    ``steps`` consecutive positions in each of ``lanes_t`` lanes per channel (``lanes_t·block_d / 32``
-    warps), ``row_blocks`` blocks of ``block_d`` channels a program. ``vectors``: where L and the rows are
+    ``steps`` consecutive positions in each of ``lanes_t`` lanes per channel, ``row_blocks`` blocks of
+    ``block_d`` channels a program of ``num_warps`` warps (with more lanes than a warp's 32 threads hold,
+    a thread holds several). ``vectors``: where L and the rows are
     aligned to ``steps`` elements, each lane's steps move as one vector. du and ddelta are stored in
     ``grad_dtypes``; the rest are float32, dD / ddelta_bias None where D / delta_bias are. ``options``:
     Triton launch options besides num_warps (a register cap)."""
@@ -285,7 +292,7 @@ def rows_bwd(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, grad_dt
         du.stride(0), du.stride(1), dB_ws.stride(0), dB_ws.stride(1), dB_ws.stride(2),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), FAST=fast_math(u),
         LANES_T=lanes_t, BLOCK_D=block_d, STEPS=steps, ROW_BLOCKS=row_blocks, STAGES=stages, ALIGN=align,
-        **{**(options or {}), "num_warps": max(1, lanes_t * block_d // 32)},
+        **{**(options or {}), "num_warps": num_warps},
     )
     dB = dB_ws[:, :, 0] if n_prog == 1 else dB_ws.sum(2)
     dC = dC_ws[:, :, 0] if n_prog == 1 else dC_ws.sum(2)
