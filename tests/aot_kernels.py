@@ -222,6 +222,11 @@ VARIANTS = [
      selective_scan_rows._rows_bwd_kernel,
      dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, LANES_T=8, BLOCK_D=4, STEPS=8, ROW_BLOCKS=16,
           STAGES=1), {"num_warps": 1, "maxnreg": 128}, {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "du_ptr", "ddt_ptr"}),
+    ("selective_scan bwd d_state 1, whole rows of up to 256 steps as 64 lanes of 4 steps on one warp, vectors, "
+     "2 stages (default), bf16", selective_scan_rows._rows_bwd_kernel,
+     dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, LANES_T=64, BLOCK_D=1, STEPS=4, ROW_BLOCKS=32,
+          STAGES=2, ALIGN=4), {"num_warps": 1, "maxnreg": 128},
+     {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "du_ptr", "ddt_ptr"}),
     ("selective_scan bwd d_state 1, whole rows, 4 consecutive steps a lane, float32",
      selective_scan_rows._rows_bwd_kernel,
      dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, LANES_T=16, BLOCK_D=2, STEPS=4, ROW_BLOCKS=1,
