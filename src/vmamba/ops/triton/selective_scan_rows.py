@@ -50,6 +50,23 @@ __all__ = ["rows_bwd", "rows_bwd_applies"]
 
 
 @triton.jit
+def _halves(x, N: tl.constexpr):
+    """(even steps, odd steps) of a tile of N steps, each a tile of N // 2 (no data moves)."""
+    if N > 2:
+        x = tl.reshape(x, (x.shape[0], x.shape[1], N // 2, 2))
+    return tl.split(x)
+
+
+@triton.jit
+def _interleaved(even, odd, N: tl.constexpr):
+    """The tile of N steps whose even steps are ``even`` and odd ones ``odd``: :func:`_halves` undone."""
+    out = tl.join(even, odd)
+    if N > 2:
+        out = tl.reshape(out, (out.shape[0], out.shape[1], N))
+    return out
+
+
+@triton.jit
 def _load_steps(ptrs, pos, ok, L, sl, N: tl.constexpr, FIRST: tl.constexpr, STRIDE: tl.constexpr,
                 WHOLE: tl.constexpr):
     """(LANES_T, BLOCK_D, N) float32 tile of steps FIRST + STRIDE·m (m < N) of every lane, from the
@@ -65,11 +82,8 @@ def _load_steps(ptrs, pos, ok, L, sl, N: tl.constexpr, FIRST: tl.constexpr, STRI
     elif N == 1:
         out = tl.load(ptrs + FIRST * sl, mask=ok & (pos + FIRST < L), other=0.0).to(tl.float32)
     else:
-        lo = _load_steps(ptrs, pos, ok, L, sl, N // 2, FIRST, 2 * STRIDE, False)
-        hi = _load_steps(ptrs, pos, ok, L, sl, N // 2, FIRST + STRIDE, 2 * STRIDE, False)
-        out = tl.join(lo, hi)
-        if N > 2:
-            out = tl.reshape(out, (out.shape[0], out.shape[1], N))
+        out = _interleaved(_load_steps(ptrs, pos, ok, L, sl, N // 2, FIRST, 2 * STRIDE, False),
+                           _load_steps(ptrs, pos, ok, L, sl, N // 2, FIRST + STRIDE, 2 * STRIDE, False), N)
     return out
 
 
@@ -83,9 +97,7 @@ def _store_steps(ptrs, pos, ok, L, sl, x, N: tl.constexpr, FIRST: tl.constexpr, 
     elif N == 1:
         tl.store(ptrs + FIRST * sl, x, mask=ok & (pos + FIRST < L))
     else:
-        if N > 2:
-            x = tl.reshape(x, (x.shape[0], x.shape[1], N // 2, 2))
-        lo, hi = tl.split(x)
+        lo, hi = _halves(x, N)
         _store_steps(ptrs, pos, ok, L, sl, lo, N // 2, FIRST, 2 * STRIDE, False)
         _store_steps(ptrs, pos, ok, L, sl, hi, N // 2, FIRST + STRIDE, 2 * STRIDE, False)
 
@@ -93,9 +105,7 @@ def _store_steps(ptrs, pos, ok, L, sl, x, N: tl.constexpr, FIRST: tl.constexpr, 
 @triton.jit
 def _edge_step(x, LAST: tl.constexpr, N: tl.constexpr):
     """The first (or LAST) step of every lane of a steps tile: a (LANES_T, BLOCK_D) tile."""
-    if N > 2:
-        x = tl.reshape(x, (x.shape[0], x.shape[1], N // 2, 2))
-    lo, hi = tl.split(x)
+    lo, hi = _halves(x, N)
     if LAST:
         out = hi
     else:
@@ -110,16 +120,11 @@ def _reversed_steps(x, N: tl.constexpr):
     """A steps tile with each lane's steps in reverse order: the joins of :func:`_load_steps` undone and
     redone the other way round, so no data moves (``tl.flip`` and reverse scans compile to shuffles even
     along an axis held within the thread)."""
-    if N > 2:
-        x = tl.reshape(x, (x.shape[0], x.shape[1], N // 2, 2))
-    lo, hi = tl.split(x)
+    lo, hi = _halves(x, N)
     if N > 2:
         lo = _reversed_steps(lo, N // 2)
         hi = _reversed_steps(hi, N // 2)
-    out = tl.join(hi, lo)
-    if N > 2:
-        out = tl.reshape(out, (out.shape[0], out.shape[1], N))
-    return out
+    return _interleaved(hi, lo, N)
 
 
 @triton.jit
@@ -138,17 +143,12 @@ def _states(a, x):
 def _next_steps(x, fill, N: tl.constexpr):
     """x_{t+1} for every step of a steps tile, ``fill`` at each lane's last step: joins again, no data
     moves (the odd steps become the even ones, the even ones shifted by one the odd ones)."""
-    if N > 2:
-        x = tl.reshape(x, (x.shape[0], x.shape[1], N // 2, 2))
-    lo, hi = tl.split(x)
+    lo, hi = _halves(x, N)
     if N > 2:
         after = _next_steps(lo, fill, N // 2)
     else:
         after = tl.full(lo.shape, fill, tl.float32)
-    out = tl.join(hi, after)
-    if N > 2:
-        out = tl.reshape(out, (out.shape[0], out.shape[1], N))
-    return out
+    return _interleaved(hi, after, N)
 
 
 @triton.jit
