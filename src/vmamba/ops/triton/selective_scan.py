@@ -1067,13 +1067,21 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
         # walking several blocks through the pipeliner (PERSIST 16-32) lost: float32 0.172 against 0.143.
         block_t, flat, flip, stages, persist, row_align = _next_pow2(length), 1, 0, 1, 0, 1
         if backward:
-            block_d, num_warps, row_blocks = (2, 1, 1) if block_t <= 64 else (1, 1, 32)
-            maxnreg, stages = (0, 1) if block_t <= 64 else (128, 2)
-            # Session 18: above 64 steps, lanes of 4 consecutive steps (STEPS, selective_scan_rows; 64 lanes
-            # a channel at L 196, two a thread, loaded as vectors: kernels as CUDA-graph replays in one run,
-            # bf16 0.282 ms against 0.318, float32 0.279 against 0.342; uncapped 0.317 / 0.316, one stage
-            # 0.347 / 0.360, 2 steps a lane 0.378 / 0.385); up to 64, below
-            steps = 4 if block_t > 64 else 0
+            # Session 18: lanes of consecutive steps (STEPS, selective_scan_rows) replaced the kernel above
+            # (session 14: L 49 with 2 channels a program, L 196 with 32 one-channel blocks through the
+            # pipeliner, capped at 128 registers). Kernels as CUDA-graph replays in one run each:
+            # - up to 64 steps (L 49: stage 4): 8 lanes of 8 steps a channel, 4 channels a warp, 16 blocks a
+            #   program, capped at 128: bf16 0.166 ms against 0.256, float32 0.180 against 0.263 (8 blocks:
+            #   0.171 / 0.185; caps of 112 / 96: 0.185 / 0.228 bf16; 16 lanes of 4 steps, 16 blocks, cap 80:
+            #   0.177 / 0.196). Rows aligned to the steps move as vectors (ROW_ALIGN): at L 64 (stage 4 at
+            #   256²) bf16 0.133 ms against 0.174 one step at a time and 0.213 for the session-14 kernel,
+            #   float32 0.208 against 0.219 and 0.229.
+            # - above (L 196: stage 3): lanes of 4 steps (64 lanes a channel, two a thread, loaded as
+            #   vectors), 32 blocks through the pipeliner, capped at 128: bf16 0.282 ms against 0.318, float32
+            #   0.279 against 0.342 (uncapped 0.317 / 0.316, one stage 0.347 / 0.360, 2 steps a lane 0.378 /
+            #   0.385, two warps a channel 0.374 / 0.373, 8 steps a lane one at a time 0.408 / 0.454).
+            num_warps, maxnreg = 1, 128
+            block_d, row_blocks, steps, stages = (4, 16, 8, 1) if block_t <= 64 else (1, 32, 4, 2)
         else:
             block_d, num_warps = 2, 1 if elem_size == 2 else 2
     cfg = {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0,
@@ -1081,16 +1089,6 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
            "ROW_ALIGN": row_align, "PERSIST": persist, "ROW_BLOCKS": row_blocks}
     if steps:
         cfg["STEPS"] = steps
-    if backward and block_n == 1 and length is not None and 32 < length <= 64:
-        # Rows of up to 64 steps (L 49: stage 4) as 8 lanes of 8 consecutive steps a channel, 4 channels a
-        # warp, 16 blocks a program, capped at 128 registers (STEPS, selective_scan_rows). Session 18, kernels
-        # as CUDA-graph replays in one run against the whole-row kernel: bf16 0.166 ms against 0.256, float32
-        # 0.180 against 0.263 (8 blocks: 0.171 / 0.185; caps of 112 / 96: 0.185 / 0.228 bf16; 16 lanes of 4
-        # steps, 16 blocks, cap 80: 0.177 / 0.196). Rows aligned to the steps move as vectors (ROW_ALIGN): at
-        # L 64 (stage 4 at 256²) bf16 0.133 ms against 0.174 one step at a time and 0.213 for the whole-row
-        # kernel, float32 0.208 against 0.219 and 0.229. At L 196 (stage 3) it lost: 64 lanes of 4 steps
-        # (two warps a channel, vectors) bf16 0.374 ms at best against 0.319, float32 0.373 against 0.345.
-        cfg.update(STEPS=8, BLOCK_D=4, ROW_BLOCKS=16, maxnreg=128)
     if not backward and block_n == 1 and length is not None and length <= 256:
         # Rows packed end to end, one 16-byte vector a thread (selective_scan_packed): tiles of 512 elements
         # up to L 64, else of 256 threads, holding as many whole rows as fit (with the up to V - 1 elements
@@ -1198,15 +1196,21 @@ def _lanes_a_channel(cfg: dict) -> int:
     return max(1, cfg["BLOCK_T"] // int(cfg["STEPS"]))
 
 
+def _steps_apply(cfg: dict, state: int, length: int) -> bool:
+    """Whether the backward of configuration ``cfg`` is :mod:`.selective_scan_rows`' (key STEPS)."""
+    if not cfg.get("STEPS", 0):
+        return False
+    from .selective_scan_rows import rows_bwd_applies  # imported here: it imports this module
+
+    return rows_bwd_applies(state, length, _lanes_a_channel(cfg), int(cfg["STEPS"]))
+
+
 def _whole_rows(cfg: dict, length: int) -> int:
     """Channel blocks per program of a backward that takes whole rows in one chunk (configuration key
     ROW_BLOCKS, where BLOCK_T covers the length, not LANES; or STEPS, :mod:`.selective_scan_rows`): it
     needs no states. 0 otherwise."""
-    if cfg.get("STEPS", 0):
-        from .selective_scan_rows import rows_bwd_applies  # imported here: it imports this module
-
-        if rows_bwd_applies(cfg["BLOCK_N"], length, _lanes_a_channel(cfg), int(cfg["STEPS"])):
-            return max(1, int(cfg.get("ROW_BLOCKS", 1)))
+    if _steps_apply(cfg, cfg["BLOCK_N"], length):
+        return max(1, int(cfg.get("ROW_BLOCKS", 1)))
     if cfg.get("LANES", 0) or length > cfg["BLOCK_T"]:
         return 0
     return int(cfg.get("ROW_BLOCKS", 0))
@@ -1338,20 +1342,16 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
     if deterministic is None:
         deterministic = (os.environ.get("VMAMBA_DETERMINISTIC", "0") not in ("", "0")
                          or torch.are_deterministic_algorithms_enabled())
-    steps = int(cfg.get("STEPS", 0))
-    if steps:
-        # imported here, not at the top: that module takes its jit helpers from this one
-        from .selective_scan_rows import rows_bwd, rows_bwd_applies
+    if _steps_apply(cfg, state, length):
+        from .selective_scan_rows import rows_bwd  # imported here: it imports this module
 
-        lanes_t = _lanes_a_channel(cfg)
-        if rows_bwd_applies(state, length, lanes_t, steps):
-            if states is not None:  # whole rows keep no states: only the empty ones are the forward's
-                check_states(states, (batch, 0, channels, cfg["BLOCK_N"]))
-            options = {k: v for k, v in launch_options(cfg).items() if k != "num_warps"}
-            return rows_bwd(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus,
-                            (_grad_dtype(u, cfg), _grad_dtype(delta, cfg)), lanes_t, cfg["BLOCK_D"], steps,
-                            max(1, int(cfg.get("ROW_BLOCKS", 1))), int(cfg.get("STAGES", 1)), cfg["num_warps"],
-                            options, vectors=bool(cfg.get("ROW_ALIGN", 1)))
+        if states is not None:  # whole rows keep no states: only the empty ones are the forward's
+            check_states(states, (batch, 0, channels, cfg["BLOCK_N"]))
+        options = {k: v for k, v in launch_options(cfg).items() if k != "num_warps"}
+        return rows_bwd(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus,
+                        (_grad_dtype(u, cfg), _grad_dtype(delta, cfg)), _lanes_a_channel(cfg), cfg["BLOCK_D"],
+                        int(cfg["STEPS"]), max(1, int(cfg.get("ROW_BLOCKS", 1))), int(cfg.get("STAGES", 1)),
+                        cfg["num_warps"], options, vectors=bool(cfg.get("ROW_ALIGN", 1)))
     lanes = bool(cfg.get("LANES", 0))
     row_blocks = _whole_rows(cfg, length)
     interval = cfg["BLOCK_T"] if row_blocks else _state_interval(cfg)
