@@ -31,7 +31,7 @@ def graph_ms(fn) -> float:
 
 def states_for(cfg: dict, ins, default_states: torch.Tensor) -> torch.Tensor | None:
     """The states a backward variant reads: the default's where its intervals are the default's, none
-    where it takes whole rows (ROW_BLOCKS), zeros where one interval spans the whole sequence (the state
+    where it takes whole rows (STEPS), zeros where one interval spans the whole sequence (the state
     entering it is 0)."""
     shape = saved_states_shape(ins[0], ins[2], ins[3], config=cfg)
     if shape == tuple(default_states.shape):

@@ -45,8 +45,8 @@ BF16 = {"u_ptr", "xp_ptr", "y_ptr", "dl_ptr", "gy_ptr", "du_ptr", "ddt_ptr"}
 
 
 # the plain scan's newer constexprs, where a variant leaves them out: (T, D, N) tiles, no declared alignment,
-# a program per channel block, rows in chunks
-SCAN_DEFAULTS = {"FLAT": False, "ALIGN": 1, "PERSIST": False, "ROW_BLOCKS": 0}
+# a program per channel block
+SCAN_DEFAULTS = {"FLAT": False, "ALIGN": 1, "PERSIST": False}
 
 
 def with_defaults(kernel, constants: dict) -> dict:
@@ -209,15 +209,6 @@ VARIANTS = [
      dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, BLOCK_D=2, BLOCK_N=1, BLOCK_T=256, PREFETCH=0,
           LANES=False, SAVE_T=0, STAGES=1, EVEN=False, ALIGN=4, FLAT=True), {"num_warps": 1},
      {"u_ptr", "dt_ptr", "B_ptr", "C_ptr"}),
-    ("selective_scan bwd d_state 1, whole rows of 256 steps, 32 one-channel blocks a program, 2 stages, bf16",
-     selective_scan._ss_bwd_kernel,
-     dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=1, BLOCK_N=1, BLOCK_T=256,
-          SAVE_T=256, FLIP=False, LANES=False, HAS_STATES=False, STAGES=2, EVEN=False, ALIGN=4, FLAT=True,
-          ROW_BLOCKS=32), {"num_warps": 1, "maxnreg": 128}, {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "du_ptr", "ddt_ptr"}),
-    ("selective_scan bwd d_state 1, whole rows of 64 steps, 2 channels, float32", selective_scan._ss_bwd_kernel,
-     dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=2, BLOCK_N=1, BLOCK_T=64,
-          SAVE_T=64, FLIP=False, LANES=False, HAS_STATES=False, STAGES=1, EVEN=False, FLAT=True, ROW_BLOCKS=1),
-     {"num_warps": 1}, False),
     ("selective_scan bwd d_state 1, whole rows of up to 64 steps, 8 consecutive steps a lane (default), bf16",
      selective_scan_rows._rows_bwd_kernel,
      dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, LANES_T=8, BLOCK_D=4, STEPS=8, ROW_BLOCKS=16,

@@ -389,24 +389,22 @@ def test_programs_walking_several_channel_blocks(dtype, state, config):
 
 
 @pytest.mark.parametrize(("dtype", "length", "config"), [
-    # STEPS 0: this kernel, not selective_scan_rows (the default for 32 < L <= 64)
-    (torch.float32, 37, {"BLOCK_D": 2, "BLOCK_T": 64, "FLAT": 1, "FLIP": 0, "ROW_BLOCKS": 1, "num_warps": 1,
-                         "STEPS": 0, "maxnreg": 0}),
-    (torch.bfloat16, 21, {"BLOCK_D": 2, "BLOCK_T": 32, "FLAT": 1, "FLIP": 0, "ROW_BLOCKS": 3, "num_warps": 1,
-                          "ROW_ALIGN": 1}),
-    (torch.float32, 16, {"BLOCK_D": 4, "BLOCK_T": 16, "ROW_BLOCKS": 2, "num_warps": 1, "EVEN": 1}),
-    (torch.float16, 40, {"BLOCK_D": 1, "BLOCK_T": 64, "FLAT": 1, "FLIP": 0, "ROW_BLOCKS": 4, "num_warps": 1,
-                         "STEPS": 0, "maxnreg": 0}),
+    (torch.float32, 37, {"BLOCK_T": 64, "STEPS": 4, "BLOCK_D": 2, "ROW_BLOCKS": 3, "num_warps": 1}),
+    # rows of up to 32 steps (below the default's range); 8 lanes x 2 steps a channel, 4 channels
+    (torch.bfloat16, 21, {"BLOCK_T": 32, "STEPS": 2, "BLOCK_D": 2, "ROW_BLOCKS": 3, "num_warps": 1}),
+    (torch.float32, 16, {"BLOCK_T": 16, "STEPS": 2, "BLOCK_D": 4, "ROW_BLOCKS": 2, "num_warps": 1}),
+    # 8 lanes of one channel: fewer elements than the warp has threads
+    (torch.float16, 40, {"BLOCK_T": 64, "STEPS": 8, "BLOCK_D": 1, "ROW_BLOCKS": 4, "num_warps": 1}),
 ])
 def test_whole_rows_backward_keeps_no_states(dtype, length, config):
-    """ROW_BLOCKS: a chunk covers L, so the backward starts every row from a zero state and keeps no
-    states; programs walk several channel blocks (7 channels in blocks of 2 walked 3 at a time: the
-    second program's last blocks are masked), against the reference."""
+    """Where a channel's lanes cover L (STEPS), the backward starts every row from a zero state and keeps
+    no states; programs walk several channel blocks (7 channels in blocks walked 2-4 at a time: the last
+    program's last blocks are masked), against the reference."""
     from vmamba.ops.triton.selective_scan import saved_states_shape
 
     ins = _inputs(2, 2, 7, 1, length, dtype, seed=50)
     assert saved_states_shape(ins[0], ins[2], ins[3], config=config)[1] == 0
-    chunked = {**config, "BLOCK_T": 8}  # L no longer fits a chunk: the states are kept again
+    chunked = {**config, "BLOCK_T": 8}  # L no longer fits the lanes: the chunked kernel keeps states again
     assert saved_states_shape(ins[0], ins[2], ins[3], config=chunked)[1] == -(-length // 8)
     _check(batch=2, groups=2, per_group=7, state=1, length=length, dtype=dtype, seed=50, config=config)
 

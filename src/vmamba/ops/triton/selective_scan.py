@@ -12,9 +12,11 @@ owns one (channel, state) pair and its BLOCK_T steps, and ``tl.associative_scan`
 pairs along time compiles to a sequential loop in registers. The (BLOCK_D, BLOCK_N) state is carried
 from chunk to chunk in registers. Every input is read once and the output written once.
 
-Short rows (configuration key ROW_BLOCKS, the d_state-1 default up to L 256) are taken whole, as one
-chunk of (T, D) tiles with time across the lanes: the scans then run as warp shuffles, and the backward
-starts every row from a zero state, so the forward keeps no states for it.
+Short rows at d_state 1 (up to L 256) are taken whole: the forward packs them end to end
+(:mod:`.selective_scan_packed`; as one chunk of (T, D) tiles with time across the lanes where packing
+does not apply), and the backward holds consecutive steps in each lane (configuration key STEPS,
+:mod:`.selective_scan_rows`) and starts every row from a zero state, so the forward keeps no states
+for it.
 
 Backward: the adjoint state g_t = C_t gy_t + a_{t+1} g_{t+1} runs the same recurrence in reverse.
 The kernel first walks L forwards storing the state at the start of each chunk (a small workspace,
@@ -711,48 +713,6 @@ def _bwd_block(pid_d, k, b, CG, N, KC, n_saved, A_ptr, D_ptr, bias_ptr, u_ptr, d
 
 
 @triton.jit
-def _bwd_whole_rows(gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, du_ptr, ddt_ptr, dA_ptr, dB_ptr,
-                    dC_ptr, dD_ptr, dbias_ptr, L, N, CG, KC, sg_b, sg_d, sg_l, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l,
-                    sA_d, sA_n, sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias, sdu_b, sdu_d,
-                    sdB_b, sdB_k, sdB_blk, sdB_n, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr, FAST: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, FLIP: tl.constexpr, LANES: tl.constexpr,
-                    STAGES: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr, ROW_BLOCKS: tl.constexpr):
-    """The backward of ROW_BLOCKS channel blocks whose rows fit one chunk (see :func:`_ss_bwd_kernel`)."""
-    pid = tl.program_id(0)
-    k = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    t = tl.arange(0, BLOCK_T)
-    first = _time_column(t == 0, FLAT)
-    last = _time_column(t == BLOCK_T - 1, FLAT)
-    dB_acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
-    dC_acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
-    for j in tl.range(0, ROW_BLOCKS, num_stages=STAGES):
-        # no kept states: dA_ptr stands in for their pointer, and the dB / dC pointers are made per program below
-        (d, mask_d, mask_n, rows, states, state_mask, A, bias, dskip, u_base, dt_base, gy_base, du_base,
-         ddt_base, B_base, C_base, _, _, _) = _bwd_block(
-            pid * ROW_BLOCKS + j, k, b, CG, N, KC, 1, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, gy_ptr, du_ptr,
-            ddt_ptr, B_ptr, C_ptr, dB_ptr, dC_ptr, dA_ptr, sg_b, sg_d, su_b, su_d, sdt_b, sdt_d, sA_d, sA_n,
-            sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, sD, sbias, sdu_b, sdu_d, sdB_b, sdB_k, sdB_blk, sdB_n,
-            HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N, LANES, EVEN, FLAT)
-        zero = _state_zeros(BLOCK_D, BLOCK_N, LANES, FLAT)
-        u, raw, gy, Bt, Ct = _ss_bwd_loads(t, L, u_base, dt_base, gy_base, B_base, C_base, mask_d, mask_n,
-                                           su_l, sdt_l, sg_l, sB_l, sC_l, EVEN)
-        _, dA_p, dD_p, dbias_p, dBp, dCp = _ss_bwd_chunk(
-            t, u, raw, gy, Bt, Ct, zero, zero, L, dt_base, du_base, ddt_base, mask_d, sdt_l, A,
-            A * 1.4426950408889634, bias, dskip, first, last, HAS_D, HAS_BIAS, SOFTPLUS, FAST, FLIP, LANES, EVEN,
-            FLAT)
-        dB_acc += dBp
-        dC_acc += dCp
-        _store_channel_partials(dA_ptr, dD_ptr, dbias_ptr, b, KC, N, rows, states, d, dA_p, dD_p, dbias_p, state_mask,
-                                mask_d, HAS_D, HAS_BIAS)
-    offs_n = tl.arange(0, BLOCK_N)
-    dBC_offset = b * sdB_b + k * sdB_k + pid * sdB_blk + offs_n[None, :] * sdB_n
-    _store_dBC(dB_ptr + dBC_offset, dC_ptr + dBC_offset, t, L, _in_range(offs_n, N, EVEN), dB_acc, dC_acc, ATOMIC,
-               EVEN)
-
-
-@triton.jit
 def _ss_bwd_kernel(
     gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, hws_ptr, scr_ptr,
     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
@@ -763,14 +723,9 @@ def _ss_bwd_kernel(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr,
     FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SAVE_T: tl.constexpr,
     FLIP: tl.constexpr, LANES: tl.constexpr, HAS_STATES: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr,
-    FLAT: tl.constexpr, ALIGN: tl.constexpr, PERSIST: tl.constexpr, ROW_BLOCKS: tl.constexpr,
-    HALVING: tl.constexpr = 0,
+    FLAT: tl.constexpr, ALIGN: tl.constexpr, PERSIST: tl.constexpr, HALVING: tl.constexpr = 0,
 ):
-    """ROW_BLOCKS = r (one chunk covers L): each program takes whole rows of r channel blocks in turn,
-    from a zero state with no saved states, and sums the blocks' dB / dC partials before storing them
-    (a partial per r blocks instead of per block).
-
-    Otherwise pass 1 (unless HAS_STATES: the forward stored them) walks L forwards storing the state entering
+    """Pass 1 (unless HAS_STATES: the forward stored them) walks L forwards storing the state entering
     every SAVE_T positions; pass 2 walks chunks of
     BLOCK_T positions in reverse. SAVE_T = BLOCK_T unless LANES (tiles (T, N, D): one lane per channel
     and all its states), whose short chunks fit in registers: a forward pass from each interval's saved
@@ -791,13 +746,7 @@ def _ss_bwd_kernel(
     last = _time_column(offs_t == BLOCK_T - 1, FLAT)
     tl.static_assert(not PERSIST or (HAS_STATES and SUB == 1), "PERSIST needs saved states, one chunk each")
 
-    if ROW_BLOCKS:
-        _bwd_whole_rows(gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, du_ptr, ddt_ptr, dA_ptr, dB_ptr,
-                        dC_ptr, dD_ptr, dbias_ptr, L, N, CG, KC, sg_b, sg_d, sg_l, su_b, su_d, su_l, sdt_b, sdt_d,
-                        sdt_l, sA_d, sA_n, sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sD, sbias, sdu_b, sdu_d,
-                        sdB_b, sdB_k, sdB_blk, sdB_n, HAS_D, HAS_BIAS, SOFTPLUS, ATOMIC, FAST, BLOCK_D, BLOCK_N,
-                        BLOCK_T, FLIP, LANES, STAGES, EVEN, FLAT, ROW_BLOCKS)
-    elif PERSIST:
+    if PERSIST:
         g = _state_zeros(BLOCK_D, BLOCK_N, LANES, FLAT)
         dA_acc = tl.zeros_like(g)
         dD_acc = tl.zeros((BLOCK_D,), tl.float32)
@@ -944,14 +893,13 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     4k elements (L 196) walk several channel blocks per program through the pipeliner in the forward
     (PERSIST) and pipeline the bf16 backward; rows not aligned to 4 elements (L 49) take 16 channels per
     warp in the bf16 backward and the float32 forward. Rows of 33-256 steps at d_state 1 (session 14): the
-    backward takes whole rows in one chunk (ROW_BLOCKS) and so keeps no states, and the forward does too
-    from 129 steps where rows are 4-aligned. Rows of up to 256 steps at d_state 1 (session 15): the forward
-    packs whole rows end to end, one 16-byte vector a thread (PACKED rows a program, VECTOR elements a
-    thread; :mod:`.selective_scan_packed`; session 16: in float32, B and C read in aligned pieces where L
-    and their rows allow, ALIGN_BC). The d_state 3-16 backward takes 2-position chunks up to L 256
-    (session 16) and sums dB / dC over its channel lanes by recursive halving (HALVING, session 17). Rows of
-    33-256 steps at d_state 1 take the backward with consecutive steps in each lane (STEPS, session 18;
-    :mod:`.selective_scan_rows`).
+    backward takes whole rows in one chunk and so keeps no states (session 18: with consecutive steps in
+    each lane, STEPS), and the forward does too from 129 steps where rows are 4-aligned. Rows of up to 256
+    steps at d_state 1 (session 15): the forward packs whole rows end to end, one 16-byte vector a thread
+    (PACKED rows a program, VECTOR elements a thread; :mod:`.selective_scan_packed`; session 16: in
+    float32, B and C read in aligned pieces where L and their rows allow, ALIGN_BC). The d_state 3-16
+    backward takes 2-position chunks up to L 256 (session 16) and sums dB / dC over its channel lanes by
+    recursive halving (HALVING, session 17).
     BLOCK_D divides the group's channels where a power of two does, so no lane idles.
     """
     return dict(_default_config(channels_per_group, state, backward, length, elem_size))
@@ -1052,8 +1000,9 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
         maxnreg = 0 if backward else 128
     if block_n == 1 and length is not None and (32 < length <= 256 if backward else
                                                  (128 < length <= 256 and length % 4 == 0)):
-        # Whole rows in one chunk of (T, D) tiles, time across the lanes, the scans by shuffles; the backward
-        # then keeps no states, so the training forward is the inference forward. Session 14, kernels as
+        # Whole rows in one chunk; the backward then keeps no states, so the training forward is the
+        # inference forward. Session 14 (its backward, (T, D) tiles with time across the lanes, is replaced
+        # below and deleted since; the figures are the history), kernels as
         # CUDA-graph replays against the session-13 defaults: L 196 (stage 3) forward bf16 0.1225 against
         # 0.139 ms (2 channels, 1 warp), float32 0.1435-0.152 against 0.179 (2 channels, 2 warps); backward
         # with 16 blocks of one channel per program (ROW_BLOCKS) bf16 0.366 against 0.427 (and the forward's
@@ -1067,9 +1016,9 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
         # walking several blocks through the pipeliner (PERSIST 16-32) lost: float32 0.172 against 0.143.
         block_t, flat, flip, stages, persist, row_align = _next_pow2(length), 1, 0, 1, 0, 1
         if backward:
-            # Session 18: lanes of consecutive steps (STEPS, selective_scan_rows) replaced the kernel above
-            # (session 14: L 49 with 2 channels a program, L 196 with 32 one-channel blocks through the
-            # pipeliner, capped at 128 registers). Kernels as CUDA-graph replays in one run each:
+            # Session 18: lanes of consecutive steps (STEPS, selective_scan_rows) replaced the session-14
+            # kernel (L 49 with 2 channels a program, L 196 with 32 one-channel blocks through the pipeliner,
+            # capped at 128 registers). Kernels as CUDA-graph replays in one run each:
             # - up to 64 steps (L 49: stage 4): 8 lanes of 8 steps a channel, 4 channels a warp, 16 blocks a
             #   program, capped at 128: bf16 0.166 ms against 0.256, float32 0.180 against 0.263 (8 blocks:
             #   0.171 / 0.185; caps of 112 / 96: 0.185 / 0.228 bf16; 16 lanes of 4 steps, 16 blocks, cap 80:
@@ -1143,15 +1092,14 @@ def _config(cg, state, backward, overrides, length=None, elem_size=4, defaults=N
     return cfg
 
 
-def _even(cfg: dict, channels_per_group: int, state: int, length: int, interval: int,
-          block_channels: int | None = None) -> bool:
-    """Whether a launch covers whole chunks, intervals, channel blocks (or ``block_channels``, the
-    channels a program walks) and state blocks, so the kernels may drop their bounds masks
+def _even(cfg: dict, channels_per_group: int, state: int, length: int, interval: int) -> bool:
+    """Whether a launch covers whole chunks, intervals, channel blocks and state blocks, so the kernels may
+    drop their bounds masks
     (configuration key EVEN, set by :func:`default_config` where measured). Not with LANES or PREFETCH,
     which read past the last chunk or interval."""
     return bool(cfg.get("EVEN", 0) and not cfg.get("LANES", 0) and not cfg.get("PREFETCH", 0)
                 and length % cfg["BLOCK_T"] == 0 and length % interval == 0
-                and channels_per_group % (block_channels or cfg["BLOCK_D"]) == 0 and state == cfg["BLOCK_N"])
+                and channels_per_group % cfg["BLOCK_D"] == 0 and state == cfg["BLOCK_N"])
 
 
 def _flat(cfg: dict) -> bool:
@@ -1205,17 +1153,6 @@ def _steps_apply(cfg: dict, state: int, length: int) -> bool:
     return rows_bwd_applies(state, length, _lanes_a_channel(cfg), int(cfg["STEPS"]))
 
 
-def _whole_rows(cfg: dict, length: int) -> int:
-    """Channel blocks per program of a backward that takes whole rows in one chunk (configuration key
-    ROW_BLOCKS, where BLOCK_T covers the length, not LANES; or STEPS, :mod:`.selective_scan_rows`): it
-    needs no states. 0 otherwise."""
-    if _steps_apply(cfg, cfg["BLOCK_N"], length):
-        return max(1, int(cfg.get("ROW_BLOCKS", 1)))
-    if cfg.get("LANES", 0) or length > cfg["BLOCK_T"]:
-        return 0
-    return int(cfg.get("ROW_BLOCKS", 0))
-
-
 def _state_interval(cfg) -> int:
     """Positions between the states a backward of configuration ``cfg`` keeps: its chunk length, or
     LANES_SAVE_INTERVAL for LANES, whose shorter chunks fit inside an interval."""
@@ -1224,10 +1161,10 @@ def _state_interval(cfg) -> int:
 
 def _backward_interval(u, A, B, config=None) -> tuple[int, int]:
     """(positions between the states the backward keeps, BLOCK_N) of its (default, or ``config``)
-    configuration; 0 positions where it keeps none (:func:`_whole_rows`)."""
+    configuration; 0 positions where it keeps none (whole rows, :mod:`.selective_scan_rows`)."""
     channels, length = u.shape[1], u.shape[2]
     cfg = _config(channels // B.shape[1], A.shape[1], True, config, length, u.element_size())
-    return 0 if _whole_rows(cfg, length) else _state_interval(cfg), cfg["BLOCK_N"]
+    return 0 if _steps_apply(cfg, A.shape[1], length) else _state_interval(cfg), cfg["BLOCK_N"]
 
 
 def saved_states_shape(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, config=None) -> tuple[int, ...]:
@@ -1353,12 +1290,10 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
                         int(cfg["STEPS"]), max(1, int(cfg.get("ROW_BLOCKS", 1))), int(cfg.get("STAGES", 1)),
                         cfg["num_warps"], options, vectors=bool(cfg.get("ROW_ALIGN", 1)))
     lanes = bool(cfg.get("LANES", 0))
-    row_blocks = _whole_rows(cfg, length)
-    interval = cfg["BLOCK_T"] if row_blocks else _state_interval(cfg)
+    interval = _state_interval(cfg)
     if interval % cfg["BLOCK_T"]:
         raise ValueError(f"LANES: BLOCK_T must divide the saved-state interval {interval}, got {cfg['BLOCK_T']}")
-    block_channels = cfg["BLOCK_D"] * max(1, row_blocks)  # channels behind one dB / dC partial
-    n_blk = cdiv(cg, block_channels)
+    n_blk = cdiv(cg, cfg["BLOCK_D"])
     n_saved = cdiv(length, interval)
     du = torch.empty(batch, channels, length, device=dev, dtype=_grad_dtype(u, cfg))
     ddelta = torch.empty(batch, channels, length, device=dev, dtype=_grad_dtype(delta, cfg))
@@ -1384,14 +1319,11 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
                 None if D is None else zeros(D.shape, device=dev),
                 None if delta_bias is None else zeros(delta_bias.shape, device=dev))
     has_states = states is not None and states.numel() > 0
-    if has_states or (row_blocks and states is not None):
-        check_states(states, (batch, 0 if row_blocks else n_saved, channels, cfg["BLOCK_N"]))
+    if has_states:
+        check_states(states, (batch, n_saved, channels, cfg["BLOCK_N"]))
     sub = interval // cfg["BLOCK_T"]
-    if row_blocks:
-        hws, grid, blocks = du, (n_blk, groups, batch), 1
-    else:
-        hws = states if has_states else torch.empty(batch, n_saved, channels, cfg["BLOCK_N"], device=dev, dtype=f32)
-        grid, blocks = _grid(cfg if has_states and sub == 1 else {**cfg, "PERSIST": 0}, cg, groups, batch, dev)
+    hws = states if has_states else torch.empty(batch, n_saved, channels, cfg["BLOCK_N"], device=dev, dtype=f32)
+    grid, blocks = _grid(cfg if has_states and sub == 1 else {**cfg, "PERSIST": 0}, cg, groups, batch, dev)
     scratch = (torch.empty(n_blk * groups * batch, sub, cfg["BLOCK_N"], cfg["BLOCK_D"], device=dev, dtype=f32)
                if sub > 1 else hws)
     dummy = du
@@ -1408,11 +1340,11 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ATOMIC=atomic,
         FAST=fast_math(u), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SAVE_T=interval,
         FLIP=bool(cfg.get("FLIP", 0)), LANES=lanes, HAS_STATES=has_states, STAGES=int(cfg.get("STAGES", 1)),
-        EVEN=_even(cfg, cg, state, length, interval, block_channels), FLAT=_flat(cfg),
+        EVEN=_even(cfg, cg, state, length, interval), FLAT=_flat(cfg),
         ALIGN=_row_alignment(cfg, (length,) + u.stride()[:2] + delta.stride()[:2] + B.stride()[:3]
                              + C.stride()[:3] + grad_out.stride()[:2] + du.stride()[:2] + dB_ws.stride()[:2]
                              + (blk_stride,) + dB_ws.stride()[-2:-1]),
-        PERSIST=len(grid) == 1, ROW_BLOCKS=row_blocks, HALVING=halving(cfg, u), **launch_options(cfg),
+        PERSIST=len(grid) == 1, HALVING=halving(cfg, u), **launch_options(cfg),
     )
     if atomic:
         dB, dC = dB_ws, dC_ws
