@@ -266,10 +266,10 @@ def rows_bwd(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, grad_dt
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias) of the d_state-1 scan by whole rows held as
     ``steps`` consecutive positions in each of ``lanes_t`` lanes per channel, ``row_blocks`` blocks of
     ``block_d`` channels a program of ``num_warps`` warps (with more lanes than a warp's 32 threads hold,
-    a thread holds several). ``vectors``: where L and the rows are
-    aligned to ``steps`` elements, each lane's steps move as one vector. du and ddelta are stored in
-    ``grad_dtypes``; the rest are float32, dD / ddelta_bias None where D / delta_bias are. ``options``:
-    Triton launch options besides num_warps (a register cap)."""
+    a thread holds several). ``vectors``: where L and the rows are aligned to ``steps`` elements, each
+    lane's steps move as one vector. du and ddelta are stored in ``grad_dtypes``; the rest are float32,
+    dD / ddelta_bias None where D / delta_bias are. ``options``: Triton launch options besides num_warps
+    (a register cap)."""
     batch, channels, length = u.shape
     groups = B.shape[1]
     cg = channels // groups
