@@ -241,15 +241,17 @@ def _rows_bwd_kernel(gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr
         dC_acc += h * gy
     dBC = b * sdB_b + k * sdB_k + pid * sdB_blk + pos
     first_lane = lane_d[None, :] == 0  # one channel lane stores the sums
-    _store_steps(dB_ptr + dBC, pos, first_lane, L, 1, tl.sum(dB_acc, 1, keep_dims=True) + tl.zeros_like(dB_acc),
+    _store_steps(dB_ptr + dBC, pos, first_lane, L, 1, tl.broadcast_to(tl.sum(dB_acc, 1, keep_dims=True), dB_acc.shape),
                  STEPS, 0, 1, WHOLE)
-    _store_steps(dC_ptr + dBC, pos, first_lane, L, 1, tl.sum(dC_acc, 1, keep_dims=True) + tl.zeros_like(dC_acc),
+    _store_steps(dC_ptr + dBC, pos, first_lane, L, 1, tl.broadcast_to(tl.sum(dC_acc, 1, keep_dims=True), dC_acc.shape),
                  STEPS, 0, 1, WHOLE)
 
 
-def _row_alignment(length: int, *tensors: torch.Tensor) -> int:
+def _steps_alignment(length: int, *tensors: torch.Tensor) -> int:
     """The largest power of two up to 16 dividing L and the batch and row strides of the (batch, rows, L)
-    tensors (elements); 1 where one is not contiguous along L."""
+    tensors (elements), for the kernel's ALIGN; 1 where one is not contiguous along L. Unlike
+    :func:`.selective_scan._row_alignment` it reports 16 too: a lane's steps are no multiple of 16 that
+    Triton's launcher would see by itself."""
     if any(t.stride(-1) != 1 for t in tensors):
         return 1
     return common_alignment([length] + [s for t in tensors for s in t.stride()[:2]])
@@ -284,7 +286,7 @@ def rows_bwd(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, grad_dt
     dC_ws = torch.empty(batch, groups, n_prog, length, device=dev, dtype=f32)
     Dt = D if D is not None else dA_part
     bt = delta_bias if delta_bias is not None else dA_part
-    align = _row_alignment(length, grad_out, u, delta, du, B[:, :, 0], C[:, :, 0]) if vectors else 1
+    align = _steps_alignment(length, grad_out, u, delta, du, B[:, :, 0], C[:, :, 0]) if vectors else 1
     _rows_bwd_kernel[(n_prog, groups, batch)](
         grad_out, u, delta, A, B, C, Dt, bt, du, ddelta, dA_part, dB_ws, dC_ws, dD_part, dbias_part,
         length, cg, channels, *grad_out.stride(), *u.stride(), *delta.stride(), A.stride(0),
