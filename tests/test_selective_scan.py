@@ -200,16 +200,19 @@ def test_reference_matches_plain_recurrence():
             assert abs(y[0, d, t].item() - expected.item()) < 1e-12
 
 
-def test_forward_keeps_states_only_for_a_triton_backward_at_small_d_state():
-    from vmamba.ops.selective_scan import SAVE_STATES_MAX_STATE, saves_states
+def test_forward_keeps_states_only_for_a_triton_backward_at_measured_d_states():
+    from vmamba.ops.selective_scan import SAVE_STATES_AT, saves_states
 
-    small = random_inputs(1, 2, 2, 8, SAVE_STATES_MAX_STATE)
-    large = random_inputs(1, 2, 2, 8, SAVE_STATES_MAX_STATE + 1)
-    small[0].requires_grad_(True)
-    large[0].requires_grad_(True)
+    assert SAVE_STATES_AT == {1, 2, 16}
+    small = random_inputs(1, 2, 2, 8, 1)
+    vanilla = random_inputs(1, 2, 2, 8, 16)
+    unmeasured = [random_inputs(1, 2, 2, 8, n) for n in (4, 64)]
+    for inputs in (small, vanilla, *unmeasured):
+        inputs[0].requires_grad_(True)
     assert saves_states(ScanBackend.TRITON, *small)
+    assert saves_states(ScanBackend.TRITON, *vanilla)
     assert not saves_states(ScanBackend.TORCH, *small)
-    assert not saves_states(ScanBackend.TRITON, *large)
+    assert not any(saves_states(ScanBackend.TRITON, *inputs) for inputs in unmeasured)
     with torch.no_grad():
         assert not saves_states(ScanBackend.TRITON, *small)
     assert not saves_states(ScanBackend.TRITON, *[t.detach() if t is not None else None for t in small])

@@ -288,13 +288,15 @@ def test_lanes_backward_variant(state, block_t, flip, block_d, halving):
 
 
 @pytest.mark.parametrize(("state", "fwd_config"), [(1, None), (1, {"BLOCK_T": 16}), (4, None), (4, {"BLOCK_T": 4}),
-                                                   (1, {"BLOCK_T": 32, "PREFETCH": 0, "STAGES": 3})])
+                                                   (1, {"BLOCK_T": 32, "PREFETCH": 0, "STAGES": 3}), (16, None)])
 def test_states_saved_by_the_forward_replace_the_backward_first_pass(state, fwd_config):
     """The forward's states (option ``states_out``; chunks longer or shorter than the backward's saving
     interval) give the backward the gradients of its own first pass and leave y unchanged."""
     from vmamba.ops.triton.selective_scan import saved_states_shape
 
-    ins = _inputs(2, 2, 8, state, 37, torch.float32, seed=11)  # 37 positions: the last interval is partial
+    # the last interval is partial (37 positions; 19 at d_state 16, whose LANES intervals are 16 long and
+    # whose interpreted kernels are slow)
+    ins = _inputs(2, 2, 8, state, 19 if state == 16 else 37, torch.float32, seed=11)
     states = torch.full(saved_states_shape(ins[0], ins[2], ins[3]), float("nan"), device=DEVICE)
     y = selective_scan_fwd(*ins, True, config=fwd_config)
     y_saving = selective_scan_fwd(*ins, True, config=fwd_config, states_out=states)
@@ -309,14 +311,23 @@ def test_states_saved_by_the_forward_replace_the_backward_first_pass(state, fwd_
         selective_scan_bwd(gy, *ins, True, states=states[:1])
 
 
-def test_custom_op_keeps_the_states_for_its_backward():
+def test_saving_forward_takes_sixteen_channels_a_warp_at_d_state_16():
+    """A d_state 9-16 forward that keeps the backward's states (the op's training forward) runs LANES tiles
+    of 16 channels; without saving, and at smaller d_state, 32."""
+    assert default_config(192, 16, length=3136, elem_size=2, saving=True)["BLOCK_D"] == 16
+    assert default_config(192, 16, length=3136, elem_size=2)["BLOCK_D"] == 32
+    assert default_config(192, 4, length=3136, elem_size=2, saving=True)["BLOCK_D"] == 32
+
+
+@pytest.mark.parametrize("state", [1, 16])
+def test_custom_op_keeps_the_states_for_its_backward(state):
     """``vmamba::selective_scan_fwd`` with save_states returns the Triton backward's interval states and
     its autograd backward uses them: the same output and gradients as without saving, and those agree
     with the float64 reference."""
     from vmamba.ops.triton.selective_scan import saved_states_shape
 
     op = torch.ops.vmamba.selective_scan_fwd
-    ins = _inputs(2, 2, 8, 1, 37, torch.bfloat16, seed=13)
+    ins = _inputs(2, 2, 8, state, 19 if state == 16 else 37, torch.bfloat16, seed=13)
     gy = torch.randn(ins[0].shape, generator=torch.Generator().manual_seed(14)).to(DEVICE)
     results = []
     for save in (True, False):
