@@ -435,18 +435,21 @@ def test_lanes_backward_agrees(state, block_t):
 
 @pytest.mark.parametrize("state", [16, 3])
 def test_halving_backward_agrees(state):
-    """The default d_state 3-16 backward (one warp of 32 channel lanes, dB / dC summed over the lanes by
-    recursive halving: the interpreter's stand-in for its shuffles on the CPU) gives the (channel,
-    state)-per-lane backward's gradients; d_state 3 pads the states to 4."""
+    """The default d_state 3-16 backward (one warp of 32 channel lanes, or of 16 at d_state 16, dB / dC
+    summed over the lanes by recursive halving: the interpreter's stand-in for its shuffles on the CPU)
+    gives the (channel, state)-per-lane backward's gradients; d_state 3 pads the states to 4."""
     from vmamba.ops.triton import ss2d_core as k
 
     args, gy = _scan_case(state, width=5, rank=3, seed=19)
     cfg = k.core_config(12, state, 3, True, 15, 4)
     assert (cfg["LANES"], cfg["BLOCK_D"], cfg["num_warps"], cfg["HALVING"]) == (1, 32, 1, 1)
+    # from L 196 at d_state 9-16: 16 channels, each channel's states on two lanes, halving over 16 lanes
+    assert k.core_config(12, state, 3, True, 196, 2)["BLOCK_D"] == (16 if state == 16 else 32)
     want = k.ss2d_scan_bwd(gy, *args, config=TILES)
-    got = k.ss2d_scan_bwd(gy, *args)
-    for name, ours, theirs in zip(("du", "ddelta", "dbc", "dA", "dD", "dbias"), got, want):
-        assert _rel(ours, theirs) < 1e-5, name
+    for config in (None, {"BLOCK_D": 16}) if state == 16 else (None,):
+        got = k.ss2d_scan_bwd(gy, *args, config=config)
+        for name, ours, theirs in zip(("du", "ddelta", "dbc", "dA", "dD", "dbias"), got, want):
+            assert _rel(ours, theirs) < 1e-5, (name, config)
 
 
 @pytest.mark.parametrize(("dtype", "rank", "channels", "config"), [

@@ -272,12 +272,13 @@ def test_lanes_forward_variant(state, block_t, prefetch):
 
 @pytest.mark.parametrize(("state", "block_t", "flip", "block_d", "halving"),
                          [(1, 4, 1, 4, 0), (4, 2, 0, 4, 0), (16, 2, 1, 4, 0), (16, 4, 1, 4, 0), (16, 2, 1, 32, 1),
-                          (3, 4, 0, 32, 1)])
+                          (3, 4, 0, 32, 1), (16, 2, 1, 16, 1), (12, 2, 1, 16, 1)])
 def test_lanes_backward_variant(state, block_t, flip, block_d, halving):
     # LANES backward: chunks of block_t positions inside 16-position saved-state intervals, their entry
     # states recomputed into a scratch; 37 positions: partial last chunk and interval. HALVING (one warp
     # of 32 channels): dB / dC summed over the lanes by recursive halving, here with the interpreter's
-    # stand-in for the shuffles; d_state 3 leaves a padded state and two lanes per sum
+    # stand-in for the shuffles; d_state 3 leaves a padded state and two lanes per sum; 16 channels at
+    # d_state 16 (12: padded states) spread each channel's states over two lanes
     _check(batch=2, groups=2, per_group=5, state=state, length=37, dtype=torch.float32, seed=30 + state,
            config={"LANES": 1, "BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": 1, "PREFETCH": 1, "FLIP": flip,
                    "HALVING": halving})
@@ -570,12 +571,18 @@ def test_default_forward_packs_short_rows():
 
 
 def test_halving_applies_to_one_warp_of_channel_lanes():
-    """HALVING takes the channel lanes of one warp (32 channels, 2 N <= 32); the shuffles only compiled."""
+    """HALVING takes the channel lanes of one warp (32 channels and 2 N <= 32, or 16 channels and N = 16);
+    the shuffles only compiled."""
     from vmamba.ops.triton.selective_scan import halving
 
     u = torch.zeros(1, device=DEVICE)
     lanes = {"LANES": 1, "BLOCK_D": 32, "BLOCK_N": 16, "num_warps": 1, "HALVING": 1}
     assert halving(lanes, u) == (2 if DEVICE == "cuda" else 1)
+    assert halving({**lanes, "BLOCK_D": 16}, u) == halving(lanes, u)
     assert default_config(32, 16, backward=True, length=3136)["HALVING"] == 1
-    for off in ({"HALVING": 0}, {"LANES": 0}, {"BLOCK_D": 16}, {"num_warps": 2}, {"BLOCK_N": 32}):
+    # 16 channel lanes by default at d_state 9-16 from L 2048 (measured at 3136; lost at 196)
+    assert [default_config(192, n, backward=True, length=length)["BLOCK_D"]
+            for n, length in ((16, 3136), (12, 2048), (16, 196), (8, 3136))] == [16, 16, 32, 32]
+    for off in ({"HALVING": 0}, {"LANES": 0}, {"BLOCK_D": 8}, {"BLOCK_D": 16, "BLOCK_N": 8}, {"num_warps": 2},
+                {"BLOCK_N": 32}):
         assert halving({**lanes, **off}, u) == 0, off

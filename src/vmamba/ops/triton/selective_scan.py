@@ -306,9 +306,9 @@ def _over_channels(t, LANES: tl.constexpr, FLAT: tl.constexpr = False):
 
 @triton.jit
 def _lane_xor(x, MASK: tl.constexpr, SHUFFLE: tl.constexpr):
-    """x (T, M, 32) with its last axis permuted d -> d ^ MASK. SHUFFLE (compiled CUDA, where that axis is
-    the warp's lanes in order: LANES tiles of one warp): a butterfly shuffle; else (the interpreter) the
-    same permutation by reshapes."""
+    """x (T, M, D) with its last axis permuted d -> d ^ MASK. SHUFFLE (compiled CUDA, where that axis is
+    the warp's lanes in order, its low lane bits with 16 channels: LANES tiles of one warp): a butterfly
+    shuffle; else (the interpreter) the same permutation by reshapes."""
     if SHUFFLE:
         mask = tl.full(x.shape, MASK, tl.int32)  # a constant: ptxas makes it the instruction's immediate
         out = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 31, -1;", "=f,f,r", [x, mask],
@@ -316,18 +316,20 @@ def _lane_xor(x, MASK: tl.constexpr, SHUFFLE: tl.constexpr):
     else:
         T: tl.constexpr = x.shape[0]
         M: tl.constexpr = x.shape[1]
-        halves = tl.reshape(x, (T, M, 32 // (2 * MASK), 2, MASK))
-        out = tl.reshape(tl.flip(halves, 3), (T, M, 32))
+        D: tl.constexpr = x.shape[2]
+        halves = tl.reshape(x, (T, M, D // (2 * MASK), 2, MASK))
+        out = tl.reshape(tl.flip(halves, 3), (T, M, D))
     return out
 
 
 @triton.jit
 def _halve(x, lane, MASK: tl.constexpr, SHUFFLE: tl.constexpr):
-    """One step of :func:`_halving_sums` at lane bit MASK for the (T, M, 32) values x."""
+    """One step of :func:`_halving_sums` at lane bit MASK for the (T, M, D) values x."""
     T: tl.constexpr = x.shape[0]
     M: tl.constexpr = x.shape[1]
+    D: tl.constexpr = x.shape[2]
     if M > 1:
-        lo, hi = tl.split(tl.permute(tl.reshape(x, (T, 2, M // 2, 32)), (0, 2, 3, 1)))
+        lo, hi = tl.split(tl.permute(tl.reshape(x, (T, 2, M // 2, D)), (0, 2, 3, 1)))
         upper = (lane & MASK) != 0
         out = tl.where(upper, hi, lo) + _lane_xor(tl.where(upper, lo, hi), MASK, SHUFFLE)
     else:
@@ -337,37 +339,54 @@ def _halve(x, lane, MASK: tl.constexpr, SHUFFLE: tl.constexpr):
 
 @triton.jit
 def _halving_sums(xb, xc, SHUFFLE: tl.constexpr):
-    """Sums over the 32 channel lanes of the 2N values [xb; xc] (two (T, N, 32) LANES tiles, 2N <= 32) at
-    each step, by recursive halving: at lane bit m = 16, 8, ... each lane keeps the half of its values
-    that the bit selects and adds its partner's copy of that half; once one value is left, butterfly adds.
-    Returns (T, 32): lane d holds the sum of value d // (16 / N) (dB's state n below N, else dC's n - N).
-    31 shuffles for 32 sums, where a butterfly sum of each takes 5 (160), and as many adds."""
+    """Sums over the D channel lanes of the 2N values [xb; xc] (two (T, N, D) LANES tiles, 2N <= 32) at
+    each step, by recursive halving: at lane bit m = D / 2, D / 4, ... each lane keeps the half of its
+    values that the bit selects and adds its partner's copy of that half; once one value is left,
+    butterfly adds. Returns (T, 32), laid out as :func:`_halved_lanes` says.
+
+    D = 32: lane d holds the sum of value d // (16 / N) (dB's state n below N, else dC's n - N); 31
+    shuffles for 32 sums, where a butterfly sum of each takes 5 (160), and as many adds. D = 16 (N = 16,
+    whose states Triton spreads over two lanes a channel, n's parity on lane bit 4): 8 + 4 + 2 + 1
+    shuffles for the 16 values each lane holds, and the last halving leaves each lane one value."""
     T: tl.constexpr = xb.shape[0]
-    lane = tl.arange(0, 32)[None, None, :]
-    upper = (lane & 16) != 0
-    x = tl.where(upper, xc, xb) + _lane_xor(tl.where(upper, xb, xc), 16, SHUFFLE)
-    x = _halve(_halve(_halve(_halve(x, lane, 8, SHUFFLE), lane, 4, SHUFFLE), lane, 2, SHUFFLE), lane, 1, SHUFFLE)
+    D: tl.constexpr = xb.shape[2]
+    lane = tl.arange(0, D)[None, None, :]
+    upper = (lane & (D // 2)) != 0
+    x = tl.where(upper, xc, xb) + _lane_xor(tl.where(upper, xb, xc), D // 2, SHUFFLE)
+    if D == 32:
+        x = _halve(x, lane, 8, SHUFFLE)
+    x = _halve(_halve(_halve(x, lane, 4, SHUFFLE), lane, 2, SHUFFLE), lane, 1, SHUFFLE)
     return tl.reshape(x, (T, 32))
 
 
 @triton.jit
-def _halved_lanes(N, BLOCK_N: tl.constexpr):
-    """Per lane of :func:`_halving_sums`' (T, 32) tile: (1 where its value is dC's, else 0; the value's
-    state; whether the lane stores it: the first of the lanes holding it, states from N masked)."""
-    lane = tl.arange(0, 32)
-    SHARE: tl.constexpr = 16 // BLOCK_N  # lanes holding each value
-    v = lane // SHARE
-    is_c = (v >= BLOCK_N).to(tl.int32)
-    n = v - is_c * BLOCK_N
-    return is_c, n, (lane % SHARE == 0) & (n < N)
+def _halved_lanes(N, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr = 32):
+    """Per column of :func:`_halving_sums`' (T, 32) tile: (1 where its value is dC's, else 0; the value's
+    state; whether the column is stored: the first of the lanes holding its value, states from N
+    masked). With 16 channel lanes, column m·16 + d holds dC's (bit 3 of d) or dB's sum of state
+    m + 2 (d & 1) + 4 (d >> 1 & 1) + 8 (d >> 2 & 1): the halvings at lane bits 2, 1, 0 kept the upper
+    8, 4 and 2 states where the bit is set."""
+    column = tl.arange(0, 32)
+    if BLOCK_D == 16:
+        d = column % 16
+        is_c = (d >> 3) & 1
+        n = column // 16 + 2 * (d & 1) + 4 * ((d >> 1) & 1) + 8 * ((d >> 2) & 1)
+        keep = n < N
+    else:
+        SHARE: tl.constexpr = 16 // BLOCK_N  # lanes holding each value
+        v = column // SHARE
+        is_c = (v >= BLOCK_N).to(tl.int32)
+        n = v - is_c * BLOCK_N
+        keep = (column % SHARE == 0) & (n < N)
+    return is_c, n, keep
 
 
 @triton.jit
 def _store_halved_dBC(dB_ptr, dC_ptr, offset, t, L, sums, N, BLOCK_N: tl.constexpr, sdB_n, ATOMIC: tl.constexpr,
-                      EVEN: tl.constexpr):
+                      EVEN: tl.constexpr, BLOCK_D: tl.constexpr = 32):
     """Stores (or with ATOMIC adds) :func:`_halving_sums`' (T, 32) tile at positions t (dB and dC in
     separate arrays, states n at stride sdB_n)."""
-    is_c, n, keep = _halved_lanes(N, BLOCK_N)
+    is_c, n, keep = _halved_lanes(N, BLOCK_N, BLOCK_D)
     ptr = tl.where(is_c != 0, dC_ptr, dB_ptr) + offset + n * sdB_n
     m = _in_range(t, L, EVEN)[:, None] & keep[None, :]
     if ATOMIC:
@@ -842,7 +861,7 @@ def _ss_bwd_kernel(
                     first, last, HAS_D, HAS_BIAS, SOFTPLUS, FAST, FLIP, LANES, EVEN, FLAT, HALVING)
                 if HALVING:
                     _store_halved_dBC(dB_ptr, dC_ptr, b * sdB_b + k * sdB_k + pid_d * sdB_blk, t, L, dBp, N,
-                                      BLOCK_N, sdB_n, ATOMIC, EVEN)
+                                      BLOCK_N, sdB_n, ATOMIC, EVEN, BLOCK_D)
                 else:
                     _store_dBC(dB_base, dC_base, t, L, mask_n, dBp, dCp, ATOMIC, EVEN)
                 dA_acc += dA_p
@@ -859,10 +878,11 @@ def _ss_bwd_kernel(
 
 def halving(cfg: dict, u: torch.Tensor) -> int:
     """The HALVING constant of the d_state-16 backwards (configuration key HALVING): dB / dC summed over
-    the channel lanes by :func:`_halving_sums`, which needs LANES tiles of one warp of 32 channels and
-    2 N <= 32; 2 with shuffles (compiled CUDA), 1 with the interpreter's stand-in; 0 otherwise."""
-    if not (cfg.get("HALVING") and cfg.get("LANES") and cfg["BLOCK_D"] == 32 and cfg["num_warps"] == 1
-            and cfg["BLOCK_N"] <= 16):
+    the channel lanes by :func:`_halving_sums`, which needs LANES tiles of one warp: 32 channels and
+    2 N <= 32, or 16 channels and N = 16 (two lanes a channel); 2 with shuffles (compiled CUDA), 1 with the
+    interpreter's stand-in; 0 otherwise."""
+    lanes_fit = ((cfg["BLOCK_D"] == 32 and cfg["BLOCK_N"] <= 16) or (cfg["BLOCK_D"] == 16 and cfg["BLOCK_N"] == 16))
+    if not (cfg.get("HALVING") and cfg.get("LANES") and cfg["num_warps"] == 1 and lanes_fit):
         return 0
     return 2 if fast_math(u) else 1
 
@@ -940,8 +960,12 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
         # 2 8.70 against 10.21, stage 3 5.48 against 6.46; float32 stage 1 17.3 against 21.1; 2-step chunks
         # still lost at stages 1-2, 20.1 and 9.84 ms)
         block_t = 2 if length is not None and length <= 256 else 4
-        return {"BLOCK_D": 32, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": 1, "PREFETCH": 0, "LANES": 1,
-                "FLIP": 1, "HALVING": 1}
+        # d_state 9-16 from L 2048: 16 channels a warp, each channel's states on two lanes, halving over the 16
+        # channel lanes (session 19, vanilla-T bf16 with saved states, same run: stage 1 14.65 ms against
+        # 17.54; stage 3 lost, 6.02 against 5.49; stage 2 not measured)
+        block_d = 16 if block_n == 16 and (length is None or length >= 2048) else 32
+        return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": 1, "PREFETCH": 0,
+                "LANES": 1, "FLIP": 1, "HALVING": 1}
     flip = half_grads = flat = 0
     if backward and block_n <= 2:
         # 2-byte inputs: du / ddelta stored in their dtype, in 16-step chunks (whole 32-byte sectors

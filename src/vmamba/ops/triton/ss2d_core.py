@@ -44,6 +44,7 @@ from .selective_scan import (
     _config,
     _exp2,
     _halved_lanes,
+    _next_pow2,
     _per_channel,
     _per_state,
     _save_entry_state,
@@ -273,7 +274,7 @@ def _bwd_chunk(t, u, raw, Bt, Ct, gy, p, m2, h0, g, dl_base, du_base, ddt_base, 
     tl.store(du_base + p[:, None] * sd_l, du.to(du_base.dtype.element_ty), mask=m2)
     tl.store(ddt_base + p[:, None] * sd_l, ddt.to(ddt_base.dtype.element_ty), mask=m2)
     if HALVING:  # one (T, 32) tile: dB's and dC's sums side by side, as the partials' last axis holds them
-        is_c, n, keep = _halved_lanes(N, mask_n.shape[0])
+        is_c, n, keep = _halved_lanes(N, mask_n.shape[0], mask_d.shape[0])
         tl.store(bc_row + p[:, None] * sbc_l + (is_c * N + n)[None, :], dBp, mask=(t < L)[:, None] & keep[None, :])
     else:
         bc_ptrs = bc_row + p[:, None] * sbc_l + tl.arange(0, mask_n.shape[0])[None, :]
@@ -436,10 +437,11 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
     backward in 2-step chunks inside the 16-step saved-state interval (session 6 sweep at vanilla-T
     stages 1 and 3: forward 9x and 32x, backward 2.9x and 2.9x faster than the (channel, state)-per-lane
     tiles), dB / dC summed over the lanes by recursive halving (HALVING; session 17: 25-30 % faster at
-    every stage). Larger d_state: the plain selective-scan defaults. The backwards run their adjoint as
-    a forward scan of the time-flipped chunk (FLIP: no shuffles for Triton's reverse scan; session 5:
-    11 % faster at d_state 1 and 7 % at d_state 16, stages 1 and 3; session 17 with HALVING: stage 1
-    18.07 ms against 20.56 in reverse).
+    every stage); from L 196 at d_state 9-16 the backward takes 16 channels a warp, each channel's
+    states on two lanes (session 19). Larger d_state: the plain selective-scan defaults. The backwards
+    run their adjoint as a forward scan of the time-flipped chunk (FLIP: no shuffles for Triton's
+    reverse scan; session 5: 11 % faster at d_state 1 and 7 % at d_state 16, stages 1 and 3; session 17
+    with HALVING: stage 1 18.07 ms against 20.56 in reverse).
     """
     defaults = default_config(channels, state, backward, length, elem_size)
     if backward:
@@ -456,7 +458,11 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
             # dB / dC summed over the channel lanes by halving (session 17, vanilla-T bf16 with saved states,
             # against the session-16 defaults: stages 1-4 18.07 / 8.92 / 4.86 / 2.90 ms against 25.86 /
             # 12.79 / 6.55 / 3.85)
-            defaults.update(LANES=1, BLOCK_D=32, BLOCK_T=2, num_warps=1, FLIP=1, HALVING=1)
+            # d_state 9-16 from L 196: 16 channels, each channel's states on two lanes (session 19, same run,
+            # with saved states: stage 1 17.61 ms against 17.86, stage 3 4.31 against 4.59; stage 2 not
+            # measured, stage 4 not measured and kept at 32)
+            block_d = 16 if _next_pow2(state) == 16 and length >= 196 else 32
+            defaults.update(LANES=1, BLOCK_D=block_d, BLOCK_T=2, num_warps=1, FLIP=1, HALVING=1)
         else:
             defaults.update(LANES=1, BLOCK_D=64, BLOCK_T=4, num_warps=2, PREFETCH=1, DELTA_GEMM=1)
     return _config(channels, state, backward, overrides, length, elem_size, defaults=defaults)
