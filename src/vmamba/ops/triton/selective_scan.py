@@ -406,9 +406,9 @@ def _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A, Bt, dskip, m2, HAS_D: 
     (T, D, N) with A (D, N), or with LANES (T, N, D) with A (N, D): the sums over the states then
     stay within a thread; FLAT tiles (d_state 1) are (T, D) with A (D,). LANES kernels pass A·log2(e),
     the decays' exponent they hold anyway, instead of A: 16 registers fewer at d_state 16, for one
-    multiplication per (channel, step). HALVING (LANES tiles of one
-    warp of 32 channels; 2: by shuffles, 1: the interpreter's stand-in): dB and dC come back as one
-    (T, 32) tile of :func:`_halving_sums`, returned twice.
+    multiplication per (channel, step). HALVING (LANES tiles of one warp of 32 channels, or 16 at
+    d_state 16; 2: by shuffles, 1: the interpreter's stand-in): dB and dC come back as one (T, 32)
+    tile of :func:`_halving_sums`, returned twice.
     """
     gl = gs * (hs - x)  # g_t a_t h_{t-1}: gradient with respect to Δ_t A
     dA = tl.sum(gl * _per_channel(dt, LANES, FLAT), axis=0)
