@@ -1220,7 +1220,8 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
 
     ``states_out`` (float32, :func:`saved_states_shape`): the forward also stores there the states the
     backward keeps, so that :func:`selective_scan_bwd` given them skips its first pass (the custom op
-    does this at d_state <= 2; BENCHMARKS.md, session 8).
+    does this at the d_states of ``vmamba.ops.selective_scan.SAVE_STATES_AT``: 1, 2 and 16; BENCHMARKS.md,
+    sessions 8 and 19). Such a forward takes ``default_config(..., saving=True)``.
     """
     batch, channels, length, groups, cg, state = _check(u, delta, A, B, C)
     cfg = _config(cg, state, False, config, length, u.element_size(),
