@@ -396,7 +396,7 @@ def _store_halved_dBC(dB_ptr, dC_ptr, offset, t, L, sums, N, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A, Bt, dskip, m2, HAS_D: tl.constexpr,
+def _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A, A2, Bt, dskip, m2, HAS_D: tl.constexpr,
                      SOFTPLUS: tl.constexpr, LANES: tl.constexpr, FLAT: tl.constexpr = False,
                      HALVING: tl.constexpr = 0):
     """Gradient terms of one chunk from its adjoint states gs and states hs (module docstring).
@@ -404,17 +404,17 @@ def _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A, Bt, dskip, m2, HAS_D: 
     Returns the chunk's dA and dD partial sums, the (T, D) tiles du and ddelta (with respect to the
     raw delta + bias, masked) and the (T, N) dB and dC summed over the block's channels. Tiles are
     (T, D, N) with A (D, N), or with LANES (T, N, D) with A (N, D): the sums over the states then
-    stay within a thread; FLAT tiles (d_state 1) are (T, D) with A (D,). LANES kernels pass A·log2(e),
-    the decays' exponent they hold anyway, instead of A: 16 registers fewer at d_state 16, for one
-    multiplication per (channel, step). HALVING (LANES tiles of one warp of 32 channels, or 16 at
-    d_state 16; 2: by shuffles, 1: the interpreter's stand-in): dB and dC come back as one (T, 32)
-    tile of :func:`_halving_sums`, returned twice.
+    stay within a thread; FLAT tiles (d_state 1) are (T, D) with A (D,); A2 = A·log2(e). LANES tiles
+    take ddelta's sum over the states from A2, the decays' exponent they hold anyway, so that A need not
+    stay in registers: 16 fewer at d_state 16, for one multiplication per (channel, step). HALVING
+    (LANES tiles of one warp of 32 channels, or 16 at d_state 16; 2: by shuffles, 1: the interpreter's
+    stand-in): dB and dC come back as one (T, 32) tile of :func:`_halving_sums`, returned twice.
     """
     gl = gs * (hs - x)  # g_t a_t h_{t-1}: gradient with respect to Δ_t A
     dA = tl.sum(gl * _per_channel(dt, LANES, FLAT), axis=0)
     gB = _over_states(gs * _per_state(Bt, LANES, FLAT), LANES, FLAT)
     if LANES:
-        ddt = _over_states(gl * tl.expand_dims(A, 0), LANES) * 0.6931471805599453 + gB * u
+        ddt = _over_states(gl * tl.expand_dims(A2, 0), LANES) * 0.6931471805599453 + gB * u
     else:
         ddt = _over_states(gl * tl.expand_dims(A, 0), LANES, FLAT) + gB * u
     du = gB * dt
@@ -685,8 +685,8 @@ def _ss_bwd_chunk(t, u, raw, gy, Bt, Ct, h0, g, L, dt_base, du_base, ddt_base,
     else:
         gs, g = _adjoint_chunk(a, cg, g, first, last, FLIP)
 
-    dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A2 if LANES else A, Bt,
-                                                     dskip, m2, HAS_D, SOFTPLUS, LANES, FLAT, HALVING)
+    dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A, A2, Bt, dskip, m2,
+                                                     HAS_D, SOFTPLUS, LANES, FLAT, HALVING)
     tl.store(du_base + t[:, None], du, mask=m2)
     tl.store(ddt_base + t[:, None], ddt, mask=m2)
     return g, dA_p, dD_p, tl.sum(ddt, axis=0), dBp, dCp
@@ -1225,7 +1225,7 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     """
     batch, channels, length, groups, cg, state = _check(u, delta, A, B, C)
     cfg = _config(cg, state, False, config, length, u.element_size(),
-                  defaults=_default_config(cg, state, False, length, u.element_size(), states_out is not None))
+                  defaults=default_config(cg, state, False, length, u.element_size(), saving=states_out is not None))
     y = torch.empty(batch, channels, length, device=u.device, dtype=torch.float32)
     if y.numel() == 0:
         return y

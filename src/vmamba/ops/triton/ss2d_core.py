@@ -269,8 +269,8 @@ def _bwd_chunk(t, u, raw, Bt, Ct, gy, p, m2, h0, g, dl_base, du_base, ddt_base, 
         gs, g = _adjoint_chunk_next(an, cg, g, first, last, FLIP)
     else:
         gs, g = _adjoint_chunk(a, cg, g, first, last, FLIP)  # the adjoint runs down the route
-    dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A2 if LANES else A, Bt,
-                                                     dskip, m2, HAS_D, SOFTPLUS, LANES, False, HALVING)
+    dA_p, dD_p, du, ddt, dBp, dCp = _chunk_gradients(gs, hs, x, dt, dtu, u, gy, slope, A, A2, Bt, dskip, m2,
+                                                     HAS_D, SOFTPLUS, LANES, False, HALVING)
     tl.store(du_base + p[:, None] * sd_l, du.to(du_base.dtype.element_ty), mask=m2)
     tl.store(ddt_base + p[:, None] * sd_l, ddt.to(ddt_base.dtype.element_ty), mask=m2)
     if HALVING:  # one (T, 32) tile: dB's and dC's sums side by side, as the partials' last axis holds them
