@@ -22,9 +22,7 @@ import collections
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -51,14 +49,8 @@ def compile_variant(kind: str, overrides: dict, options: dict, bf16: bool):
     return triton.compile(source, target=aot_kernels.HOPPER, options=options)
 
 
-def opcode_counts(cubin: bytes) -> dict:
+def opcode_counts(sass: str) -> dict:
     """Counts of the shared / local memory, barrier, shuffle and MUFU instructions in the whole kernel."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as fh:
-            fh.write(cubin)
-        sass = subprocess.run([aot_kernels._tool("cuobjdump"), "-sass", path], capture_output=True, text=True,
-                              check=True).stdout
     ops = collections.Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass))
     return {op: n for op, n in sorted(ops.items()) if op.split(".")[0] in MEMORY}
 
@@ -72,9 +64,10 @@ def main() -> None:
     args = parser.parse_args()
     options = json.loads(args.options)
     compiled = compile_variant(args.kind, json.loads(args.overrides), options, not args.float32)
+    sass = aot_kernels.disassemble(compiled.asm["cubin"])
     report = {"triton": triton.__version__, **aot_kernels.resources(compiled.asm["ptx"], options),
-              "shared_bytes": compiled.metadata.shared, "loops": aot_kernels.sass_loops(compiled.asm["cubin"]),
-              "memory_and_special": opcode_counts(compiled.asm["cubin"])}
+              "shared_bytes": compiled.metadata.shared, "loops": aot_kernels.loops_in(sass),
+              "memory_and_special": opcode_counts(sass)}
     print(json.dumps(report, indent=1))
 
 

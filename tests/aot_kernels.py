@@ -263,14 +263,23 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def sass_loops(cubin: bytes) -> list[dict]:
-    """Each loop (a backward branch) of the kernel: its SASS length, most frequent opcodes and global
-    memory instructions with their widths (LDG.E.128: 16-byte vectors; .U16: single 2-byte elements)."""
+def disassemble(cubin: bytes) -> str:
+    """The kernel's SASS, from the bundled cuobjdump."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as fh:
             fh.write(cubin)
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+
+
+def sass_loops(cubin: bytes) -> list[dict]:
+    """:func:`loops_in` the kernel's SASS."""
+    return loops_in(disassemble(cubin))
+
+
+def loops_in(sass: str) -> list[dict]:
+    """Each loop (a backward branch) of the SASS: its length, most frequent opcodes and global memory
+    instructions with their widths (LDG.E.128: 16-byte vectors; .U16: single 2-byte elements)."""
     pattern = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
     code = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(pattern.match, sass.splitlines()) if m]
     loops = []
