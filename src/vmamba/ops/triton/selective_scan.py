@@ -923,8 +923,9 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     steps at d_state 1 (session 15): the forward packs whole rows end to end, one 16-byte vector a thread
     (PACKED rows a program, VECTOR elements a thread; :mod:`.selective_scan_packed`; session 16: in
     float32, B and C read in aligned pieces where L and their rows allow, ALIGN_BC). The d_state 3-16
-    backward takes 2-position chunks up to L 256 (session 16) and sums dB / dC over its channel lanes by
-    recursive halving (HALVING, session 17).
+    backward takes 2-position chunks up to L 256 (session 16), sums dB / dC over its channel lanes by
+    recursive halving (HALVING, session 17) and at d_state 9-16 from L 512 takes 16 channels a warp
+    (sessions 19-20).
     BLOCK_D divides the group's channels where a power of two does, so no lane idles. ``saving``: a
     forward that also keeps the backward's states; at d_state 9-16 its LANES tiles then take 16 channels
     a warp (session 19, vanilla-T bf16 forward keeping states, kernel alone: stage 1 2.32 ms against
@@ -960,10 +961,10 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
         # 2 8.70 against 10.21, stage 3 5.48 against 6.46; float32 stage 1 17.3 against 21.1; 2-step chunks
         # still lost at stages 1-2, 20.1 and 9.84 ms)
         block_t = 2 if length is not None and length <= 256 else 4
-        # d_state 9-16 from L 2048: 16 channels a warp, each channel's states on two lanes, halving over the 16
-        # channel lanes (session 19, vanilla-T bf16 with saved states, same run: stage 1 14.65 ms against
-        # 17.54; stage 3 lost, 6.02 against 5.49; stage 2 not measured)
-        block_d = 16 if block_n == 16 and (length is None or length >= 2048) else 32
+        # d_state 9-16 from L 512: 16 channels a warp, each channel's states on two lanes, halving over the 16
+        # channel lanes (vanilla-T bf16 with saved states, same run: session 19, stage 1 14.65 ms against
+        # 17.54, stage 3 lost, 6.02 against 5.49; session 20, stage 2 7.08 against 8.32)
+        block_d = 16 if block_n == 16 and (length is None or length >= 512) else 32
         return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": 1, "PREFETCH": 0,
                 "LANES": 1, "FLIP": 1, "HALVING": 1}
     flip = half_grads = flat = 0

@@ -432,13 +432,14 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
     current one (PREFETCH; VMamba-S, session 8: stages 1-3 9-18 % faster than without it at 80 or 128
     registers); the forward computes Δ in the kernel while the rank is small (R <= 8: stage 1 of the
     tiny and small models; 32-step chunks through Triton's pipeliner, session 10) and otherwise reads it
-    from one batched GEMM (DELTA_GEMM), two channels per lane. d_state 3-16 (vanilla models): LANES
+    from one batched GEMM (DELTA_GEMM), two channels per lane, in 4-step chunks for rows of up to 64
+    (session 20). d_state 3-16 (vanilla models): LANES
     tiles, one channel and all its states per lane; forward in chunks of 4 steps with Δ from the GEMM,
     backward in 2-step chunks inside the 16-step saved-state interval (session 6 sweep at vanilla-T
     stages 1 and 3: forward 9x and 32x, backward 2.9x and 2.9x faster than the (channel, state)-per-lane
     tiles), dB / dC summed over the lanes by recursive halving (HALVING; session 17: 25-30 % faster at
-    every stage); from L 196 at d_state 9-16 the backward takes 16 channels a warp, each channel's
-    states on two lanes (session 19). Larger d_state: the plain selective-scan defaults. The backwards
+    every stage); at d_state 9-16 the backward takes 16 channels a warp, each channel's states on two
+    lanes (sessions 19-20). Larger d_state: the plain selective-scan defaults. The backwards
     run their adjoint as a forward scan of the time-flipped chunk (FLIP: no shuffles for Triton's
     reverse scan; session 5: 11 % faster at d_state 1 and 7 % at d_state 16, stages 1 and 3; session 17
     with HALVING: stage 1 18.07 ms against 20.56 in reverse).
@@ -450,7 +451,11 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
         if backward:
             defaults.update(BLOCK_D=32, num_warps=1, maxnreg=128, PREFETCH=1, STAGES=1)
         elif rank > 8:
-            defaults.update(BLOCK_D=64, BLOCK_T=8, num_warps=1, PREFETCH=1, DELTA_GEMM=1, STAGES=1)
+            # 4-step chunks for rows of up to 64 (session 20, VMamba-T[s1l8] stage 4 bf16, same run:
+            # 0.0696 ms against 0.0750, keeping states 0.0801 against 0.0823; stages 2-3 lost, 0.262 against
+            # 0.232 and 0.133 against 0.121)
+            block_t = 4 if length <= 64 else 8
+            defaults.update(BLOCK_D=64, BLOCK_T=block_t, num_warps=1, PREFETCH=1, DELTA_GEMM=1, STAGES=1)
         else:  # VMamba-S stage 1 bf16: 0.810 ms against 1.185 with 8-step chunks and PREFETCH (session 10)
             defaults.update(BLOCK_D=32, BLOCK_T=32, num_warps=1, PREFETCH=0, DELTA_GEMM=0, STAGES=3)
     elif state <= 16:
@@ -458,10 +463,10 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
             # dB / dC summed over the channel lanes by halving (session 17, vanilla-T bf16 with saved states,
             # against the session-16 defaults: stages 1-4 18.07 / 8.92 / 4.86 / 2.90 ms against 25.86 /
             # 12.79 / 6.55 / 3.85)
-            # d_state 9-16 from L 196: 16 channels, each channel's states on two lanes (session 19, same run,
-            # with saved states: stage 1 17.61 ms against 17.86, stage 3 4.31 against 4.59; stage 2 not
-            # measured, stage 4 not measured and kept at 32)
-            block_d = 16 if _next_pow2(state) == 16 and length >= 196 else 32
+            # d_state 9-16: 16 channels, each channel's states on two lanes (with saved states, same run:
+            # session 19, stage 1 17.61 ms against 17.86, stage 3 4.31 against 4.59; session 20, stage 2
+            # 8.45 against 8.72, stage 4 2.55 against 2.72)
+            block_d = 16 if _next_pow2(state) == 16 else 32
             defaults.update(LANES=1, BLOCK_D=block_d, BLOCK_T=2, num_warps=1, FLIP=1, HALVING=1)
         else:
             defaults.update(LANES=1, BLOCK_D=64, BLOCK_T=4, num_warps=2, PREFETCH=1, DELTA_GEMM=1)
