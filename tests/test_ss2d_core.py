@@ -444,7 +444,7 @@ def test_halving_backward_agrees(state):
     cfg = k.core_config(12, state, 3, True, 15, 4)
     # at d_state 9-16: 16 channels, each channel's states on two lanes, halving over 16 lanes
     assert (cfg["LANES"], cfg["BLOCK_D"], cfg["num_warps"], cfg["HALVING"]) == (1, 16 if state == 16 else 32, 1, 1)
-    assert k.core_config(12, state, 3, True, 196, 2)["BLOCK_D"] == (16 if state == 16 else 32)
+    assert k.core_config(12, state, 3, True, 196, 2).get("maxnreg") == (128 if state == 16 else None)
     want = k.ss2d_scan_bwd(gy, *args, config=TILES)
     for config in (None, {"BLOCK_D": 32}) if state == 16 else (None,):
         got = k.ss2d_scan_bwd(gy, *args, config=config)

@@ -314,9 +314,13 @@ def test_states_saved_by_the_forward_replace_the_backward_first_pass(state, fwd_
 
 def test_saving_forward_takes_sixteen_channels_a_warp_at_d_state_16():
     """A d_state 9-16 forward that keeps the backward's states (the op's training forward) runs LANES tiles
-    of 16 channels; without saving, and at smaller d_state, 32."""
+    of 16 channels; without saving from L 512, and at smaller d_state, 32."""
     assert default_config(192, 16, length=3136, elem_size=2, saving=True)["BLOCK_D"] == 16
     assert default_config(192, 16, length=3136, elem_size=2)["BLOCK_D"] == 32
+    # below L 512, also without keeping states: 16 channels, capped at 168 registers
+    short = default_config(192, 16, length=196, elem_size=2)
+    assert (short["BLOCK_D"], short["maxnreg"]) == (16, 168)
+    assert "maxnreg" not in default_config(192, 16, length=196, elem_size=2, saving=True)
     assert default_config(192, 4, length=3136, elem_size=2, saving=True)["BLOCK_D"] == 32
 
 
@@ -580,9 +584,10 @@ def test_halving_applies_to_one_warp_of_channel_lanes():
     assert halving(lanes, u) == (2 if DEVICE == "cuda" else 1)
     assert halving({**lanes, "BLOCK_D": 16}, u) == halving(lanes, u)
     assert default_config(32, 16, backward=True, length=3136)["HALVING"] == 1
-    # 16 channel lanes by default at d_state 9-16 from L 512 (measured at 3136 and 784; lost at 196)
-    assert [default_config(192, n, backward=True, length=length)["BLOCK_D"]
-            for n, length in ((16, 3136), (12, 512), (16, 256), (8, 3136))] == [16, 16, 32, 32]
+    # 16 channel lanes in 4-position chunks by default at d_state 9-16 (measured at L 3136, 784, 196 and 49)
+    assert [tuple(default_config(192, n, backward=True, length=length)[key] for key in ("BLOCK_D", "BLOCK_T"))
+            for n, length in ((16, 3136), (12, 512), (16, 49), (8, 3136), (8, 196))] == [
+        (16, 4), (16, 4), (16, 4), (32, 4), (32, 2)]
     for off in ({"HALVING": 0}, {"LANES": 0}, {"BLOCK_D": 8}, {"BLOCK_D": 16, "BLOCK_N": 8}, {"num_warps": 2},
                 {"BLOCK_N": 32}):
         assert halving({**lanes, **off}, u) == 0, off

@@ -923,13 +923,14 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     steps at d_state 1 (session 15): the forward packs whole rows end to end, one 16-byte vector a thread
     (PACKED rows a program, VECTOR elements a thread; :mod:`.selective_scan_packed`; session 16: in
     float32, B and C read in aligned pieces where L and their rows allow, ALIGN_BC). The d_state 3-16
-    backward takes 2-position chunks up to L 256 (session 16), sums dB / dC over its channel lanes by
-    recursive halving (HALVING, session 17) and at d_state 9-16 from L 512 takes 16 channels a warp
-    (sessions 19-20).
+    backward takes 2-position chunks up to L 256 (session 16; d_state 3-8), sums dB / dC over its channel lanes by
+    recursive halving (HALVING, session 17) and at d_state 9-16 takes 16 channels a warp in 4-position
+    chunks at every length (sessions 19-20).
     BLOCK_D divides the group's channels where a power of two does, so no lane idles. ``saving``: a
     forward that also keeps the backward's states; at d_state 9-16 its LANES tiles then take 16 channels
     a warp (session 19, vanilla-T bf16 forward keeping states, kernel alone: stage 1 2.32 ms against
-    3.07 with 32, stage 3 0.669 against 1.279).
+    3.07 with 32, stage 3 0.669 against 1.279), and so do those of the forward that keeps none below
+    L 512, capped at 168 registers (session 20).
     """
     return dict(_default_config(channels_per_group, state, backward, length, elem_size, saving))
 
@@ -960,11 +961,14 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
         # lanes by recursive halving (session 17, bf16 with saved states: stage 1 18.2 ms against 22.1, stage
         # 2 8.70 against 10.21, stage 3 5.48 against 6.46; float32 stage 1 17.3 against 21.1; 2-step chunks
         # still lost at stages 1-2, 20.1 and 9.84 ms)
-        block_t = 2 if length is not None and length <= 256 else 4
-        # d_state 9-16 from L 512: 16 channels a warp, each channel's states on two lanes, halving over the 16
-        # channel lanes (vanilla-T bf16 with saved states, same run: session 19, stage 1 14.65 ms against
-        # 17.54, stage 3 lost, 6.02 against 5.49; session 20, stage 2 7.08 against 8.32)
-        block_d = 16 if block_n == 16 and (length is None or length >= 512) else 32
+        block_t, block_d = (2 if length is not None and length <= 256 else 4), 32
+        if block_n == 16:
+            # d_state 9-16: 16 channels a warp, each channel's states on two lanes, halving over the 16 channel
+            # lanes, in 4-position chunks at every length (vanilla-T bf16 with saved states, same run: session
+            # 19, stage 1 14.65 ms against 17.54; session 20, stage 2 7.08 against 8.32, stage 3 4.42 against
+            # 5.41 and stage 4 2.44 against 3.00 for 32 channels in 2-position chunks; 16 channels in
+            # 2-position chunks: stage 3 5.99, stage 4 3.03)
+            block_t, block_d = 4, 16
         return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": 1, "PREFETCH": 0,
                 "LANES": 1, "FLIP": 1, "HALVING": 1}
     flip = half_grads = flat = 0
@@ -994,8 +998,15 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
     elif block_n <= 2:
         block_t, stages = (64, 3) if long_seq else (16, 1)
     elif block_n <= 16:  # one channel and all its states per lane (LANES)
-        block_d = 16 if saving and block_n == 16 else 32
-        return {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": 8, "num_warps": 1, "PREFETCH": 1, "LANES": 1}
+        cfg = {"BLOCK_D": 32, "BLOCK_N": block_n, "BLOCK_T": 8, "num_warps": 1, "PREFETCH": 1, "LANES": 1}
+        if block_n == 16 and saving:
+            cfg["BLOCK_D"] = 16
+        elif block_n == 16 and not long_seq:
+            # d_state 9-16 below L 512, not keeping states: 16 channels, capped at 168 registers (session 20,
+            # vanilla-T bf16, same run: stage 3 0.639 ms against 0.715 for 32 channels, 0.689 uncapped; stage 4
+            # 0.334 against 0.361; stages 1-2 lost, 2.16 against 2.01 and 1.04 against 1.01)
+            cfg.update(BLOCK_D=16, maxnreg=168)
+        return cfg
     else:
         block_t = 8
     # Bounds masks dropped where a launch covers whole chunks (d_state 1, where measured; session 11, stage
@@ -1163,8 +1174,8 @@ def _row_alignment(cfg: dict, strides) -> int:
 
 def launch_options(cfg) -> dict:
     """Triton launch options of a configuration (this module's kernels and the fused core's): num_warps,
-    and the register cap per thread ``maxnreg`` where set. The core's d_state-1 backward runs capped at
-    128, and so do the plain scan's whole-row backward above 64 steps and its float32 forward at L 49;
+    and the register cap per thread ``maxnreg`` where set. The core's d_state-1 and d_state-16 backwards
+    run capped at 128, and so do the plain scan's whole-row backward above 64 steps and its float32 forward at L 49;
     its other defaults are not capped (caps that fit stage 1 in one wave spilled and lost, session 11)."""
     options = {"num_warps": cfg["num_warps"]}
     if cfg.get("maxnreg"):

@@ -439,7 +439,7 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
     stages 1 and 3: forward 9x and 32x, backward 2.9x and 2.9x faster than the (channel, state)-per-lane
     tiles), dB / dC summed over the lanes by recursive halving (HALVING; session 17: 25-30 % faster at
     every stage); at d_state 9-16 the backward takes 16 channels a warp, each channel's states on two
-    lanes (sessions 19-20). Larger d_state: the plain selective-scan defaults. The backwards
+    lanes, capped at 128 registers (sessions 19-20). Larger d_state: the plain selective-scan defaults. The backwards
     run their adjoint as a forward scan of the time-flipped chunk (FLIP: no shuffles for Triton's
     reverse scan; session 5: 11 % faster at d_state 1 and 7 % at d_state 16, stages 1 and 3; session 17
     with HALVING: stage 1 18.07 ms against 20.56 in reverse).
@@ -465,9 +465,12 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
             # 12.79 / 6.55 / 3.85)
             # d_state 9-16: 16 channels, each channel's states on two lanes (with saved states, same run:
             # session 19, stage 1 17.61 ms against 17.86, stage 3 4.31 against 4.59; session 20, stage 2
-            # 8.45 against 8.72, stage 4 2.55 against 2.72)
-            block_d = 16 if _next_pow2(state) == 16 else 32
-            defaults.update(LANES=1, BLOCK_D=block_d, BLOCK_T=2, num_warps=1, FLIP=1, HALVING=1)
+            # 8.45 against 8.72, stage 4 2.55 against 2.72), capped at 128 registers (uncapped 165: 12 warps
+            # an SM; session 20, same run, stages 1-4 15.31 / 7.39 / 3.79 / 2.29 ms against 17.43 / 8.46 /
+            # 4.28 / 2.55; caps 112 and 96 spill more and lost; 4-step chunks lost, 20.1 ms at stage 1)
+            defaults.update(LANES=1, BLOCK_D=32, BLOCK_T=2, num_warps=1, FLIP=1, HALVING=1)
+            if _next_pow2(state) == 16:
+                defaults.update(BLOCK_D=16, maxnreg=128)
         else:
             defaults.update(LANES=1, BLOCK_D=64, BLOCK_T=4, num_warps=2, PREFETCH=1, DELTA_GEMM=1)
     return _config(channels, state, backward, overrides, length, elem_size, defaults=defaults)
