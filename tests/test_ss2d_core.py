@@ -452,6 +452,22 @@ def test_halving_backward_agrees(state):
             assert _rel(ours, theirs) < 1e-5, (name, config)
 
 
+def test_core_register_caps_are_its_own():
+    """The core caps registers where it measured a gain (its d_state-1 and d_state-16 backwards, its d_state-16
+    forward without saved states); the plain scan's caps for the same shapes (its float32 forward at L 49,
+    its d_state-16 forward below L 512) do not carry over."""
+    from vmamba.ops.triton import ss2d_core as k
+    from vmamba.ops.triton.selective_scan import default_config
+
+    assert default_config(768, 1, False, 49, 4)["maxnreg"] == 128
+    assert default_config(384, 16, False, 196, 2)["maxnreg"] == 168
+    assert "maxnreg" not in k.core_config(768, 1, 48, False, 49, 4)
+    assert k.core_config(384, 16, 24, False, 196, 2)["maxnreg"] == 128
+    assert "maxnreg" not in k.core_config(384, 16, 24, False, 196, 2, saving=True)
+    assert k.core_config(384, 1, 24, True, 196, 2)["maxnreg"] == 128
+    assert k.core_config(384, 16, 24, True, 196, 2)["maxnreg"] == 128
+
+
 @pytest.mark.parametrize(("dtype", "rank", "channels", "config"), [
     (torch.float32, 6, 20, None),  # R padded to 16, C not a multiple of the channel block
     (torch.bfloat16, 24, 40, {"BLOCK_M": 16, "BLOCK_C": 16}),  # several blocks in both directions

@@ -424,8 +424,9 @@ def _wide(length, *pixel_strides):
     return length * max(pixel_strides) >= 2**31
 
 
-def core_config(channels, state, rank, backward, length, elem_size, overrides=None):
-    """Launch configuration of the fused kernels (``overrides`` and VMAMBA_TRITON_SCAN_CONFIG win).
+def core_config(channels, state, rank, backward, length, elem_size, overrides=None, saving=False):
+    """Launch configuration of the fused kernels (``overrides`` and VMAMBA_TRITON_SCAN_CONFIG win);
+    ``saving``: a forward that keeps the backward's states.
 
     d_state 1-2 (the v2 models), from H200 sweeps of benchmarks/gpu_ss2d_sweep.py (BENCHMARKS.md): one
     warp; the backward in chunks of 4 steps, loading the next chunk's inputs while it computes the
@@ -445,6 +446,8 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
     with HALVING: stage 1 18.07 ms against 20.56 in reverse).
     """
     defaults = default_config(channels, state, backward, length, elem_size)
+    # the plain kernels' register caps are theirs: the core sets its own below
+    defaults.pop("maxnreg", None)
     if backward:
         defaults.update(BLOCK_T=saved_state_chunk(state), FLIP=1)
     if state <= 2:
@@ -473,6 +476,11 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
                 defaults.update(BLOCK_D=16, maxnreg=128)
         else:
             defaults.update(LANES=1, BLOCK_D=64, BLOCK_T=4, num_warps=2, PREFETCH=1, DELTA_GEMM=1)
+            if _next_pow2(state) == 16 and not saving:
+                # capped at 128 registers (uncapped 166; session 20, vanilla-T bf16, same runs: stages 1-4
+                # 2.211 / 1.062 / 0.534 / 0.287 ms against 2.314 / 1.120 / 0.556 / 0.301; keeping states it
+                # spills 546 bytes and lost, 8.31 against 2.77 ms at stage 1)
+                defaults["maxnreg"] = 128
     return _config(channels, state, backward, overrides, length, elem_size, defaults=defaults)
 
 
@@ -556,7 +564,7 @@ def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta
     channel and all its states per lane; see :func:`_core_fwd_kernel`).
     """
     batch, length, channels, routes, rank, state = _shapes(u, xp, dt_weight, A, nseq)
-    cfg = core_config(channels, state, rank, False, length, u.element_size(), config)
+    cfg = core_config(channels, state, rank, False, length, u.element_size(), config, saving=save_states)
     y = torch.empty(routes, batch, length, channels, device=u.device, dtype=out_dtype or u.dtype)
     save_chunk = saved_state_chunk(state) if save_states else 0
     shape = saved_states_shape(batch, routes, channels, length, state) if save_states else (0,)
