@@ -3,10 +3,12 @@ its registers, spills and SASS loops.
 
     PYTHONPATH=src python benchmarks/sass_scan.py bwd '{"BLOCK_D": 16, "BLOCK_T": 4}'
     PYTHONPATH=src python benchmarks/sass_scan.py fwd '{"LANES": 1, "BLOCK_D": 16}' --float32
+    PYTHONPATH=src python benchmarks/sass_scan.py packed '{"L": 49, "CG": 768, "BLOCK": 512}'
 
 The constants start from the d_state-16 LANES backward with the forward's saved states (or the LANES
-forward) and take the JSON overrides; ``--options`` sets launch options (num_warps, maxnreg). Inputs
-are bf16 unless --float32.
+forward, or for ``packed`` the d_state-1 packed-row forward at L 196) and take the JSON overrides;
+``--options`` sets launch options (num_warps, maxnreg). Inputs are bf16 unless --float32. The packed
+forward has no loop: it reports instructions a thread and an element (NOPs left out).
 
 Triton's version decides the code. To see what the GPU machine runs, compile with its Triton: the
 device has Triton 3.6, whose wheel (triton-3.6.0, cp311) is in this machine's local package files; a
@@ -31,12 +33,13 @@ import aot_kernels  # noqa: E402
 import triton  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from vmamba.ops.triton import selective_scan  # noqa: E402
+from vmamba.ops.triton import selective_scan, selective_scan_packed  # noqa: E402
 
 BACKWARD = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=16,
                 BLOCK_T=2, SAVE_T=16, FLIP=True, LANES=True, HAS_STATES=True, EVEN=False, HALVING=2)
 FORWARD = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, BLOCK_D=32, BLOCK_N=16, BLOCK_T=8,
                PREFETCH=True, LANES=True, SAVE_T=0, STAGES=1, EVEN=False)
+PACKED = dict(L=196, CG=384, R=10, BLOCK=2048, V=8, BC_ALIGN=1, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True)
 MEMORY = ("LDS", "STS", "LDL", "STL", "BAR", "SHFL", "MUFU")
 
 
@@ -49,6 +52,25 @@ def compile_variant(kind: str, overrides: dict, options: dict, bf16: bool):
     return triton.compile(source, target=aot_kernels.HOPPER, options=options)
 
 
+def compile_packed(overrides: dict, options: dict, bf16: bool):
+    """The packed-row forward as the launcher specialises it at the VMamba shapes: unit strides constant,
+    the channel count and the batch strides (and B's and C's where L is a multiple of 16) multiples of 16.
+    Without these Triton 3.6 picks a one-element load layout and twice the instructions (session 20)."""
+    kernel = selective_scan_packed._packed_fwd_kernel
+    unit = {"sA_d": 1, "sB_l": 1, "sC_l": 1, "sD": 1, "sbias": 1}
+    constants = {**PACKED, **overrides, **unit}
+    sig = aot_kernels.signature(kernel, constants, {"u_ptr", "dt_ptr", "B_ptr", "C_ptr"} if bf16 else set())
+    sig.update({name: "constexpr" for name in unit})
+    divisible = {"KC", "su_b", "sdt_b", "sy_b"} | ({"sB_b", "sC_b"} if constants["L"] % 16 == 0 else set())
+    source = ASTSource(kernel, sig, constants, aot_kernels.divisibility(kernel, divisible))
+    options = {"num_warps": max(1, min(16, constants["BLOCK"] // constants["V"] // 32)), **options}
+    return triton.compile(source, target=aot_kernels.HOPPER, options=options), constants["V"], options
+
+
+def instruction_counts(sass: str) -> collections.Counter:
+    return collections.Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass))
+
+
 def opcode_counts(sass: str) -> dict:
     """Counts of the shared / local memory, barrier, shuffle and MUFU instructions in the whole kernel."""
     ops = collections.Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass))
@@ -57,17 +79,29 @@ def opcode_counts(sass: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=("fwd", "bwd"))
-    parser.add_argument("overrides", nargs="?", default="{}", help="JSON constants over the LANES defaults")
-    parser.add_argument("--options", default='{"num_warps": 1}', help="JSON launch options")
+    parser.add_argument("kind", choices=("fwd", "bwd", "packed"))
+    parser.add_argument("overrides", nargs="?", default="{}", help="JSON constants over the defaults")
+    parser.add_argument("--options", default=None, help='JSON launch options (default {"num_warps": 1}; '
+                                                        "packed: a warp per 32 vectors)")
     parser.add_argument("--float32", action="store_true", help="float32 inputs instead of bf16")
     args = parser.parse_args()
-    options = json.loads(args.options)
-    compiled = compile_variant(args.kind, json.loads(args.overrides), options, not args.float32)
-    sass = aot_kernels.disassemble(compiled.asm["cubin"])
-    report = {"triton": triton.__version__, **aot_kernels.resources(compiled.asm["ptx"], options),
-              "shared_bytes": compiled.metadata.shared, "loops": aot_kernels.loops_in(sass),
-              "memory_and_special": opcode_counts(sass)}
+    options = json.loads(args.options) if args.options else {}
+    overrides, bf16 = json.loads(args.overrides), not args.float32
+    report = {"triton": triton.__version__}
+    if args.kind == "packed":  # one straight run of code, no loop: counts per element instead
+        compiled, vector, options = compile_packed(overrides, options, bf16)
+        sass = aot_kernels.disassemble(compiled.asm["cubin"])
+        counts = instruction_counts(sass)
+        total = sum(n for op, n in counts.items() if op != "NOP")
+        report.update(instructions=total, per_element=total / vector, top=counts.most_common(16),
+                      layout_conversions=compiled.asm["ttgir"].count("ttg.convert_layout"))
+    else:
+        options = options or {"num_warps": 1}
+        compiled = compile_variant(args.kind, overrides, options, bf16)
+        sass = aot_kernels.disassemble(compiled.asm["cubin"])
+        report["loops"] = aot_kernels.loops_in(sass)
+    report.update(aot_kernels.resources(compiled.asm["ptx"], options), shared_bytes=compiled.metadata.shared,
+                  memory_and_special=opcode_counts(sass))
     print(json.dumps(report, indent=1))
 
 
