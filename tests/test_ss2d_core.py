@@ -466,6 +466,8 @@ def test_core_register_caps_are_its_own():
     assert "maxnreg" not in k.core_config(384, 16, 24, False, 196, 2, saving=True)
     assert k.core_config(384, 1, 24, True, 196, 2)["maxnreg"] == 128
     assert k.core_config(384, 16, 24, True, 196, 2)["maxnreg"] == 128
+    # nor do the plain kernels' row packing and layouts
+    assert not {"PACKED", "STEPS", "FLAT", "EVEN"} & set(k.core_config(768, 1, 48, False, 49, 4))
 
 
 @pytest.mark.parametrize(("dtype", "rank", "channels", "config"), [

@@ -424,6 +424,9 @@ def _wide(length, *pixel_strides):
     return length * max(pixel_strides) >= 2**31
 
 
+_SHAPE_KEYS = ("BLOCK_D", "BLOCK_N", "BLOCK_T", "num_warps", "PREFETCH", "STAGES")
+
+
 def core_config(channels, state, rank, backward, length, elem_size, overrides=None, saving=False):
     """Launch configuration of the fused kernels (``overrides`` and VMAMBA_TRITON_SCAN_CONFIG win);
     ``saving``: a forward that keeps the backward's states.
@@ -445,9 +448,10 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
     reverse scan; session 5: 11 % faster at d_state 1 and 7 % at d_state 16, stages 1 and 3; session 17
     with HALVING: stage 1 18.07 ms against 20.56 in reverse).
     """
-    defaults = default_config(channels, state, backward, length, elem_size)
-    # the plain kernels' register caps are theirs: the core sets its own below
-    defaults.pop("maxnreg", None)
+    plain = default_config(channels, state, backward, length, elem_size)
+    # only the plain defaults' tile shape: their register caps, row packing and layouts are tuned for the plain
+    # kernels (a plain cap once leaked into the core's training forward, session 20); the core sets its own
+    defaults = {key: plain[key] for key in _SHAPE_KEYS if key in plain}
     if backward:
         defaults.update(BLOCK_T=saved_state_chunk(state), FLIP=1)
     if state <= 2:
