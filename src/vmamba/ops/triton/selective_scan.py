@@ -923,9 +923,9 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     steps at d_state 1 (session 15): the forward packs whole rows end to end, one 16-byte vector a thread
     (PACKED rows a program, VECTOR elements a thread; :mod:`.selective_scan_packed`; session 16: in
     float32, B and C read in aligned pieces where L and their rows allow, ALIGN_BC). The d_state 3-16
-    backward takes 2-position chunks up to L 256 (session 16; d_state 3-8), sums dB / dC over its channel lanes by
-    recursive halving (HALVING, session 17) and at d_state 9-16 takes 16 channels a warp in 4-position
-    chunks at every length (sessions 19-20).
+    backward sums dB / dC over its channel lanes by recursive halving (HALVING, session 17); at d_state
+    3-8 it takes 2-position chunks up to L 256 (session 16), at d_state 9-16 16 channels a warp in
+    4-position chunks at every length (sessions 19-20).
     BLOCK_D divides the group's channels where a power of two does, so no lane idles. ``saving``: a
     forward that also keeps the backward's states; at d_state 9-16 its LANES tiles then take 16 channels
     a warp (session 19, vanilla-T bf16 forward keeping states, kernel alone: stage 1 2.32 ms against
@@ -1174,9 +1174,11 @@ def _row_alignment(cfg: dict, strides) -> int:
 
 def launch_options(cfg) -> dict:
     """Triton launch options of a configuration (this module's kernels and the fused core's): num_warps,
-    and the register cap per thread ``maxnreg`` where set. The core's d_state-1 and d_state-16 backwards
-    run capped at 128, and so do the plain scan's whole-row backward above 64 steps and its float32 forward at L 49;
-    its other defaults are not capped (caps that fit stage 1 in one wave spilled and lost, session 11)."""
+    and the register cap per thread ``maxnreg`` where set. Capped at 128: the core's d_state-1 and
+    d_state-16 backwards and its d_state-16 forward without saved states, the plain scan's whole-row
+    backward above 64 steps and its float32 forward at L 49; at 168: the plain d_state-16 forward without
+    saved states below L 512. The other defaults are not capped (caps that fit stage 1 in one wave
+    spilled and lost, session 11)."""
     options = {"num_warps": cfg["num_warps"]}
     if cfg.get("maxnreg"):
         options["maxnreg"] = int(cfg["maxnreg"])

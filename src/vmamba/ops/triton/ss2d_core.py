@@ -437,16 +437,17 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
     registers); the forward computes Δ in the kernel while the rank is small (R <= 8: stage 1 of the
     tiny and small models; 32-step chunks through Triton's pipeliner, session 10) and otherwise reads it
     from one batched GEMM (DELTA_GEMM), two channels per lane, in 4-step chunks for rows of up to 64
-    (session 20). d_state 3-16 (vanilla models): LANES
-    tiles, one channel and all its states per lane; forward in chunks of 4 steps with Δ from the GEMM,
-    backward in 2-step chunks inside the 16-step saved-state interval (session 6 sweep at vanilla-T
-    stages 1 and 3: forward 9x and 32x, backward 2.9x and 2.9x faster than the (channel, state)-per-lane
-    tiles), dB / dC summed over the lanes by recursive halving (HALVING; session 17: 25-30 % faster at
-    every stage); at d_state 9-16 the backward takes 16 channels a warp, each channel's states on two
-    lanes, capped at 128 registers (sessions 19-20). Larger d_state: the plain selective-scan defaults. The backwards
-    run their adjoint as a forward scan of the time-flipped chunk (FLIP: no shuffles for Triton's
-    reverse scan; session 5: 11 % faster at d_state 1 and 7 % at d_state 16, stages 1 and 3; session 17
-    with HALVING: stage 1 18.07 ms against 20.56 in reverse).
+    (session 20). d_state 3-16 (vanilla models): LANES tiles, one channel and all its states per lane;
+    forward in chunks of 4 steps with Δ from the GEMM, capped at 128 registers at d_state 9-16 unless it
+    keeps states (session 20), backward in 2-step chunks inside the 16-step saved-state interval
+    (session 6 sweep at vanilla-T stages 1 and 3: forward 9x and 32x, backward 2.9x and 2.9x faster than
+    the (channel, state)-per-lane tiles), dB / dC summed over the lanes by recursive halving (HALVING;
+    session 17: 25-30 % faster at every stage); at d_state 9-16 the backward takes 16 channels a warp,
+    each channel's states on two lanes, capped at 128 registers (sessions 19-20). Larger d_state: the
+    plain selective-scan defaults' tile shape. The backwards run their adjoint as a forward scan of the
+    time-flipped chunk (FLIP: no shuffles for Triton's reverse scan; session 5: 11 % faster at d_state 1
+    and 7 % at d_state 16, stages 1 and 3; session 17 with HALVING: stage 1 18.07 ms against 20.56 in
+    reverse).
     """
     plain = default_config(channels, state, backward, length, elem_size)
     # only the plain defaults' tile shape: their register caps, row packing and layouts are tuned for the plain
