@@ -4,7 +4,7 @@ For each stage of a VMamba model (batch 128, 224², bf16): the inference forward
 (keeping the backward's states) and the backward from those states, for every variant given
 (configuration overrides of the default; {} is the default itself), in interleaved rounds. Each
 variant's outputs are compared with the default's first (largest absolute difference of y and of the
-states; largest relative difference of the gradients).
+states; the gradients' largest relative difference in norm).
 
     PYTHONPATH=src python benchmarks/gpu_core_variants.py --model vanilla_vmamba_tiny --stages 1,3 \
         --fwd '[{}, {"maxnreg": 128}]' --bwd '[{}, {"BLOCK_T": 4}]'
@@ -17,16 +17,9 @@ import datetime
 import json
 
 import torch
+from gpu_scan import rel
+from gpu_scan_variants import graph_ms
 from gpu_ss2d_sweep import stage_inputs
-from triton.testing import do_bench_cudagraph
-
-
-def graph_ms(fn) -> float:
-    return do_bench_cudagraph(fn, rep=100, return_mode="median")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
 def time_stage(ss2d, size: int, fwd_variants: list, bwd_variants: list, rounds: int) -> dict:
@@ -44,7 +37,7 @@ def time_stage(ss2d, size: int, fwd_variants: list, bwd_variants: list, rounds: 
                            "states_abs": (kept - states).abs().max().item()}
     for i, cfg in enumerate(bwd_variants):
         grads = k.ss2d_scan_bwd(gy, *args, config=cfg, states=states)
-        diffs["bwd", i] = {"grads_rel": max(_rel(a, b) for a, b in zip(grads, grads_ref) if a is not None)}
+        diffs["bwd", i] = {"grads_rel": max(rel(a, b) for a, b in zip(grads, grads_ref) if a is not None)}
     times: dict = {}
     for _ in range(rounds):
         for i, cfg in enumerate(fwd_variants):
