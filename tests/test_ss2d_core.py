@@ -455,7 +455,8 @@ def test_halving_backward_agrees(state):
 def test_core_register_caps_are_its_own():
     """The core caps registers where it measured a gain (its d_state-1 and d_state-16 backwards, its d_state-16
     forward without saved states); the plain scan's caps for the same shapes (its float32 forward at L 49,
-    its d_state-16 forward below L 512) do not carry over."""
+    its d_state-16 forward below L 512) do not carry over, and neither does a default cap to a tile that
+    the caller's overrides change."""
     from vmamba.ops.triton import ss2d_core as k
     from vmamba.ops.triton.selective_scan import default_config
 
@@ -468,6 +469,10 @@ def test_core_register_caps_are_its_own():
     assert k.core_config(384, 16, 24, True, 196, 2)["maxnreg"] == 128
     # nor do the plain kernels' row packing and layouts
     assert not {"PACKED", "STEPS", "FLAT", "EVEN"} & set(k.core_config(768, 1, 48, False, 49, 4))
+    # a cap belongs to the default tile: overriding the tile without naming a cap drops it
+    assert "maxnreg" not in k.core_config(384, 16, 24, True, 196, 2, {"BLOCK_D": 32})
+    assert k.core_config(384, 16, 24, True, 196, 2, {"BLOCK_D": 16, "HALVING": 0})["maxnreg"] == 128
+    assert k.core_config(384, 16, 24, True, 196, 2, {"BLOCK_D": 32, "maxnreg": 96})["maxnreg"] == 96
 
 
 @pytest.mark.parametrize(("dtype", "rank", "channels", "config"), [

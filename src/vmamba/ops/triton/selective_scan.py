@@ -1124,16 +1124,26 @@ def fast_math(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
 
 
+# the keys that decide a kernel's tile, and so what register cap suits it
+_TILE_KEYS = ("BLOCK_D", "BLOCK_N", "BLOCK_T", "num_warps", "LANES", "FLAT", "STEPS")
+
+
 def _config(cg, state, backward, overrides, length=None, elem_size=4, defaults=None):
     """Launch configuration: ``defaults`` (else :func:`default_config`), then the
-    VMAMBA_TRITON_SCAN_CONFIG environment variable, then ``overrides``."""
+    VMAMBA_TRITON_SCAN_CONFIG environment variable, then ``overrides``. A default register cap was measured
+    for the default tile: where the environment or ``overrides`` change the tile (_TILE_KEYS) without
+    naming ``maxnreg``, the cap is dropped rather than applied to a tile it was not chosen for."""
     cfg = dict(defaults) if defaults is not None else default_config(cg, state, backward, length, elem_size)
+    given = {}
     env = os.environ.get("VMAMBA_TRITON_SCAN_CONFIG")
     if env:  # e.g. "BLOCK_D=32,BLOCK_T=64,num_warps=8" (benchmark sweeps)
         for item in env.split(","):
             key, value = item.split("=")
-            cfg[key.strip()] = int(value)
-    cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+            given[key.strip()] = int(value)
+    given.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if "maxnreg" not in given and any(k in given and given[k] != cfg.get(k) for k in _TILE_KEYS):
+        cfg.pop("maxnreg", None)
+    cfg.update(given)
     return cfg
 
 
