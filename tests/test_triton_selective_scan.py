@@ -448,7 +448,7 @@ def test_default_whole_rows_walk_blocks_through_the_pipeliner():
     """The default backward for 64 < L <= 256 (d_state 1): whole rows, one-channel blocks walked 32 at a
     time through Triton's pipeliner; 40 channels leave the second program's last 24 blocks masked."""
     cfg = default_config(40, 1, backward=True, length=100)
-    assert (cfg["BLOCK_T"], cfg["BLOCK_D"], cfg["ROW_BLOCKS"], cfg["STAGES"]) == (128, 1, 32, 2)
+    assert (cfg["BLOCK_T"], cfg["BLOCK_D"], cfg["ROW_BLOCKS"], cfg["STAGES"]) == (128, 1, 32, 3)
     _check(batch=1, groups=1, per_group=40, state=1, length=100, dtype=torch.float32, seed=70)
 
 

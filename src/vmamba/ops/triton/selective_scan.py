@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .partial_sums import PartialSums, sum_partials
+
 LOG2E = 1.4426950408889634
 # Positions between the states a LANES backward keeps (its chunks of 2-4 positions fit inside).
 LANES_SAVE_INTERVAL = 16
@@ -1073,9 +1075,11 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
             # - above (L 196: stage 3): lanes of 4 steps (64 lanes a channel, two a thread, loaded as
             #   vectors), 32 blocks through the pipeliner, capped at 128: bf16 0.282 ms against 0.318, float32
             #   0.279 against 0.342 (uncapped 0.317 / 0.316, one stage 0.347 / 0.360, 2 steps a lane 0.378 /
-            #   0.385, two warps a channel 0.374 / 0.373, 8 steps a lane one at a time 0.408 / 0.454).
+            #   0.385, two warps a channel 0.374 / 0.373, 8 steps a lane one at a time 0.408 / 0.454). Session
+            #   21: 3 pipeline stages, bf16 0.2608 ms against 0.2826 for 2, float32 0.2619 against 0.2804 (at
+            #   L 49, 2 stages lost: bf16 0.1857 against 0.1683 for 1, float32 0.1964 against 0.1828).
             num_warps, maxnreg = 1, 128
-            block_d, row_blocks, steps, stages = (4, 16, 8, 1) if block_t <= 64 else (1, 32, 4, 2)
+            block_d, row_blocks, steps, stages = (4, 16, 8, 1) if block_t <= 64 else (1, 32, 4, 3)
         else:
             block_d, num_warps = 2, 1 if elem_size == 2 else 2
     cfg = {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_T": block_t, "num_warps": num_warps, "PREFETCH": 0,
@@ -1356,9 +1360,12 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
     n_saved = cdiv(length, interval)
     du = torch.empty(batch, channels, length, device=dev, dtype=_grad_dtype(u, cfg))
     ddelta = torch.empty(batch, channels, length, device=dev, dtype=_grad_dtype(delta, cfg))
-    dA_part = torch.empty(batch, channels, state, device=dev, dtype=f32)
-    dD_part = torch.empty(batch, channels, device=dev, dtype=f32) if D is not None else None
-    dbias_part = torch.empty(batch, channels, device=dev, dtype=f32) if delta_bias is not None else None
+    dA_part = torch.empty(1, 1, batch, channels * state, device=dev, dtype=f32)
+    # dD and dbias partials stacked: one source for the sums at the end
+    n_skip = (D is not None) + (delta_bias is not None)
+    skip_parts = torch.empty(n_skip, 1, batch, channels, device=dev, dtype=f32)
+    dD_part = skip_parts[0, 0] if D is not None else None
+    dbias_part = skip_parts[-1, 0] if delta_bias is not None else None
     # Per-block partials of dB / dC are written to a workspace and summed (deterministic, and far
     # cheaper than atomics when d_state is large); atomics only when that workspace would be too big.
     ws_bytes = 2 * 4 * batch * groups * n_blk * state * length
@@ -1368,8 +1375,8 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
         dC = torch.zeros(batch, groups, state, length, device=dev, dtype=f32)
         dB_ws, dC_ws, blk_stride = dB, dC, 0
     else:
-        dB_ws = torch.empty(batch, groups, n_blk, state, length, device=dev, dtype=f32)
-        dC_ws = torch.empty(batch, groups, n_blk, state, length, device=dev, dtype=f32)
+        bc_ws = torch.empty(2, batch * groups, n_blk, state * length, device=dev, dtype=f32)
+        dB_ws, dC_ws = (ws.view(batch, groups, n_blk, state, length) for ws in bc_ws)
         blk_stride = dB_ws.stride(2)
     if length == 0 or batch == 0 or channels == 0:
         zeros = torch.zeros
@@ -1405,13 +1412,17 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
                              + (blk_stride,) + dB_ws.stride()[-2:-1]),
         PERSIST=len(grid) == 1, HALVING=halving(cfg, u), **launch_options(cfg),
     )
+    dA = torch.empty(channels, state, device=dev, dtype=f32)
+    dD = torch.empty(channels, device=dev, dtype=f32) if D is not None else None
+    dbias = torch.empty(channels, device=dev, dtype=f32) if delta_bias is not None else None
+    jobs = [PartialSums(dA_part, (dA,))]
+    if n_skip:
+        jobs.append(PartialSums(skip_parts, tuple(x for x in (dD, dbias) if x is not None)))
     if atomic:
         dB, dC = dB_ws, dC_ws
-    elif n_blk == 1:
-        dB, dC = dB_ws[:, :, 0], dC_ws[:, :, 0]
     else:
-        dB, dC = dB_ws.sum(2), dC_ws.sum(2)
-    dA = dA_part.sum(0)
-    dD = dD_part.sum(0) if dD_part is not None else None
-    dbias = dbias_part.sum(0) if dbias_part is not None else None
+        dB = torch.empty(batch, groups, state, length, device=dev, dtype=f32)
+        dC = torch.empty_like(dB)
+        jobs.append(PartialSums(bc_ws, (dB, dC)))
+    sum_partials(*jobs)
     return du, ddelta, dA, dB, dC, dD, dbias

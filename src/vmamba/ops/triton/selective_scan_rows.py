@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .partial_sums import PartialSums, sum_partials
 from .selective_scan import (
     _adjoint_combine,
     _aligned,
@@ -278,12 +279,15 @@ def rows_bwd(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, grad_dt
     dev, f32 = u.device, torch.float32
     du = torch.empty(batch, channels, length, device=dev, dtype=grad_dtypes[0])
     ddelta = torch.empty(batch, channels, length, device=dev, dtype=grad_dtypes[1])
-    dA_part = torch.empty(batch, channels, device=dev, dtype=f32)
-    dD_part = torch.empty(batch, channels, device=dev, dtype=f32) if D is not None else dA_part
-    dbias_part = torch.empty(batch, channels, device=dev, dtype=f32) if delta_bias is not None else dA_part
+    # per-program partials, summed below in one launch: dA, dD, dbias over the batch, dB and dC over programs
+    n_sums = 1 + (D is not None) + (delta_bias is not None)
+    parts = torch.empty(n_sums, 1, batch, channels, device=dev, dtype=f32)
+    dA_part = parts[0, 0]
+    dD_part = parts[1, 0] if D is not None else dA_part
+    dbias_part = parts[-1, 0] if delta_bias is not None else dA_part
     n_prog = cdiv(cg, block_d * row_blocks)
-    dB_ws = torch.empty(batch, groups, n_prog, length, device=dev, dtype=f32)
-    dC_ws = torch.empty(batch, groups, n_prog, length, device=dev, dtype=f32)
+    bc_ws = torch.empty(2, batch * groups, n_prog, length, device=dev, dtype=f32)
+    dB_ws, dC_ws = (ws.view(batch, groups, n_prog, length) for ws in bc_ws)
     Dt = D if D is not None else dA_part
     bt = delta_bias if delta_bias is not None else dA_part
     align = _steps_alignment(length, grad_out, u, delta, du, B[:, :, 0], C[:, :, 0]) if vectors else 1
@@ -296,7 +300,11 @@ def rows_bwd(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, grad_dt
         LANES_T=lanes_t, BLOCK_D=block_d, STEPS=steps, ROW_BLOCKS=row_blocks, STAGES=stages, ALIGN=align,
         **{**(options or {}), "num_warps": num_warps},
     )
-    dB = dB_ws[:, :, 0] if n_prog == 1 else dB_ws.sum(2)
-    dC = dC_ws[:, :, 0] if n_prog == 1 else dC_ws.sum(2)
-    return (du, ddelta, dA_part.sum(0).unsqueeze(1), dB.unsqueeze(2), dC.unsqueeze(2),
-            dD_part.sum(0) if D is not None else None, dbias_part.sum(0) if delta_bias is not None else None)
+    dB = torch.empty(batch, groups, 1, length, device=dev, dtype=f32)
+    dC = torch.empty_like(dB)
+    dA = torch.empty(channels, 1, device=dev, dtype=f32)
+    dD = torch.empty(channels, device=dev, dtype=f32) if D is not None else None
+    dbias = torch.empty(channels, device=dev, dtype=f32) if delta_bias is not None else None
+    sum_partials(PartialSums(bc_ws, (dB, dC)),
+                 PartialSums(parts, tuple(x for x in (dA, dD, dbias) if x is not None)))
+    return du, ddelta, dA, dB, dC, dD, dbias

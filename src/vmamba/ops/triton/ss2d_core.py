@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .partial_sums import PartialSums, sum_partials
 from .selective_scan import (
     LANES_SAVE_INTERVAL,
     _adjoint_chunk,
@@ -627,8 +628,8 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
     # the kernel writes every element of these partials (dD only with D): no fills
     dbc = torch.empty(n_blk, batch, length, routes, 2 * state, device=dev, dtype=f32)
     dA = torch.empty(batch, kc, state, device=dev, dtype=f32)
-    dD = torch.empty(batch, kc, device=dev, dtype=f32)
-    dbias = torch.empty(batch, kc, device=dev, dtype=f32)
+    skip_parts = torch.empty(2, 1, batch, kc, device=dev, dtype=f32)  # dbias, dD: one source for the sums
+    dbias, dD = skip_parts[0, 0], skip_parts[1, 0]
     if du.numel() == 0:  # nothing to scan: every gradient is zero
         zeros = dA.new_zeros
         return (du, ddelta, zeros(batch, length, routes, 2 * state), zeros(kc, state),
@@ -656,5 +657,10 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
         PREFETCH=bool(cfg.get("PREFETCH", 0)) and interval == cfg["BLOCK_T"], STAGES=int(cfg.get("STAGES", 1)),
         HALVING=halving(cfg, u), **launch_options(cfg),
     )
-    dbc = dbc[0] if n_blk == 1 else dbc.sum(0)
-    return du, ddelta, dbc, dA.sum(0), dD.sum(0) if D is not None else None, dbias.sum(0)
+    dbc_sum = torch.empty(batch, length, routes, 2 * state, device=dev, dtype=f32)
+    dA_sum = torch.empty(kc, state, device=dev, dtype=f32)
+    dbias_sum = torch.empty(kc, device=dev, dtype=f32)
+    dD_sum = torch.empty(kc, device=dev, dtype=f32) if D is not None else None
+    sum_partials(PartialSums(dbc.view(1, 1, n_blk, -1), (dbc_sum,)), PartialSums(dA.view(1, 1, batch, -1), (dA_sum,)),
+                 PartialSums(skip_parts[:1 + (D is not None)], (dbias_sum,) + ((dD_sum,) if D is not None else ())))
+    return du, ddelta, dbc_sum, dA_sum, dD_sum, dbias_sum
