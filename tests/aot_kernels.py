@@ -32,6 +32,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from vmamba.ops.triton import (  # noqa: E402
     layer_norm,
+    partial_sums,
     selective_scan,
     selective_scan_packed,
     selective_scan_rows,
@@ -226,9 +227,9 @@ VARIANTS = [
      dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, LANES_T=8, BLOCK_D=4, STEPS=8, ROW_BLOCKS=16,
           STAGES=1), {"num_warps": 1, "maxnreg": 128}, {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "du_ptr", "ddt_ptr"}),
     ("selective_scan bwd d_state 1, whole rows of up to 256 steps as 64 lanes of 4 steps on one warp, vectors, "
-     "2 stages (default), bf16", selective_scan_rows._rows_bwd_kernel,
+     "3 stages (default), bf16", selective_scan_rows._rows_bwd_kernel,
      dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, LANES_T=64, BLOCK_D=1, STEPS=4, ROW_BLOCKS=32,
-          STAGES=2, ALIGN=4), {"num_warps": 1, "maxnreg": 128},
+          STAGES=3, ALIGN=4), {"num_warps": 1, "maxnreg": 128},
      {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "du_ptr", "ddt_ptr"}),
     ("selective_scan bwd d_state 1, whole rows, 4 consecutive steps a lane, float32",
      selective_scan_rows._rows_bwd_kernel,
@@ -245,6 +246,9 @@ VARIANTS = [
      selective_scan._ss_bwd_kernel,
      dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=16, BLOCK_T=2,
           SAVE_T=16, FLIP=True, LANES=True, HAS_STATES=False, EVEN=False, HALVING=2), {"num_warps": 1}, False),
+    ("backward partial sums, three jobs", partial_sums._partial_sums_kernel,
+     dict(BLOCK_P_A=16, BLOCK_N_A=64, BLOCK_P_B=128, BLOCK_N_B=32, BLOCK_P_C=1, BLOCK_N_C=32), {"num_warps": 4},
+     False),
     ("delta GEMM bf16", ss2d_core._delta_gemm_kernel,
      dict(R=24, BLOCK_M=64, BLOCK_C=128, BLOCK_R=32, PRECISION="tf32"), {"num_warps": 4},
      {"xp_ptr", "w_ptr", "out_ptr"}),

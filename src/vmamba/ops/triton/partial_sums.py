@@ -73,18 +73,19 @@ def _job_tile(tile, src_ptr, dst0, dst1, dst2, R, P, N, BLOCK_P: tl.constexpr, B
 
 
 @triton.jit
-def _partial_sums_kernel(src_a, a0, a1, a2, R_a, P_a, N_a, tiles_a, src_b, b0, b1, b2, R_b, P_b, N_b, tiles_b,
-                         src_c, c0, c1, c2, R_c, P_c, N_c,
+def _partial_sums_kernel(src_a_ptr, a0_ptr, a1_ptr, a2_ptr, R_a, P_a, N_a, tiles_a,
+                         src_b_ptr, b0_ptr, b1_ptr, b2_ptr, R_b, P_b, N_b, tiles_b,
+                         src_c_ptr, c0_ptr, c1_ptr, c2_ptr, R_c, P_c, N_c,
                          BLOCK_P_A: tl.constexpr, BLOCK_N_A: tl.constexpr, BLOCK_P_B: tl.constexpr,
                          BLOCK_N_B: tl.constexpr, BLOCK_P_C: tl.constexpr, BLOCK_N_C: tl.constexpr):
     """Up to three jobs (grid: job a's tiles, then job b's, then job c's)."""
     tile = tl.program_id(0)
     if tile < tiles_a:
-        _job_tile(tile, src_a, a0, a1, a2, R_a, P_a, N_a, BLOCK_P_A, BLOCK_N_A)
+        _job_tile(tile, src_a_ptr, a0_ptr, a1_ptr, a2_ptr, R_a, P_a, N_a, BLOCK_P_A, BLOCK_N_A)
     elif tile < tiles_a + tiles_b:
-        _job_tile(tile - tiles_a, src_b, b0, b1, b2, R_b, P_b, N_b, BLOCK_P_B, BLOCK_N_B)
+        _job_tile(tile - tiles_a, src_b_ptr, b0_ptr, b1_ptr, b2_ptr, R_b, P_b, N_b, BLOCK_P_B, BLOCK_N_B)
     else:
-        _job_tile(tile - tiles_a - tiles_b, src_c, c0, c1, c2, R_c, P_c, N_c, BLOCK_P_C, BLOCK_N_C)
+        _job_tile(tile - tiles_a - tiles_b, src_c_ptr, c0_ptr, c1_ptr, c2_ptr, R_c, P_c, N_c, BLOCK_P_C, BLOCK_N_C)
 
 
 def _tiles(job: PartialSums) -> tuple[int, int, int]:
