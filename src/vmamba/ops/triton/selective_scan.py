@@ -1328,10 +1328,11 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
     ddelta are stored in the dtype of u and delta when that is float16 / bfloat16, still computed in
     float32: no separate cast pass over them.
 
-    dB / dC partials of the channel blocks of a group go to a workspace summed afterwards (deterministic);
+    dB / dC partials of the channel blocks of a group go to a workspace summed afterwards, with the per-batch
+    partials of dA, dD and ddelta_bias, in one launch (:mod:`.partial_sums`; deterministic);
     only when that workspace would exceed ``WORKSPACE_LIMIT_BYTES`` and ``deterministic`` is false
     (default: the ``VMAMBA_DETERMINISTIC`` environment variable or
-    ``torch.are_deterministic_algorithms_enabled()``) are they reduced with atomics instead.
+    ``torch.are_deterministic_algorithms_enabled()``) are dB / dC reduced with atomics instead.
     ``states``: what :func:`selective_scan_fwd` stored in ``states_out``; the first pass, which
     recomputes them, is then skipped.
     """
