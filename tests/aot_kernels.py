@@ -168,7 +168,7 @@ VARIANTS = [
     ("selective_scan fwd d_state 1, packed rows of L 196, float32", selective_scan_packed._packed_fwd_kernel,
      dict(L=196, CG=384, R=5, BLOCK=1024, V=4, BC_ALIGN=1, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True),
      {"num_warps": 8}, False),
-    ("selective_scan fwd d_state 1, packed rows of L 196 with B and C rows 4-aligned, bf16",
+    ("selective_scan fwd d_state 1, packed rows of L 196 with B and C rows 4-aligned, bf16 (default)",
      selective_scan_packed._packed_fwd_kernel,
      dict(L=196, CG=384, R=10, BLOCK=2048, V=8, BC_ALIGN=4, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True),
      {"num_warps": 8}, {"u_ptr", "dt_ptr", "B_ptr", "C_ptr"}),

@@ -923,8 +923,8 @@ def default_config(channels_per_group: int, state: int, backward: bool = False, 
     backward takes whole rows in one chunk and so keeps no states (session 18: with consecutive steps in
     each lane, STEPS), and the forward does too from 129 steps where rows are 4-aligned. Rows of up to 256
     steps at d_state 1 (session 15): the forward packs whole rows end to end, one 16-byte vector a thread
-    (PACKED rows a program, VECTOR elements a thread; :mod:`.selective_scan_packed`; session 16: in
-    float32, B and C read in aligned pieces where L and their rows allow, ALIGN_BC). The d_state 3-16
+    (PACKED rows a program, VECTOR elements a thread; :mod:`.selective_scan_packed`; B and C read in
+    aligned pieces where L and their rows allow, ALIGN_BC: float32 since session 16, bf16 since 21). The d_state 3-16
     backward sums dB / dC over its channel lanes by recursive halving (HALVING, session 17); at d_state
     3-8 it takes 2-position chunks up to L 256 (session 16), at d_state 9-16 16 channels a warp in
     4-position chunks at every length (sessions 19-20).
@@ -1101,9 +1101,11 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
         vector = 16 // elem_size
         rows = rows_per_tile(length, vector, 512 if length <= 64 else 256 * vector)
         if rows and vector <= length:
-            # ALIGN_BC: B and C in aligned pieces where L and their rows allow, for 4-byte elements (session
-            # 16, L 196 float32 0.1218 ms against 0.1294; bf16 lost, 0.1158 against 0.1050)
-            cfg.update(PACKED=rows, VECTOR=vector, ALIGN_BC=int(elem_size == 4))
+            # ALIGN_BC: B and C in aligned pieces where L and their rows allow (session 16, L 196 float32
+            # 0.1218 ms against 0.1294; bf16 then lost, 0.1158 against 0.1050). Session 21, with B and C
+            # loaded unmasked: bf16 too, L 196 0.1042-0.1049 ms against 0.1061 without it and 0.1052-0.1053
+            # for session 20's kernel (L 49 is not aligned: unchanged)
+            cfg.update(PACKED=rows, VECTOR=vector, ALIGN_BC=1)
     if maxnreg:
         cfg["maxnreg"] = maxnreg
     return cfg

@@ -108,17 +108,20 @@ def _packed_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_pt
         dt, _ = _softplus_and_slope(raw, FAST)
     # the rows' B and C from the thread's first position on: position t0 of the first row's group, and
     # position t0 - L of the next row's
-    k = d // CG
-    k_next = (d + 1) // CG
+    # rows past the last channel (the last program's tail slots) read the last group's B and C: every
+    # address is valid, so B and C load unmasked (no zero fill); those slots are never stored, and u is
+    # zero there
+    k = tl.minimum(d, KC - 1) // CG
+    k_next = tl.minimum(d + 1, KC - 1) // CG
     if BC_ALIGN > 1:  # the batch strides too (the launch checked)
         sB_b, sC_b = _aligned(sB_b, BC_ALIGN), _aligned(sC_b, BC_ALIGN)
     B_at = _group_row_at(B_ptr + b * sB_b, sB_k, sB_l, k, k_next, t0, j, nxt, L, BC_ALIGN)
     C_at = _group_row_at(C_ptr + b * sC_b, sC_k, sC_l, k, k_next, t0, j, nxt, L, BC_ALIGN)
-    Bt = tl.load(B_at, mask=inside, other=0.0).to(tl.float32)
-    Ct = tl.load(C_at, mask=inside, other=0.0).to(tl.float32)
+    Bt = tl.load(B_at).to(tl.float32)
+    Ct = tl.load(C_at).to(tl.float32)
     starts = (j == 0) & (t0 == 0) | (j == L - t0)  # a row's first position
     a = tl.where(starts, 0.0, _exp2(dt * _row_pair(A_ptr, sA_d, d, KC, nxt, 1.4426950408889634), FAST))
-    x = dt * u * Bt  # zero outside the rows: u and B load as zeros there
+    x = dt * u * Bt  # zero outside the rows: u loads as zeros there
     _, h = tl.associative_scan((tl.reshape(a, (BLOCK,)), tl.reshape(x, (BLOCK,))), 0, _combine)
     y = tl.reshape(h, (BLOCK // V, V)) * Ct
     if HAS_D:
