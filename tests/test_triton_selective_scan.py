@@ -4,6 +4,10 @@ Runs on the CPU under the Triton interpreter (TRITON_INTERPRET=1, set before Tri
 small shapes; on a CUDA machine with VMAMBA_TEST_CUDA=1 it runs the compiled kernels instead.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 from conftest import triton_test_device
 
@@ -549,6 +553,51 @@ def test_packed_rows_forward_strided_inputs_and_no_options():
     ins = (wide[:, :8], wide[:, 8:] * 0.1, A, B, C, None, None)
     assert ins[0].stride(0) == 16 * 11
     assert _forward_against_reference(ins, {"PACKED": 4, "VECTOR": 4}) < 1e-5
+
+
+# Runs in a child process under the interpreter: B and C end where an unreadable page begins, so a read past
+# them (by the last program's tail slots, whose rows lie past the last channel) kills the child.
+_GUARDED_PACKED_FORWARD = """
+import ctypes, mmap, os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from vmamba.ops.selective_scan_ref import selective_scan_reference
+from vmamba.ops.triton.selective_scan import selective_scan_fwd
+
+def guarded(shape):
+    nbytes, page = torch.Size(shape).numel() * 4, mmap.PAGESIZE
+    pages = -(-nbytes // page) + 1
+    buf = mmap.mmap(-1, pages * page)
+    libc = ctypes.CDLL(None)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    assert libc.mprotect(ctypes.addressof(ctypes.c_char.from_buffer(buf)) + (pages - 1) * page, page, 0) == 0
+    return torch.frombuffer(buf, dtype=torch.float32, count=nbytes // 4, offset=(pages - 1) * page - nbytes).view(shape)
+
+g = torch.Generator().manual_seed(0)
+u, delta = torch.randn(2, 14, 10, generator=g), 0.5 * torch.randn(2, 14, 10, generator=g) - 1
+A = -torch.exp(0.5 * torch.randn(14, 1, generator=g))
+B, C = guarded((2, 2, 1, 10)), guarded((2, 2, 1, 10))
+B.copy_(torch.randn(2, 2, 1, 10, generator=g))
+C.copy_(torch.randn(2, 2, 1, 10, generator=g))
+D, bias = torch.randn(14, generator=g), torch.randn(14, generator=g)
+config = {"PACKED": 3, "VECTOR": 4, "ALIGN_BC": int(sys.argv[1])}  # 14 rows: the last program holds 2 of 3;
+# rows of 10 elements: a thread's 4 can reach into the next row
+y = selective_scan_fwd(u, delta, A, B, C, D, bias, True, config=config)
+ref = selective_scan_reference(*(x.double() for x in (u, delta, A, B, C, D, bias)), True)
+print("max error", (y - ref).abs().max().item())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="guard pages through libc's mprotect")
+@pytest.mark.parametrize("align_bc", [0, 1])
+def test_packed_forward_reads_b_and_c_within_their_tensors(align_bc):
+    """The packed forward loads B and C unmasked; the rows it addresses past the last channel are clamped
+    to the last group. Checked with B and C ending at an unreadable page (a child process)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", _GUARDED_PACKED_FORWARD, str(align_bc)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) < 1e-5
 
 
 def test_default_forward_packs_short_rows():
