@@ -50,7 +50,7 @@ def _sum_tile(src_ptr, dst_ptr, s, r, n0, R, P, N, BLOCK_P: tl.constexpr, BLOCK_
     acc = tl.zeros((BLOCK_N,), tl.float32)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + offs_p
-        x = tl.load(base + p[:, None] * N + offs_n[None, :], mask=(p < P)[:, None] & (offs_n < N)[None, :],
+        x = tl.load(base + p.to(tl.int64)[:, None] * N + offs_n[None, :], mask=(p < P)[:, None] & (offs_n < N)[None, :],
                     other=0.0)
         acc += tl.sum(x.to(tl.float32), 0)
     tl.store(dst_ptr + r.to(tl.int64) * N + offs_n, acc, mask=offs_n < N)
