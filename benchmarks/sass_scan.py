@@ -4,9 +4,11 @@ its registers, spills and SASS loops.
     PYTHONPATH=src python benchmarks/sass_scan.py bwd '{"BLOCK_D": 16, "BLOCK_T": 4}'
     PYTHONPATH=src python benchmarks/sass_scan.py fwd '{"LANES": 1, "BLOCK_D": 16}' --float32
     PYTHONPATH=src python benchmarks/sass_scan.py packed '{"L": 49, "CG": 768, "BLOCK": 512}'
+    PYTHONPATH=src python benchmarks/sass_scan.py rows '{"LANES_T": 64, "BLOCK_D": 1, "STEPS": 4}'
 
 The constants start from the d_state-16 LANES backward with the forward's saved states (or the LANES
-forward, or for ``packed`` the d_state-1 packed-row forward at L 196) and take the JSON overrides;
+forward, for ``packed`` the d_state-1 packed-row forward at L 196, for ``rows`` the d_state-1 whole-row
+backward at L 49, capped at 128 registers) and take the JSON overrides;
 ``--options`` sets launch options (num_warps, maxnreg). Inputs are bf16 unless --float32. The packed
 forward has no loop: it reports instructions a thread and an element (NOPs left out).
 
@@ -33,20 +35,26 @@ import aot_kernels  # noqa: E402
 import triton  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from vmamba.ops.triton import selective_scan, selective_scan_packed  # noqa: E402
+from vmamba.ops.triton import selective_scan, selective_scan_packed, selective_scan_rows  # noqa: E402
 
 BACKWARD = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=16,
                 BLOCK_T=2, SAVE_T=16, FLIP=True, LANES=True, HAS_STATES=True, EVEN=False, HALVING=2)
 FORWARD = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, BLOCK_D=32, BLOCK_N=16, BLOCK_T=8,
                PREFETCH=True, LANES=True, SAVE_T=0, STAGES=1, EVEN=False)
 PACKED = dict(L=196, CG=384, R=10, BLOCK=2048, V=8, BC_ALIGN=1, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True)
+ROWS = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, LANES_T=8, BLOCK_D=4, STEPS=8, ROW_BLOCKS=16,
+            STAGES=1, ALIGN=1)
 MEMORY = ("LDS", "STS", "LDL", "STL", "BAR", "SHFL", "MUFU")
 
 
 def compile_variant(kind: str, overrides: dict, options: dict, bf16: bool):
-    kernel = selective_scan._ss_bwd_kernel if kind == "bwd" else selective_scan._ss_fwd_kernel
-    constants = aot_kernels.with_defaults(kernel, {**(BACKWARD if kind == "bwd" else FORWARD), **overrides})
-    half = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "gy_ptr"} if bf16 else set()
+    kernel, defaults = {"bwd": (selective_scan._ss_bwd_kernel, BACKWARD),
+                        "fwd": (selective_scan._ss_fwd_kernel, FORWARD),
+                        "rows": (selective_scan_rows._rows_bwd_kernel, ROWS)}[kind]
+    constants = aot_kernels.with_defaults(kernel, {**defaults, **overrides})
+    # bf16: the inputs and (whole-row backward) du / ddelta; the upstream gradient stays float32
+    half = ({"u_ptr", "dt_ptr", "B_ptr", "C_ptr"} | ({"du_ptr", "ddt_ptr"} if kind == "rows" else {"gy_ptr"})
+            if bf16 else set())
     source = ASTSource(kernel, aot_kernels.signature(kernel, constants, half), constants,
                        aot_kernels.divisibility(kernel, aot_kernels.DIVISIBLE_INTS))
     return triton.compile(source, target=aot_kernels.HOPPER, options=options)
@@ -79,10 +87,10 @@ def opcode_counts(sass: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=("fwd", "bwd", "packed"))
+    parser.add_argument("kind", choices=("fwd", "bwd", "packed", "rows"))
     parser.add_argument("overrides", nargs="?", default="{}", help="JSON constants over the defaults")
     parser.add_argument("--options", default=None, help='JSON launch options (default {"num_warps": 1}; '
-                                                        "packed: a warp per 32 vectors)")
+                                                        'packed: a warp per 32 vectors; rows: "maxnreg": 128 too)')
     parser.add_argument("--float32", action="store_true", help="float32 inputs instead of bf16")
     args = parser.parse_args()
     options = json.loads(args.options) if args.options else {}
@@ -96,7 +104,7 @@ def main() -> None:
         report.update(instructions=total, per_element=total / vector, top=counts.most_common(16),
                       layout_conversions=compiled.asm["ttgir"].count("ttg.convert_layout"))
     else:
-        options = options or {"num_warps": 1}
+        options = {"num_warps": 1, **({"maxnreg": 128} if args.kind == "rows" else {}), **options}
         compiled = compile_variant(args.kind, overrides, options, bf16)
         sass = aot_kernels.disassemble(compiled.asm["cubin"])
         report["loops"] = aot_kernels.loops_in(sass)
