@@ -4,11 +4,12 @@ its registers, spills and SASS loops.
     PYTHONPATH=src python benchmarks/sass_scan.py bwd '{"BLOCK_D": 16, "BLOCK_T": 4}'
     PYTHONPATH=src python benchmarks/sass_scan.py fwd '{"LANES": 1, "BLOCK_D": 16}' --float32
     PYTHONPATH=src python benchmarks/sass_scan.py packed '{"L": 49, "CG": 768, "BLOCK": 512}'
-    PYTHONPATH=src python benchmarks/sass_scan.py rows '{"LANES_T": 64, "BLOCK_D": 1, "STEPS": 4}'
+    PYTHONPATH=src python benchmarks/sass_scan.py rows '{"L": 196, "CG": 384, "LANES_T": 64, "BLOCK_D": 1,
+        "STEPS": 4, "ROW_BLOCKS": 32, "STAGES": 3, "ALIGN": 4}'
 
 The constants start from the d_state-16 LANES backward with the forward's saved states (or the LANES
 forward, for ``packed`` the d_state-1 packed-row forward at L 196, for ``rows`` the d_state-1 whole-row
-backward at L 49, capped at 128 registers) and take the JSON overrides;
+backward at L 49 (or "L": 196, "CG": 384), capped at 128 registers) and take the JSON overrides;
 ``--options`` sets launch options (num_warps, maxnreg). Inputs are bf16 unless --float32. The packed
 forward has no loop: it reports instructions a thread and an element (NOPs left out).
 
@@ -48,15 +49,36 @@ MEMORY = ("LDS", "STS", "LDL", "STL", "BAR", "SHFL", "MUFU")
 
 
 def compile_variant(kind: str, overrides: dict, options: dict, bf16: bool):
-    kernel, defaults = {"bwd": (selective_scan._ss_bwd_kernel, BACKWARD),
-                        "fwd": (selective_scan._ss_fwd_kernel, FORWARD),
-                        "rows": (selective_scan_rows._rows_bwd_kernel, ROWS)}[kind]
-    constants = aot_kernels.with_defaults(kernel, {**defaults, **overrides})
-    # bf16: the inputs and (whole-row backward) du / ddelta; the upstream gradient stays float32
-    half = ({"u_ptr", "dt_ptr", "B_ptr", "C_ptr"} | ({"du_ptr", "ddt_ptr"} if kind == "rows" else {"gy_ptr"})
-            if bf16 else set())
+    if kind == "rows":
+        return compile_rows(overrides, options, bf16)
+    kernel = selective_scan._ss_bwd_kernel if kind == "bwd" else selective_scan._ss_fwd_kernel
+    constants = aot_kernels.with_defaults(kernel, {**(BACKWARD if kind == "bwd" else FORWARD), **overrides})
+    half = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "gy_ptr"} if bf16 else set()
     source = ASTSource(kernel, aot_kernels.signature(kernel, constants, half), constants,
                        aot_kernels.divisibility(kernel, aot_kernels.DIVISIBLE_INTS))
+    return triton.compile(source, target=aot_kernels.HOPPER, options=options)
+
+
+def compile_rows(overrides: dict, options: dict, bf16: bool):
+    """The whole-row backward as the launcher specialises it at VMamba-T[s1l8]'s shapes (batch 128, 4
+    groups; the overrides "L" and "CG" pick the stage, default stage 4): unit strides constant, and the
+    integers that are multiples of 16 there declared so. bf16: the inputs, du and ddelta (the upstream
+    gradient stays float32)."""
+    kernel = selective_scan_rows._rows_bwd_kernel
+    length, cg = overrides.pop("L", 49), overrides.pop("CG", 768)
+    constants = {**ROWS, **overrides}
+    unit = {name: 1 for name in ("sg_l", "su_l", "sdt_l", "sA_d", "sB_l", "sC_l", "sD", "sbias")}
+    programs = -(-cg // (constants["BLOCK_D"] * constants["ROW_BLOCKS"]))
+    values = {"L": length, "CG": cg, "KC": 4 * cg, "sg_b": 4 * cg * length, "sg_d": length,
+              "su_b": 4 * cg * length, "su_d": length, "sdt_b": 4 * cg * length, "sdt_d": length,
+              "sB_b": 4 * length, "sB_k": length, "sC_b": 4 * length, "sC_k": length,
+              "sdu_b": 4 * cg * length, "sdu_d": length, "sdB_b": 4 * programs * length,
+              "sdB_k": programs * length, "sdB_blk": length}
+    half = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "du_ptr", "ddt_ptr"} if bf16 else set()
+    sig = aot_kernels.signature(kernel, {**constants, **unit}, half)
+    sig.update({name: "constexpr" for name in unit})
+    divisible = {name for name, value in values.items() if value % 16 == 0}
+    source = ASTSource(kernel, sig, {**constants, **unit}, aot_kernels.divisibility(kernel, divisible))
     return triton.compile(source, target=aot_kernels.HOPPER, options=options)
 
 
