@@ -65,6 +65,7 @@ def compile_rows(overrides: dict, options: dict, bf16: bool):
     integers that are multiples of 16 there declared so. bf16: the inputs, du and ddelta (the upstream
     gradient stays float32)."""
     kernel = selective_scan_rows._rows_bwd_kernel
+    overrides = dict(overrides)
     length, cg = overrides.pop("L", 49), overrides.pop("CG", 768)
     constants = {**ROWS, **overrides}
     unit = {name: 1 for name in ("sg_l", "su_l", "sdt_l", "sA_d", "sB_l", "sC_l", "sD", "sbias")}
