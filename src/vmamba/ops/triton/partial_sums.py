@@ -9,36 +9,16 @@ of (BLOCK_P, BLOCK_N) tiles summed over their first axis, in a fixed order: dete
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["PartialSums", "sum_partials"]
+__all__ = ["sum_partials"]
 
 # programs one launch aims for (two per multiprocessor of an H200) before it makes its tiles wider
 _TARGET_PROGRAMS = 264
 # elements a program loads per step
 _TILE_ELEMENTS = 4096
-
-
-@dataclass(frozen=True)
-class PartialSums:
-    """``src`` (S, R, P, N), contiguous, summed over P into ``dst[s]`` ((R, N) elements each, contiguous)."""
-
-    src: torch.Tensor
-    dst: tuple[torch.Tensor, ...]
-
-    def __post_init__(self) -> None:
-        if self.src.dim() != 4 or not self.src.is_contiguous():
-            raise ValueError(f"partial sums need a contiguous (S, R, P, N) source, got {tuple(self.src.shape)}")
-        slices, rows, _, cols = self.src.shape
-        if not 1 <= slices <= 3 or len(self.dst) != slices:
-            raise ValueError(f"partial sums take 1-3 slices, one destination each: {slices} / {len(self.dst)}")
-        for out in self.dst:
-            if not out.is_contiguous() or out.numel() != rows * cols:
-                raise ValueError(f"a partial-sum destination must be contiguous with {rows * cols} elements")
 
 
 @triton.jit
@@ -88,10 +68,17 @@ def _partial_sums_kernel(src_a_ptr, a0_ptr, a1_ptr, a2_ptr, R_a, P_a, N_a, tiles
         _job_tile(tile - tiles_a - tiles_b, src_c_ptr, c0_ptr, c1_ptr, c2_ptr, R_c, P_c, N_c, BLOCK_P_C, BLOCK_N_C)
 
 
-def _tiles(job: PartialSums) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_N, tiles) of a job: columns as wide as 256 while that leaves enough programs,
+def _check(src: torch.Tensor) -> None:
+    if src.dim() != 4 or not src.is_contiguous():
+        raise ValueError(f"partial sums need contiguous (S, R, P, N) sources, got {tuple(src.shape)}")
+    if not 1 <= src.shape[0] <= 3:
+        raise ValueError(f"a partial-sum source holds 1-3 slices, got {src.shape[0]}")
+
+
+def _tiles(src: torch.Tensor) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_N, tiles) of a source: columns as wide as 256 while that leaves enough programs,
     then as many partials a step as fill a tile."""
-    slices, rows, parts, cols = job.src.shape
+    slices, rows, parts, cols = src.shape
     block_n = min(triton.next_power_of_2(max(cols, 1)), 256)
     while block_n > 32 and slices * rows * triton.cdiv(cols, block_n) < _TARGET_PROGRAMS:
         block_n //= 2
@@ -99,27 +86,28 @@ def _tiles(job: PartialSums) -> tuple[int, int, int]:
     return block_p, block_n, slices * rows * triton.cdiv(cols, block_n)
 
 
-def _job_args(job: PartialSums) -> tuple:
-    """A job's kernel arguments: its source, three destinations (the first repeated where it has fewer
-    slices; the kernel never writes those) and R, P, N."""
-    dst = job.dst + (job.dst[0],) * (3 - len(job.dst))
-    return (job.src, *dst, *job.src.shape[1:])
-
-
-def sum_partials(*jobs: PartialSums) -> None:
-    """Runs up to three jobs in one launch (more: in launches of three)."""
-    for i in range(0, len(jobs), 3):
-        group = list(jobs[i:i + 3])
-        sizes = [_tiles(job) for job in group]
+def sum_partials(*sources: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """For each contiguous (S, R, P, N) source (S <= 3), its S slices summed over P: S new float32 (R, N)
+    tensors of their own (custom ops may not return tensors that share storage). Up to three sources a
+    launch."""
+    for src in sources:
+        _check(src)
+    outs = [tuple(src.new_empty(src.shape[1], src.shape[3], dtype=torch.float32) for _ in range(src.shape[0]))
+            for src in sources]
+    for i in range(0, len(sources), 3):
+        group = [(src, dst) for src, dst in zip(sources[i:i + 3], outs[i:i + 3])]
+        sizes = [_tiles(src) for src, _ in group]
         total = sum(tiles for _, _, tiles in sizes)
         if total == 0:
             continue
         while len(group) < 3:  # absent jobs: the first again, with no tiles
             group.append(group[0])
             sizes.append((1, 32, 0))
-        a, b, c = (_job_args(job) for job in group)
+        # three destinations a job: the first repeated where it has fewer slices (the kernel never writes those)
+        a, b, c = ((src, *(dst + (dst[0],) * (3 - len(dst))), *src.shape[1:]) for src, dst in group)
         _partial_sums_kernel[(total,)](
             *a, sizes[0][2], *b, sizes[1][2], *c,
             BLOCK_P_A=sizes[0][0], BLOCK_N_A=sizes[0][1], BLOCK_P_B=sizes[1][0], BLOCK_N_B=sizes[1][1],
             BLOCK_P_C=sizes[2][0], BLOCK_N_C=sizes[2][1], num_warps=4,
         )
+    return outs

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .partial_sums import PartialSums, sum_partials
+from .partial_sums import sum_partials
 
 LOG2E = 1.4426950408889634
 # Positions between the states a LANES backward keeps (its chunks of 2-4 positions fit inside).
@@ -1415,17 +1415,10 @@ def selective_scan_bwd(grad_out, u, delta, A, B, C, D=None, delta_bias=None, del
                              + (blk_stride,) + dB_ws.stride()[-2:-1]),
         PERSIST=len(grid) == 1, HALVING=halving(cfg, u), **launch_options(cfg),
     )
-    dA = torch.empty(channels, state, device=dev, dtype=f32)
-    dD = torch.empty(channels, device=dev, dtype=f32) if D is not None else None
-    dbias = torch.empty(channels, device=dev, dtype=f32) if delta_bias is not None else None
-    jobs = [PartialSums(dA_part, (dA,))]
-    if n_skip:
-        jobs.append(PartialSums(skip_parts, tuple(x for x in (dD, dbias) if x is not None)))
-    if atomic:
-        dB, dC = dB_ws, dC_ws
-    else:
-        dB = torch.empty(batch, groups, state, length, device=dev, dtype=f32)
-        dC = torch.empty_like(dB)
-        jobs.append(PartialSums(bc_ws, (dB, dC)))
-    sum_partials(*jobs)
+    sums = iter(sum_partials(dA_part, *([skip_parts] if n_skip else []), *([] if atomic else [bc_ws])))
+    dA = next(sums)[0].view(channels, state)
+    skip = next(sums) if n_skip else ()
+    dD = skip[0].view(channels) if D is not None else None
+    dbias = skip[-1].view(channels) if delta_bias is not None else None
+    dB, dC = (dB_ws, dC_ws) if atomic else (x.view(batch, groups, state, length) for x in next(sums))
     return du, ddelta, dA, dB, dC, dD, dbias

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .partial_sums import PartialSums, sum_partials
+from .partial_sums import sum_partials
 from .selective_scan import (
     _adjoint_combine,
     _aligned,
@@ -300,11 +300,8 @@ def rows_bwd(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, grad_dt
         LANES_T=lanes_t, BLOCK_D=block_d, STEPS=steps, ROW_BLOCKS=row_blocks, STAGES=stages, ALIGN=align,
         **{**(options or {}), "num_warps": num_warps},
     )
-    dB = torch.empty(batch, groups, 1, length, device=dev, dtype=f32)
-    dC = torch.empty_like(dB)
-    dA = torch.empty(channels, 1, device=dev, dtype=f32)
-    dD = torch.empty(channels, device=dev, dtype=f32) if D is not None else None
-    dbias = torch.empty(channels, device=dev, dtype=f32) if delta_bias is not None else None
-    sum_partials(PartialSums(bc_ws, (dB, dC)),
-                 PartialSums(parts, tuple(x for x in (dA, dD, dbias) if x is not None)))
-    return du, ddelta, dA, dB, dC, dD, dbias
+    (dB, dC), (dA, *skip) = sum_partials(bc_ws, parts)
+    dD = skip[0].view(channels) if D is not None else None
+    dbias = skip[-1].view(channels) if delta_bias is not None else None
+    return (du, ddelta, dA.view(channels, 1), dB.view(batch, groups, 1, length), dC.view(batch, groups, 1, length),
+            dD, dbias)

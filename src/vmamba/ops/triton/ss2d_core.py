@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .partial_sums import PartialSums, sum_partials
+from .partial_sums import sum_partials
 from .selective_scan import (
     LANES_SAVE_INTERVAL,
     _adjoint_chunk,
@@ -657,10 +657,7 @@ def ss2d_scan_bwd(grad_y, u, xp, dt_weight, A, D, delta_bias, height, width, nse
         PREFETCH=bool(cfg.get("PREFETCH", 0)) and interval == cfg["BLOCK_T"], STAGES=int(cfg.get("STAGES", 1)),
         HALVING=halving(cfg, u), **launch_options(cfg),
     )
-    dbc_sum = torch.empty(batch, length, routes, 2 * state, device=dev, dtype=f32)
-    dA_sum = torch.empty(kc, state, device=dev, dtype=f32)
-    dbias_sum = torch.empty(kc, device=dev, dtype=f32)
-    dD_sum = torch.empty(kc, device=dev, dtype=f32) if D is not None else None
-    sum_partials(PartialSums(dbc.view(1, 1, n_blk, -1), (dbc_sum,)), PartialSums(dA.view(1, 1, batch, -1), (dA_sum,)),
-                 PartialSums(skip_parts[:1 + (D is not None)], (dbias_sum,) + ((dD_sum,) if D is not None else ())))
-    return du, ddelta, dbc_sum, dA_sum, dD_sum, dbias_sum
+    (dbc_sum,), (dA_sum,), (dbias_sum, *dD_sum) = sum_partials(
+        dbc.view(1, 1, n_blk, -1), dA.view(1, 1, batch, -1), skip_parts[:1 + (D is not None)])
+    return (du, ddelta, dbc_sum.view(batch, length, routes, 2 * state), dA_sum.view(kc, state),
+            dD_sum[0].view(kc) if D is not None else None, dbias_sum.view(kc))
