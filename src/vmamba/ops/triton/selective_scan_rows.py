@@ -172,6 +172,18 @@ def _adjoints(a, c):
 
 
 @triton.jit
+def _channel_param(ptr, d, ch_ok, stride, first, first_ok, BLOCK_D: tl.constexpr):
+    """A per-channel parameter shaped to broadcast over (LANES_T, BLOCK_D, STEPS) tiles; zero for absent
+    channels. With one channel a block it is a scalar: a (BLOCK_D,) tensor would be laid out once for
+    each consumer's layout, and everything computed from it (softplus, decay) computed once in each."""
+    if BLOCK_D == 1:
+        value = tl.load(ptr + first * stride, mask=first_ok, other=0.0)
+    else:
+        value = tl.load(ptr + d * stride, mask=ch_ok, other=0.0)[None, :, None]
+    return value
+
+
+@triton.jit
 def _rows_bwd_kernel(gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, du_ptr, ddt_ptr, dA_ptr,
                      dB_ptr, dC_ptr, dD_ptr, dbias_ptr, L, CG, KC,
                      sg_b, sg_d, sg_l, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sB_b, sB_k, sB_l,
@@ -202,34 +214,35 @@ def _rows_bwd_kernel(gy_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr
     dB_acc = tl.zeros((LANES_T, BLOCK_D, STEPS), tl.float32)
     dC_acc = tl.zeros((LANES_T, BLOCK_D, STEPS), tl.float32)
     for blk in tl.range(0, ROW_BLOCKS, num_stages=STAGES):
-        c_in = (pid * ROW_BLOCKS + blk) * BLOCK_D + lane_d  # channels within the group
+        c_first = (pid * ROW_BLOCKS + blk) * BLOCK_D  # the block's first channel within the group
+        c_in = c_first + lane_d
         ch_ok = c_in < CG
         d = k * CG + c_in
-        A = tl.load(A_ptr + d * sA_d, mask=ch_ok, other=0.0)
+        first, first_ok = k * CG + c_first, c_first < CG
+        A = _channel_param(A_ptr, d, ch_ok, sA_d, first, first_ok, BLOCK_D)
         ok = everywhere & ch_ok[None, :]
         u = _load_steps(u_ptr + b * su_b + d[None, :] * su_d + pos * su_l, pos, ok, L, su_l, STEPS, 0, 1, WHOLE)
         raw = _load_steps(dt_ptr + b * sdt_b + d[None, :] * sdt_d + pos * sdt_l, pos, ok, L, sdt_l, STEPS, 0, 1, WHOLE)
         gy = _load_steps(gy_ptr + b * sg_b + d[None, :] * sg_d + pos * sg_l, pos, ok, L, sg_l, STEPS, 0, 1, WHOLE)
         if HAS_BIAS:
-            raw += tl.load(bias_ptr + d * sbias, mask=ch_ok, other=0.0)[None, :, None]
+            raw += _channel_param(bias_ptr, d, ch_ok, sbias, first, first_ok, BLOCK_D)
         dt = raw
         slope = tl.full(raw.shape, 1.0, tl.float32)
         if SOFTPLUS:
             dt, slope = _softplus_and_slope(raw, FAST)
         inside = (pos[:, :, None] + tl.arange(0, STEPS)[None, None, :] < L) & ch_ok[None, :, None]
         dt = tl.where(inside, dt, 0.0)
-        a = _exp2(dt * (A * 1.4426950408889634)[None, :, None], FAST)
+        a = _exp2(dt * (A * 1.4426950408889634), FAST)
         dtu = dt * u
         x = dtu * Bt
         h = _states(a, x)
         g = _adjoints(a, Ct * gy)
         gl = g * (h - x)  # g_t a_t h_{t-1}: the gradient with respect to Δ_t A
         gB = g * Bt
-        ddt = (gl * A[None, :, None] + gB * u) * slope
+        ddt = (gl * A + gB * u) * slope
         du = gB * dt
         if HAS_D:
-            dskip = tl.load(D_ptr + d * sD, mask=ch_ok, other=0.0)
-            du += dskip[None, :, None] * gy
+            du += _channel_param(D_ptr, d, ch_ok, sD, first, first_ok, BLOCK_D) * gy
             tl.store(dD_ptr + b * KC + d, tl.sum(tl.sum(gy * u, 2), 0), mask=ch_ok)
         tl.store(dA_ptr + b * KC + d, tl.sum(tl.sum(gl * dt, 2), 0), mask=ch_ok)
         if HAS_BIAS:
