@@ -385,6 +385,8 @@ def main() -> int:
     candidates = "--candidates" in sys.argv
     for name, kernel, constants, options, bf16 in scan_candidates() if candidates else VARIANTS:
         constants = with_defaults(kernel, dict(constants))
+        if bf16 and constants.get("FAST") is True:
+            constants["FAST"] = 3  # fast_math's flags for 2-byte inputs on the GPU
         try:
             if candidates:
                 sig, constants, divisible = run_time_specialised(kernel, constants, bf16)

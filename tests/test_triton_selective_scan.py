@@ -429,6 +429,18 @@ def test_whole_rows_backward_keeps_no_states(dtype, length, config):
     _check(batch=2, groups=2, per_group=7, state=1, length=length, dtype=dtype, seed=50, config=config)
 
 
+def test_fast_math_flags():
+    """FAST: bit 1 for compiled CUDA (hardware approximations), bit 2 for 2-byte inputs (the short softplus,
+    which the interpreter runs too, so the half-precision cases here compare it with the reference)."""
+    from vmamba.ops.triton.selective_scan import fast_math
+
+    cuda = 1 if torch.device(DEVICE).type == "cuda" else 0
+    assert fast_math(torch.zeros(1, device=DEVICE)) == cuda
+    for dtype in (torch.bfloat16, torch.float16):
+        assert fast_math(torch.zeros(1, device=DEVICE, dtype=dtype)) == cuda + 2
+        assert fast_math(torch.zeros(1, device=DEVICE, dtype=dtype), short_softplus=False) == cuda
+
+
 def test_default_short_rows_take_whole_rows():
     """Below L 256 at d_state 1 the default backward takes whole rows, so the forward keeps nothing."""
     from vmamba.ops.triton.selective_scan import saved_states_shape

@@ -591,7 +591,10 @@ def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta
         R=rank, N=state, NSEQ=nseq, HAS_D=D is not None, SOFTPLUS=bool(delta_softplus),
         BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
         PREFETCH=bool(cfg.get("PREFETCH", 0)), STAGES=int(cfg.get("STAGES", 1)), DELTA_IN=delta_in,
-        FAST=fast_math(u),
+        # the series softplus where Δ is computed in the kernel and states are kept: the short one spills
+        # more there (452 bytes against 376, Triton 3.6) and lost (VMamba-T[s1l8] stage 1 bf16, session 22:
+        # 0.5906 against 0.3904 ms; without keeping states it won, 0.3468 against 0.3645)
+        FAST=fast_math(u, short_softplus=delta_in or not save_states),
         WIDE=_wide(length, u.stride(1), xp.stride(1), y.stride(2)), SAVE_T=save_chunk, LANES=lanes,
         **launch_options(cfg),
     )
