@@ -5,7 +5,8 @@
 For every stage of VMamba-T at 224² (rows = batch·H·W, C = 96·2^i), bf16 input and gradient as
 under autocast, timed between CUDA events after warm-up:
   * forward and backward of aten's layer norm (``native_layer_norm`` / ``native_layer_norm_backward``);
-  * our forward (K = 1, and K = 4 summed as SS2D's out-norm) and backward in the default config;
+  * our forward (K = 1, and K = 4 summed as SS2D's out-norm) and backward in the default config, the
+    backward also as CUDA-graph replays (median of 100 ms; its GPU work without the host);
   * with --sweep, the backward over tile rows, warps and programs per SM.
 The small stages' timings include the host's launch time when it exceeds the kernels' (several
 launches per call); the model profile (gpu_profile.py) gives their kernel times.
@@ -21,6 +22,7 @@ import json
 
 import torch
 from cuda_timing import copy_bandwidth, timed
+from triton.testing import do_bench_cudagraph
 
 STAGES = ((56, 96), (28, 192), (14, 384), (7, 768))
 
@@ -55,6 +57,8 @@ def stage_row(k, batch: int, side: int, channels: int, sweep: bool, sms: int) ->
     _, mean, rstd, _ = k.layer_norm_fwd(x[None], w, b, 1e-5, dtype)
     ms = timed(lambda: k.layer_norm_bwd(dy, x, w, mean, rstd, True), 3, 20)
     out["bwd"] = {"ms": ms, "GBs": gbs(3 * elem, ms)}
+    ms = do_bench_cudagraph(lambda: k.layer_norm_bwd(dy, x, w, mean, rstd, True), rep=100, return_mode="median")
+    out["bwd_graph"] = {"ms": ms, "GBs": gbs(3 * elem, ms)}  # GPU work only: the host's launch time left out
     if sweep:
         results = []
         for block_m, warps, per_sm in itertools.product((4, 8, 16, 32), (2, 4, 8), (2, 4, 16, 128)):

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .partial_sums import sum_partials
+
 # Bytes of one input a program reads per tile: large enough to amortise the per-program overhead and
 # to keep enough loads in flight, small enough for the tile to stay in registers.
 TILE_BYTES = 8192
@@ -226,13 +228,19 @@ def layer_norm_bwd(dout: torch.Tensor, xhat_src: torch.Tensor, weight: torch.Ten
     programs = min(tiles, num_programs or programs)
     tiles_per_program = triton.cdiv(tiles, programs)
     programs = triton.cdiv(tiles, tiles_per_program)
-    dw_part = torch.empty((programs, C), dtype=torch.float32, device=device) if weight is not None else dx
-    db_part = torch.empty((programs, C), dtype=torch.float32, device=device) if has_bias else dx
+    # per-program partials of dweight and dbias, summed below in one launch (deterministic)
+    n_sums = (weight is not None) + has_bias
+    parts = torch.empty((n_sums, 1, programs, C), dtype=torch.float32, device=device)
+    dw_part = parts[0, 0] if weight is not None else dx
+    db_part = parts[-1, 0] if has_bias else dx
     _bwd_kernel[(programs,)](
         dout, xhat_src, weight if weight is not None else dx, mean, rstd, dx, dw_part, db_part, M, C,
         dout.stride(0), xhat_src.stride(0), tiles_per_program,
         BLOCK_M=block_m, BLOCK_C=block_c, HAS_W=weight is not None, HAS_B=has_bias, num_warps=num_warps or warps,
     )
-    dweight = dw_part.sum(0) if weight is not None else None
-    dbias = db_part.sum(0) if has_bias else None
+    if not n_sums:
+        return dx, None, None
+    (sums,) = sum_partials(parts)
+    dweight = sums[0].view(C) if weight is not None else None
+    dbias = sums[-1].view(C) if has_bias else None
     return dx, dweight, dbias
