@@ -112,8 +112,9 @@ def _softplus_and_slope(x, FAST: tl.constexpr):
     the first leave the division out (FAST: :func:`fast_math`'s flags).
 
     Inputs of 2 bytes (FAST bit 2): max(x, 0) + log(1 + e^-|x|), no series and no selects: 6 instructions
-    instead of 13 compiled, with an absolute error below 2e-7 from the hardware log2, far below what
-    rounding delta to 8 or 11 bits already moves softplus by. Otherwise, compiled (bit 1): the hardware
+    instead of 13 compiled, with an absolute error of about 2e-7 at most (the hardware log2 and rounding
+    1 + e), far below what rounding delta to 8 or 11 bits already moves softplus by. Otherwise, compiled
+    (bit 1): the hardware
     log2 where 1 + e^x is not close to 1 (absolute error ~1e-7 there, relative below 2e-5) and log1p's
     series below 2^-7 (relative error below e^3/4), instead of libdevice's branchy logf."""
     if FAST >= 2:
