@@ -114,9 +114,9 @@ def _softplus_and_slope(x, FAST: tl.constexpr):
     Inputs of 2 bytes (FAST bit 2): max(x, 0) + log(1 + e^-|x|), no series and no selects: 6 instructions
     instead of 13 compiled, with an absolute error of about 2e-7 at most (the hardware log2 and rounding
     1 + e), far below what rounding delta to 8 or 11 bits already moves softplus by. Otherwise, compiled
-    (bit 1): the hardware
-    log2 where 1 + e^x is not close to 1 (absolute error ~1e-7 there, relative below 2e-5) and log1p's
-    series below 2^-7 (relative error below e^3/4), instead of libdevice's branchy logf."""
+    (bit 1): the hardware log2 where 1 + e^x is not close to 1 (absolute error ~1e-7 there, relative
+    below 2e-5) and log1p's series below 2^-7 (relative error below e^3/4), instead of libdevice's
+    branchy logf."""
     if FAST >= 2:
         e = _exp2(-tl.abs(x) * 1.4426950408889634, FAST)  # e^-|x|, in (0, 1]
         sp = tl.maximum(x, 0.0) + _log2(1.0 + e, FAST) * 0.6931471805599453
