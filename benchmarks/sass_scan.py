@@ -6,10 +6,12 @@ its registers, spills and SASS loops.
     PYTHONPATH=src python benchmarks/sass_scan.py packed '{"L": 49, "CG": 768, "BLOCK": 512}'
     PYTHONPATH=src python benchmarks/sass_scan.py rows '{"L": 196, "CG": 384, "LANES_T": 64, "BLOCK_D": 1,
         "STEPS": 4, "ROW_BLOCKS": 32, "STAGES": 3, "ALIGN": 4}'
+    PYTHONPATH=src python benchmarks/sass_scan.py core_fwd '{"BLOCK_T": 16, "FAST": 1}'
 
 The constants start from the d_state-16 LANES backward with the forward's saved states (or the LANES
 forward, for ``packed`` the d_state-1 packed-row forward at L 196, for ``rows`` the d_state-1 whole-row
-backward at L 49 (or "L": 196, "CG": 384), capped at 128 registers) and take the JSON overrides;
+backward at L 49 (or "L": 196, "CG": 384), capped at 128 registers, for ``core_fwd`` the fused core's
+stage-1 forward of VMamba-T[s1l8] keeping states) and take the JSON overrides;
 ``--options`` sets launch options (num_warps, maxnreg). Inputs are bf16 unless --float32. The packed
 forward has no loop: it reports instructions a thread and an element (NOPs left out).
 
@@ -36,7 +38,7 @@ import aot_kernels  # noqa: E402
 import triton  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from vmamba.ops.triton import selective_scan, selective_scan_packed, selective_scan_rows  # noqa: E402
+from vmamba.ops.triton import selective_scan, selective_scan_packed, selective_scan_rows, ss2d_core  # noqa: E402
 
 BACKWARD = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ATOMIC=False, FAST=True, BLOCK_D=32, BLOCK_N=16,
                 BLOCK_T=2, SAVE_T=16, FLIP=True, LANES=True, HAS_STATES=True, EVEN=False, HALVING=2)
@@ -45,12 +47,20 @@ FORWARD = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, BLOCK_D=32, 
 PACKED = dict(L=196, CG=384, R=10, BLOCK=2048, V=8, BC_ALIGN=1, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True)
 ROWS = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, LANES_T=8, BLOCK_D=4, STEPS=8, ROW_BLOCKS=16,
             STAGES=1, ALIGN=1)
+# the fused core's forward at VMamba-T[s1l8] stage 1 keeping states: Δ in the kernel, 32-step chunks, 3 stages
+CORE_FORWARD = dict(R=6, BLOCK_D=32, BLOCK_T=32, PREFETCH=False, DELTA_IN=False, SAVE_T=4, LANES=False, STAGES=3)
 MEMORY = ("LDS", "STS", "LDL", "STL", "BAR", "SHFL", "MUFU")
 
 
 def compile_variant(kind: str, overrides: dict, options: dict, bf16: bool):
     if kind == "rows":
         return compile_rows(overrides, options, bf16)
+    if kind == "core_fwd":
+        kernel = ss2d_core._core_fwd_kernel
+        constants = aot_kernels.with_defaults(kernel, aot_kernels.core(**{**CORE_FORWARD, **overrides}))
+        source = ASTSource(kernel, aot_kernels.signature(kernel, constants, bf16), constants,
+                           aot_kernels.divisibility(kernel, aot_kernels.DIVISIBLE_INTS))
+        return triton.compile(source, target=aot_kernels.HOPPER, options=options)
     kernel = selective_scan._ss_bwd_kernel if kind == "bwd" else selective_scan._ss_fwd_kernel
     constants = aot_kernels.with_defaults(kernel, {**(BACKWARD if kind == "bwd" else FORWARD), **overrides})
     half = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "gy_ptr"} if bf16 else set()
@@ -110,7 +120,7 @@ def opcode_counts(sass: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=("fwd", "bwd", "packed", "rows"))
+    parser.add_argument("kind", choices=("fwd", "bwd", "packed", "rows", "core_fwd"))
     parser.add_argument("overrides", nargs="?", default="{}", help="JSON constants over the defaults")
     parser.add_argument("--options", default=None, help='JSON launch options (default {"num_warps": 1}; '
                                                         'packed: a warp per 32 vectors; rows: "maxnreg": 128 too)')
