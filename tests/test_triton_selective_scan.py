@@ -441,6 +441,20 @@ def test_fast_math_flags():
         assert fast_math(torch.zeros(1, device=DEVICE, dtype=dtype), short_softplus=False) == cuda
 
 
+@pytest.mark.parametrize("short", [0, 1])
+def test_chunked_forward_softplus_forms(short):
+    """SHORT_SOFTPLUS: the chunked forward's default keeps the series form (where the short one was
+    measured to lose); either form matches the reference with 2-byte inputs."""
+    from vmamba.ops.triton.ss2d_core import core_config
+
+    assert default_config(192, 1, False, 3136, 2)["SHORT_SOFTPLUS"] == 0
+    assert "SHORT_SOFTPLUS" not in default_config(192, 1, True, 3136, 2)
+    assert core_config(192, 1, 6, False, 3136, 2, saving=True)["SHORT_SOFTPLUS"] == 0
+    assert "SHORT_SOFTPLUS" not in core_config(192, 1, 6, False, 3136, 2)
+    ins = _inputs(1, 2, 5, 1, 70, torch.bfloat16, seed=120)
+    assert _forward_against_reference(ins, {"PACKED": 0, "SHORT_SOFTPLUS": short}) < TOL[torch.bfloat16]
+
+
 def test_default_short_rows_take_whole_rows():
     """Below L 256 at d_state 1 the default backward takes whole rows, so the forward keeps nothing."""
     from vmamba.ops.triton.selective_scan import saved_states_shape

@@ -111,12 +111,12 @@ def _softplus_and_slope(x, FAST: tl.constexpr):
     """(log(1 + e^x), its derivative σ(x) = e^x / (1 + e^x)) from one exponential; kernels that use only
     the first leave the division out (FAST: :func:`fast_math`'s flags).
 
-    Inputs of 2 bytes (FAST bit 2): max(x, 0) + log(1 + e^-|x|), no series and no selects: 6 instructions
-    instead of 13 compiled, with an absolute error of about 2e-7 at most (the hardware log2 and rounding
-    1 + e), far below what rounding delta to 8 or 11 bits already moves softplus by. Otherwise, compiled
-    (bit 1): the hardware log2 where 1 + e^x is not close to 1 (absolute error ~1e-7 there, relative
-    below 2e-5) and log1p's series below 2^-7 (relative error below e^3/4), instead of libdevice's
-    branchy logf."""
+    Inputs of 2 bytes (FAST bit 2): max(x, 0) + log(1 + e^-|x|), no series and no selects (the packed
+    forward: 446 instructions a thread of 8 elements against 486, sass_scan.py), with an absolute error
+    of about 2e-7 at most (the hardware log2 and rounding 1 + e), far below what rounding delta to 8 or
+    11 bits already moves softplus by. Otherwise, compiled (bit 1): the hardware log2 where 1 + e^x is
+    not close to 1 (absolute error ~1e-7 there, relative below 2e-5) and log1p's series below 2^-7
+    (relative error below e^3/4), instead of libdevice's branchy logf."""
     if FAST >= 2:
         e = _exp2(-tl.abs(x) * 1.4426950408889634, FAST)  # e^-|x|, in (0, 1]
         sp = tl.maximum(x, 0.0) + _log2(1.0 + e, FAST) * 0.6931471805599453
@@ -1129,6 +1129,11 @@ def _default_config(channels_per_group: int, state: int, backward: bool, length:
             # loaded unmasked: bf16 too, L 196 0.1042-0.1049 ms against 0.1061 without it and 0.1052-0.1053
             # for session 20's kernel (L 49 is not aligned: unchanged)
             cfg.update(PACKED=rows, VECTOR=vector, ALIGN_BC=1)
+    if not backward:
+        # the chunked forward keeps the series softplus for 2-byte inputs (SHORT_SOFTPLUS 0; the packed one
+        # takes the short form): the short one gained nothing at stage 2 and lost at stage 1 (VMamba-T[s1l8]
+        # bf16, session 22: 0.4257 against 0.4149 ms)
+        cfg["SHORT_SOFTPLUS"] = 0
     if maxnreg:
         cfg["maxnreg"] = maxnreg
     return cfg
@@ -1151,7 +1156,8 @@ def _check(u, delta, A, B, C):
 def fast_math(t: torch.Tensor, short_softplus: bool = True) -> int:
     """The kernels' FAST constant for inputs like ``t``, two flags: 1, hardware approximations (inline PTX;
     compiled CUDA only, not the interpreter); 2, 2-byte inputs, whose softplus needs no small-argument
-    series (:func:`_softplus_and_slope`), unless ``short_softplus`` is false."""
+    series (:func:`_softplus_and_slope`), unless ``short_softplus`` is false (configuration key
+    SHORT_SOFTPLUS 0, where the short form was measured to lose)."""
     return (t.device.type == "cuda") + 2 * (short_softplus and t.element_size() == 2)
 
 
@@ -1309,9 +1315,8 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
         Dt.stride(0), bt.stride(0), y.stride(0), y.stride(1),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-        # the series softplus: the short one gained nothing at stage 2 and lost at stage 1 (VMamba-T[s1l8],
-        # bf16, session 22: 0.4257 against 0.4149 ms)
-        FAST=fast_math(u, short_softplus=False), BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
+        FAST=fast_math(u, short_softplus=bool(cfg.get("SHORT_SOFTPLUS", 1))),
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
         PREFETCH=bool(cfg.get("PREFETCH", 0)), LANES=bool(cfg.get("LANES", 0)), SAVE_T=save_t,
         STAGES=int(cfg.get("STAGES", 1)), EVEN=_even(cfg, cg, state, length, cfg["BLOCK_T"]), FLAT=_flat(cfg),
         ALIGN=_row_alignment(cfg, (length,) + u.stride()[:2] + delta.stride()[:2] + B.stride()[:3]

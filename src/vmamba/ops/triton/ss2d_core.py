@@ -467,6 +467,11 @@ def core_config(channels, state, rank, backward, length, elem_size, overrides=No
             defaults.update(BLOCK_D=64, BLOCK_T=block_t, num_warps=1, PREFETCH=1, DELTA_GEMM=1, STAGES=1)
         else:  # VMamba-S stage 1 bf16: 0.810 ms against 1.185 with 8-step chunks and PREFETCH (session 10)
             defaults.update(BLOCK_D=32, BLOCK_T=32, num_warps=1, PREFETCH=0, DELTA_GEMM=0, STAGES=3)
+            if saving:
+                # the series softplus (SHORT_SOFTPLUS 0): keeping states the short one spills more (452 bytes
+                # against 376, Triton 3.6) and lost (VMamba-T[s1l8] stage 1 bf16, session 22: 0.5906 against
+                # 0.3904 ms); without keeping states it won, 0.3468 against 0.3645
+                defaults["SHORT_SOFTPLUS"] = 0
     elif state <= 16:
         if backward:
             # dB / dC summed over the channel lanes by halving (session 17, vanilla-T bf16 with saved states,
@@ -591,10 +596,7 @@ def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta
         R=rank, N=state, NSEQ=nseq, HAS_D=D is not None, SOFTPLUS=bool(delta_softplus),
         BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
         PREFETCH=bool(cfg.get("PREFETCH", 0)), STAGES=int(cfg.get("STAGES", 1)), DELTA_IN=delta_in,
-        # the series softplus where Δ is computed in the kernel and states are kept: the short one spills
-        # more there (452 bytes against 376, Triton 3.6) and lost (VMamba-T[s1l8] stage 1 bf16, session 22:
-        # 0.5906 against 0.3904 ms; without keeping states it won, 0.3468 against 0.3645)
-        FAST=fast_math(u, short_softplus=delta_in or not save_states),
+        FAST=fast_math(u, short_softplus=bool(cfg.get("SHORT_SOFTPLUS", 1))),
         WIDE=_wide(length, u.stride(1), xp.stride(1), y.stride(2)), SAVE_T=save_chunk, LANES=lanes,
         **launch_options(cfg),
     )
