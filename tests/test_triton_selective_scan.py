@@ -274,30 +274,6 @@ def test_lanes_forward_variant(state, block_t, prefetch):
            config={"LANES": 1, "BLOCK_D": 4, "BLOCK_T": block_t, "num_warps": 1, "PREFETCH": prefetch})
 
 
-@pytest.mark.parametrize(("state", "block_t", "block_d", "dtype"),
-                         [(16, 4, 32, torch.float32), (16, 8, 4, torch.bfloat16), (3, 4, 32, torch.float32),
-                          (12, 2, 4, torch.float32)])
-def test_stepwise_lanes_forward_variant(state, block_t, block_d, dtype):
-    """LANES chunks one step at a time (config STEPWISE; 32 channels a warp: y's sum over states as a chain,
-    4: tl.sum) give the reference's y, and, keeping states, the associative scan's states."""
-    from vmamba.ops.triton.selective_scan import saved_states_shape, stepwise_mode
-
-    config = {"LANES": 1, "BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": 1, "PREFETCH": 1, "STEPWISE": 1}
-    assert stepwise_mode(config) == (1 if block_d == 32 else 2)
-    assert stepwise_mode({**config, "LANES": 0}) == stepwise_mode({**config, "STEPWISE": 0}) == 0
-    _check(batch=2, groups=2, per_group=5, state=state, length=23, dtype=dtype, seed=40 + state, config=config)
-    ins = _inputs(1, 2, 3, state, 37, dtype, seed=41)
-    shape = saved_states_shape(ins[0], ins[2], ins[3])
-    kept, stepwise_kept = (torch.full(shape, float("nan"), device=DEVICE) for _ in range(2))
-    lanes = {**config, "STEPWISE": 0}
-    y = selective_scan_fwd(*ins, True, config=lanes, states_out=kept)
-    y_stepwise = selective_scan_fwd(*ins, True, config=config, states_out=stepwise_kept)
-    assert torch.isfinite(stepwise_kept[..., :state]).all()  # (padded states are not stored)
-    assert torch.equal(torch.isfinite(stepwise_kept), torch.isfinite(kept))
-    assert _rel(y_stepwise.cpu(), y.cpu()) < 1e-6
-    assert _rel(stepwise_kept[..., :state].cpu(), kept[..., :state].cpu()) < 1e-6
-
-
 @pytest.mark.parametrize(("state", "block_t", "flip", "block_d", "halving"),
                          [(1, 4, 1, 4, 0), (4, 2, 0, 4, 0), (16, 2, 1, 4, 0), (16, 4, 1, 4, 0), (16, 2, 1, 32, 1),
                           (3, 4, 0, 32, 1), (16, 2, 1, 16, 1), (12, 2, 1, 16, 1)])

@@ -555,62 +555,12 @@ def _fwd_block(pid_d, k, b, CG, N, A_ptr, D_ptr, bias_ptr, u_ptr, dt_ptr, y_ptr,
 
 
 @triton.jit
-def _row(t, offs, i: tl.constexpr):
-    """Row i of a tile whose first axis each thread holds whole (offs: that axis's indices, as a column):
-    the selects against -0.0, which adding leaves unchanged, fold to a pick of registers."""
-    negative_zero = tl.full((1,), 0x80000000, tl.uint32).to(tl.float32, bitcast=True)
-    return tl.sum(tl.where(offs == i, t, negative_zero), axis=0)
-
-
-@triton.jit
-def _weighted_states(h, c, BLOCK_N: tl.constexpr, STEPWISE: tl.constexpr):
-    """Σ_n c_n h_n over the states of (N, D) tiles. STEPWISE 1 (each thread holds its channel's states): one
-    chain of fused multiply-adds, where the tree tl.sum forms takes a multiply and an add more for every
-    pair; 2 (a channel's states spread over lanes): tl.sum."""
-    if STEPWISE == 1:
-        states = tl.arange(0, BLOCK_N)[:, None]
-        out = _row(h, states, 0) * _row(c, states, 0)
-        for n in tl.static_range(1, BLOCK_N):
-            out += _row(h, states, n) * _row(c, states, n)
-    else:
-        out = tl.sum(h * c, axis=0)
-    return out
-
-
-@triton.jit
-def _stepwise_chunk(h, dt, dtu, Bt, Ct, t0, offs_t, L, A2, hws_base, interval_stride, state_mask,
-                    FAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SAVE_T: tl.constexpr,
-                    STEPWISE: tl.constexpr):
-    """The recurrence of one LANES chunk one step at a time: (T, D) tiles dt and dt·u, (T, N) tiles B and C,
-    (N, D) states h. Each step's decays are computed where they are used, so the compiler interleaves
-    the 2^x (MUFU) with the state updates instead of issuing the chunk's 2^x back to back, and no running
-    product of decays is formed. The tiles go through the (T, N, D) layout, in which each thread holds
-    every step and state of its channel, so that picking a step is free. Returns (y as a (T, D) tile, the
-    state leaving the chunk)."""
-    col = _time_column(offs_t)
-    # full (T, N, D) tiles, so that all take the layout in which each thread holds every step and state of
-    # its channel (their registers repeat: a pick of B is the same registers in every channel's lane)
-    dt3, B3 = tl.broadcast(_per_channel(dt, True), _per_state(Bt, True))
-    dtu3, C3 = tl.broadcast(_per_channel(dtu, True), _per_state(Ct, True))
-    y = tl.sum(tl.zeros_like(dt3), axis=1, keep_dims=True)
-    h = _row(tl.broadcast(h[None, :, :], dt3)[0], col, 0)  # the states and A in that layout too
-    A2 = _row(tl.broadcast(A2[None, :, :], dt3)[0], col, 0)
-    for i in tl.static_range(BLOCK_T):
-        if SAVE_T > 0 and i > 0 and i % SAVE_T == 0:
-            tl.store(hws_base + ((t0 + i) // SAVE_T) * interval_stride, h, mask=state_mask & (t0 + i < L))
-        h = _exp2(_row(dt3, col, i) * A2, FAST) * h + _row(B3, col, i) * _row(dtu3, col, i)
-        y = tl.where(col == i, _weighted_states(h, _row(C3, col, i), BLOCK_N, STEPWISE)[None, None, :], y)
-    return tl.sum(y, axis=1), h
-
-
-@triton.jit
 def _fwd_chunk(h, u, raw, Bt, Ct, t0, offs_t, L, mask_d, state_mask, A2, bias, dskip, y_base, hws_base,
                interval_stride, first, last, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
                SOFTPLUS: tl.constexpr, FAST: tl.constexpr, BLOCK_T: tl.constexpr, LANES: tl.constexpr,
-               SAVE_T: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr, STEPWISE: tl.constexpr = 0):
+               SAVE_T: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr):
     """Scans one loaded chunk (positions t0 + offs_t) from the state h entering it, stores its outputs
-    (and with SAVE_T the states the backward keeps); returns the state leaving it. STEPWISE (LANES
-    tiles, :func:`stepwise_mode`): :func:`_stepwise_chunk` instead of an associative scan."""
+    (and with SAVE_T the states the backward keeps); returns the state leaving it."""
     t = offs_t + t0
     m2 = _in_range(t, L, EVEN)[:, None] & mask_d[None, :]
     if HAS_BIAS:
@@ -619,15 +569,6 @@ def _fwd_chunk(h, u, raw, Bt, Ct, t0, offs_t, L, mask_d, state_mask, A2, bias, d
     if SOFTPLUS:
         dt = _softplus(raw, FAST)
     dt = tl.where(m2, dt, 0.0)
-    if STEPWISE:
-        if SAVE_T > 0:
-            _save_entry_state(h, t0, hws_base, interval_stride, state_mask, SAVE_T, BLOCK_T % SAVE_T == 0)
-        y, h = _stepwise_chunk(h, dt, dt * u, Bt, Ct, t0, offs_t, L, A2, hws_base, interval_stride, state_mask,
-                               FAST, BLOCK_T, Bt.shape[1], SAVE_T, STEPWISE)
-        if HAS_D:
-            y += dskip[None, :] * u
-        tl.store(y_base + t[:, None], y, mask=m2)
-        return h
     a = _exp2(_per_channel(dt, LANES, FLAT) * tl.expand_dims(A2, 0), FAST)
     x = _per_channel(dt * u, LANES, FLAT) * _per_state(Bt, LANES, FLAT)
     if SAVE_T > 0:
@@ -651,7 +592,7 @@ def _ss_fwd_kernel(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
     LANES: tl.constexpr, SAVE_T: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr, FLAT: tl.constexpr,
-    ALIGN: tl.constexpr, PERSIST: tl.constexpr, STEPWISE: tl.constexpr = 0,
+    ALIGN: tl.constexpr, PERSIST: tl.constexpr,
 ):
     """Tiles (T, D, N), FLAT (T, D) for one state; with LANES (T, N, D): one lane owns one channel and
     all its states, so the sum over the states for y stays in the thread and Δ is computed once per
@@ -687,7 +628,7 @@ def _ss_fwd_kernel(
                                          su_l, sdt_l, sB_l, sC_l, EVEN)
             h = _fwd_chunk(h, u, raw, Bt, Ct, t0, offs_t, L, mask_d, state_mask, A2, bias, dskip, y_base,
                            hws_base, interval_stride, first, last, HAS_D, HAS_BIAS, SOFTPLUS, FAST, BLOCK_T,
-                           LANES, SAVE_T, EVEN, FLAT, STEPWISE)
+                           LANES, SAVE_T, EVEN, FLAT)
     else:
         mask_d, mask_n, state_mask, A2, bias, dskip, u_base, dt_base, y_base, B_base, C_base, hws_base = \
             _fwd_block(tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64), CG, N, A_ptr, D_ptr,
@@ -710,7 +651,7 @@ def _ss_fwd_kernel(
                                              su_l, sdt_l, sB_l, sC_l, EVEN)
             h = _fwd_chunk(h, u, raw, Bt, Ct, t0, offs_t, L, mask_d, state_mask, A2, bias, dskip, y_base,
                            hws_base, interval_stride, first, last, HAS_D, HAS_BIAS, SOFTPLUS, FAST, BLOCK_T,
-                           LANES, SAVE_T, EVEN, FLAT, STEPWISE)
+                           LANES, SAVE_T, EVEN, FLAT)
 
 
 @triton.jit
@@ -1291,15 +1232,6 @@ def launch_options(cfg) -> dict:
     return options
 
 
-def stepwise_mode(cfg: dict) -> int:
-    """The STEPWISE constant of a LANES configuration asking for step-at-a-time chunks (config STEPWISE):
-    1 where each thread holds all states of its channel (BLOCK_D at least the threads), 2 where a channel's
-    states spread over lanes; 0 without LANES or STEPWISE."""
-    if not (cfg.get("LANES") and cfg.get("STEPWISE")):
-        return 0
-    return 1 if cfg["BLOCK_D"] >= 32 * cfg["num_warps"] else 2
-
-
 def _lanes_a_channel(cfg: dict) -> int:
     """Lanes a channel's row spreads over in the STEPS backward, BLOCK_T positions in STEPS a lane: with
     more than the warps have for BLOCK_D channels, a thread holds several of them."""
@@ -1389,7 +1321,7 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         STAGES=int(cfg.get("STAGES", 1)), EVEN=_even(cfg, cg, state, length, cfg["BLOCK_T"]), FLAT=_flat(cfg),
         ALIGN=_row_alignment(cfg, (length,) + u.stride()[:2] + delta.stride()[:2] + B.stride()[:3]
                              + C.stride()[:3] + y.stride()[:2]),
-        PERSIST=len(grid) == 1, STEPWISE=stepwise_mode(cfg), **launch_options(cfg),
+        PERSIST=len(grid) == 1, **launch_options(cfg),
     )
     return y
 

@@ -54,14 +54,12 @@ from .selective_scan import (
     _softplus,
     _softplus_and_slope,
     _state_grid,
-    _stepwise_chunk,
     cdiv,
     check_states,
     default_config,
     fast_math,
     halving,
     launch_options,
-    stepwise_mode,
 )
 
 __all__ = ["delta_gemm", "ss2d_scan_fwd", "ss2d_scan_bwd", "saved_states_shape", "NSEQ"]
@@ -118,21 +116,15 @@ def _load_step(u_base, dl_base, xp_base, w_base, t, L, H, W, inv_h, rev, cols, m
 
 
 @triton.jit
-def _delta_tile(raw, bias, m2, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
-    """Δ = softplus(raw + bias) (0 outside the mask) and its slope dΔ/d(raw + bias), as (T, D) tiles."""
-    dt = raw + bias[None, :]
-    slope = tl.full(dt.shape, 1.0, tl.float32)
-    if SOFTPLUS:
-        dt, slope = _softplus_and_slope(dt, FAST)
-    return tl.where(m2, dt, 0.0), slope
-
-
-@triton.jit
 def _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, LANES: tl.constexpr):
     """Δ = softplus(raw + bias) (0 outside the mask) and its slope dΔ/d(raw + bias) as (T, D) tiles, the
     decays a = exp(Δ A) and inputs x = Δ u B as (T, D, N) tiles, or (T, N, D) with LANES (A2 is then
     (N, D)). The forward never uses the slope, and the compiler drops it there."""
-    dt, slope = _delta_tile(raw, bias, m2, SOFTPLUS, FAST)
+    dt = raw + bias[None, :]
+    slope = tl.full(dt.shape, 1.0, tl.float32)
+    if SOFTPLUS:
+        dt, slope = _softplus_and_slope(dt, FAST)
+    dt = tl.where(m2, dt, 0.0)
     a = _exp2(_per_channel(dt, LANES) * A2[None, :, :], FAST)
     x = _per_channel(dt * u, LANES) * _per_state(Bt, LANES)
     return dt, a, x, slope
@@ -177,7 +169,7 @@ def _core_fwd_kernel(
     R: tl.constexpr, N: tl.constexpr, NSEQ: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
     DELTA_IN: tl.constexpr, FAST: tl.constexpr, WIDE: tl.constexpr, SAVE_T: tl.constexpr, LANES: tl.constexpr,
-    STAGES: tl.constexpr, STEPWISE: tl.constexpr = 0,
+    STAGES: tl.constexpr,
 ):
     """Tiles are (steps, channels, states); with LANES (steps, states, channels) instead, so that with
     the channels (contiguous in memory) across the lanes each lane owns one channel and all of its
@@ -216,18 +208,14 @@ def _core_fwd_kernel(
             u, raw, Bt, Ct, p, m2 = _load_step(u_base, dl_base, xp_base, w_base, t0 + offs_t, L, H, W, inv_h, rev,
                                                cols, mask_d, offs_n, mask_n, su_l, sy_l, sxp_l, sw_r, R, N, DELTA_IN,
                                                WIDE)
+        dt, a, x, _ = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST, LANES)
         if SAVE_T > 0:  # (LANES chunks may be shorter than the saving interval)
             _save_entry_state(h, t0, hws_base, chunk_stride, state_mask, SAVE_T, BLOCK_T % SAVE_T == 0)
-        if STEPWISE:
-            dt, _ = _delta_tile(raw, bias, m2, SOFTPLUS, FAST)
-            y, h = _stepwise_chunk(h, dt, dt * u, Bt, Ct, t0, offs_t, L, A2, hws_base, chunk_stride, state_mask,
-                                   FAST, BLOCK_T, BLOCK_N, SAVE_T, STEPWISE)
-        else:
-            dt, a, x, _ = _discretize(raw, bias, u, Bt, A2, m2, SOFTPLUS, FAST, LANES)
-            hs, h = _scan_chunk(a, x, h, first, last)
-            if SAVE_T > 0:
-                _save_inner_states(hs, t0, offs_t, L, hws_base, chunk_stride, state_mask, SAVE_T, BLOCK_T)
-            y = tl.sum(hs * _per_state(Ct, LANES), axis=2 - LANES)
+        hs, h_next = _scan_chunk(a, x, h, first, last)
+        if SAVE_T > 0:
+            _save_inner_states(hs, t0, offs_t, L, hws_base, chunk_stride, state_mask, SAVE_T, BLOCK_T)
+        h = h_next
+        y = tl.sum(hs * _per_state(Ct, LANES), axis=2 - LANES)
         if HAS_D:
             y += dskip[None, :] * u
         tl.store(y_base + p[:, None] * sy_l, y.to(y_ptr.dtype.element_ty), mask=m2)
@@ -610,7 +598,7 @@ def ss2d_scan_fwd(u, xp, dt_weight, A, D, delta_bias, height, width, nseq, delta
         PREFETCH=bool(cfg.get("PREFETCH", 0)), STAGES=int(cfg.get("STAGES", 1)), DELTA_IN=delta_in,
         FAST=fast_math(u, short_softplus=bool(cfg.get("SHORT_SOFTPLUS", 1))),
         WIDE=_wide(length, u.stride(1), xp.stride(1), y.stride(2)), SAVE_T=save_chunk, LANES=lanes,
-        STEPWISE=stepwise_mode(cfg), **launch_options(cfg),
+        **launch_options(cfg),
     )
     return y, states
 
