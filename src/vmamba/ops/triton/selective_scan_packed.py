@@ -200,8 +200,8 @@ def packed_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, rows: int, vect
         u, delta, A, B, C, Dt, bt, y, channels, u.stride(0), delta.stride(0), y.stride(0), A.stride(0),
         B.stride(0), B.stride(1), B.stride(3), C.stride(0), C.stride(1), C.stride(3), Dt.stride(0), bt.stride(0),
         L=length, CG=cg, R=rows, BLOCK=block, V=vector, BC_ALIGN=_bc_alignment(length, B, C) if align_bc else 1,
-        HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), FAST=fast_math(u), SPLIT_STORE=split_store, num_warps=max(1, min(16, block // vector // 32)),
+        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), FAST=fast_math(u),
+        SPLIT_STORE=split_store, num_warps=max(1, min(16, block // vector // 32)),
     )
     return y
 
