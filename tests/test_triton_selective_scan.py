@@ -551,13 +551,9 @@ def _forward_against_reference(ins, config, softplus=True):
 ])
 def test_packed_rows_forward(dtype, length, rows, vector):
     """PACKED / VECTOR: runs of whole rows a program, a vector a thread, against the reference; where a
-    block does not start on a vector boundary the tile also rescans the tail of the row before it. With
-    SPLIT_STORE, threads of more than 4 elements store y as two halves (the same owned elements)."""
+    block does not start on a vector boundary the tile also rescans the tail of the row before it."""
     ins = _inputs(2, 2, 13, 1, length, dtype, seed=80 + length)
     assert _forward_against_reference(ins, {"PACKED": rows, "VECTOR": vector}) < TOL[dtype]
-    if vector > 4:
-        split = {"PACKED": rows, "VECTOR": vector, "SPLIT_STORE": 1}
-        assert _forward_against_reference(ins, split) < TOL[dtype]
 
 
 @pytest.mark.parametrize(("dtype", "length", "rows", "vector"), [
@@ -572,7 +568,6 @@ def test_packed_rows_forward_aligned_rows(dtype, length, rows, vector):
     assert _bc_alignment(length, ins[3], ins[4]) == (16 if length == 48 else 4)
     config = {"PACKED": rows, "VECTOR": vector, "ALIGN_BC": 1}
     assert _forward_against_reference(ins, config) < TOL[dtype]
-    assert _forward_against_reference(ins, {**config, "SPLIT_STORE": 1}) < TOL[dtype]
 
 
 def test_packed_rows_forward_strided_inputs_and_no_options():

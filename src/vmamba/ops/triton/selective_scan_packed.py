@@ -66,21 +66,11 @@ def _group_row_at(base, sk, sl, k, k_next, t0, j, nxt, L: tl.constexpr, ALIGN: t
 
 
 @triton.jit
-def _store_owned(base, values, at, e0, first, stop, KC, L: tl.constexpr, R: tl.constexpr, V: tl.constexpr):
-    """Store the elements at offsets ``at`` (in the vectors starting at e0) that the program owns: inside its
-    tile and the rows, and not in a vector that the previous program stores (:func:`_packed_fwd_kernel`)."""
-    keep = (at < stop) & (at < KC * L)
-    if R * L % V != 0:
-        keep = keep & (e0 >= (first + V - 1) // V * V)
-    tl.store(base + at, values, mask=keep)
-
-
-@triton.jit
 def _packed_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, KC,
                        su_b, sdt_b, sy_b, sA_d, sB_b, sB_k, sB_l, sC_b, sC_k, sC_l, sD, sbias,
                        L: tl.constexpr, CG: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, V: tl.constexpr,
                        BC_ALIGN: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       SOFTPLUS: tl.constexpr, FAST: tl.constexpr, SPLIT_STORE: tl.constexpr = False):
+                       SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
     """y of rows q·R ... q·R + R - 1 of one batch element (grid: row blocks, batch), as a (BLOCK / V, V)
     tile (see the module docstring): each thread holds V consecutive elements (V <= L), which span at
     most two rows, so what depends on the row (A, bias, D, the group's B and C) is found per thread for
@@ -136,15 +126,7 @@ def _packed_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_pt
     y = tl.reshape(h, (BLOCK // V, V)) * Ct
     if HAS_D:
         y += u * _row_pair(D_ptr, sD, d, KC, nxt)
-    if V > 4 and SPLIT_STORE:
-        # float32 y, V > 4 a thread: two 16-byte halves from the registers that hold them, where one store of
-        # the whole tile takes Triton's 16-byte layout (two threads a row) and a pass through shared memory
-        lo, hi = tl.split(tl.permute(tl.reshape(y, (BLOCK // V, 2, V // 2)), (0, 2, 1)))
-        half = e0 + tl.arange(0, V // 2)[None, :]
-        _store_owned(y_ptr + b * sy_b, lo, half, e0, first, stop, KC, L, R, V)
-        _store_owned(y_ptr + b * sy_b, hi, half + V // 2, e0, first, stop, KC, L, R, V)
-    else:
-        tl.store(y_ptr + b * sy_b + offs, y, mask=owned)
+    tl.store(y_ptr + b * sy_b + offs, y, mask=owned)
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -183,12 +165,11 @@ def rows_per_tile(length: int, vector: int, tile: int) -> int:
 
 
 def packed_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, rows: int, vector: int,
-               out: torch.Tensor | None = None, align_bc: bool = False, split_store: bool = False) -> torch.Tensor:
+               out: torch.Tensor | None = None, align_bc: bool = False) -> torch.Tensor:
     """Forward over packed rows, ``rows`` a program held as ``vector`` consecutive elements a thread
     (:func:`packed_fwd_applies`); y (batch, KC, L) float32, written to ``out`` (contiguous) if given.
     Rows of u and delta are made contiguous where they are not. ``align_bc``: declare the alignment of
-    L and of B's and C's rows (:func:`_bc_alignment`) and read B and C in aligned pieces. ``split_store``: with
-    more than 4 elements a thread, store y as two 16-byte halves a thread (no pass through shared memory)."""
+    L and of B's and C's rows (:func:`_bc_alignment`) and read B and C in aligned pieces."""
     u, delta = _rows_contiguous(u), _rows_contiguous(delta)
     batch, channels, length = u.shape
     cg = channels // B.shape[1]
@@ -200,8 +181,8 @@ def packed_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, rows: int, vect
         u, delta, A, B, C, Dt, bt, y, channels, u.stride(0), delta.stride(0), y.stride(0), A.stride(0),
         B.stride(0), B.stride(1), B.stride(3), C.stride(0), C.stride(1), C.stride(3), Dt.stride(0), bt.stride(0),
         L=length, CG=cg, R=rows, BLOCK=block, V=vector, BC_ALIGN=_bc_alignment(length, B, C) if align_bc else 1,
-        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), FAST=fast_math(u),
-        SPLIT_STORE=split_store, num_warps=max(1, min(16, block // vector // 32)),
+        HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), FAST=fast_math(u), num_warps=max(1, min(16, block // vector // 32)),
     )
     return y
 
