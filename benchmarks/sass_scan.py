@@ -19,7 +19,9 @@ Triton's version decides the code. To see what the GPU machine runs, compile wit
 device has Triton 3.6, whose wheel (triton-3.6.0, cp311) is in this machine's local package files; a
 virtual environment with it and this project's other packages reproduced the device's figures exactly
 (session 19: 255 registers, 4 bytes of spills and a 1534-instruction loop for the stage-3 default).
-Triton 3.8 compiles the same kernel to 223 registers and 1097 instructions.
+Triton 3.8 compiles the same kernel to 223 registers and 1097 instructions. Install that wheel last and
+with ``--no-deps``: torch 2.14.1 requires Triton 3.8, so a later ``pip install`` of a package that pulls
+torch's requirements in (timm) silently upgrades it back. The report's "triton" field says which one ran.
 """
 
 from __future__ import annotations
