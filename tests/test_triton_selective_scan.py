@@ -570,26 +570,6 @@ def test_packed_rows_forward_aligned_rows(dtype, length, rows, vector):
     assert _forward_against_reference(ins, config) < TOL[dtype]
 
 
-@pytest.mark.parametrize(("dtype", "length", "rows", "tma"), [
-    (torch.bfloat16, 49, 5, 2),  # 16 rows of 49: 784 elements a batch element, 98 vectors of 8
-    (torch.float32, 13, 3, 3),  # blocks of 39 elements start inside vectors of 4
-])
-def test_packed_rows_forward_through_tensor_descriptors(dtype, length, rows, tma):
-    """TMA: programs walk the (block, batch) pairs, reading u and delta through tensor descriptors (rows
-    of one vector; zeros past the batch element's last row), against the reference; where the rows do not
-    make whole vectors the launch falls back to the per-block grid."""
-    from vmamba.ops.triton.selective_scan_packed import tma_applies
-
-    vector = 16 // torch.tensor([], dtype=dtype).element_size()
-    config = {"PACKED": rows, "VECTOR": vector, "TMA": tma, "STAGES": 2}
-    ins = _inputs(3, 2, 8, 1, length, dtype, seed=110 + length)
-    assert tma_applies(ins[0], ins[1], vector)
-    assert _forward_against_reference(ins, config) < TOL[dtype]
-    odd = _inputs(2, 1, 3, 1, length, dtype, seed=111)  # 3 rows: not whole vectors
-    assert not tma_applies(odd[0], odd[1], vector)
-    assert _forward_against_reference(odd, config) < TOL[dtype]
-
-
 def test_packed_rows_forward_strided_inputs_and_no_options():
     """Rows not end to end (transposed storage) are copied first; a batch stride beyond one element's
     rows (a slice of a wider tensor) is read in place; no D, bias or softplus."""

@@ -1302,8 +1302,7 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         rows, vector = int(cfg["PACKED"]), int(cfg.get("VECTOR", 4))
         if packed_fwd_applies(state, length, rows, vector):
             return packed_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, rows, vector, out=y,
-                              align_bc=bool(cfg.get("ALIGN_BC", 0)), tma=int(cfg.get("TMA", 0)),
-                              stages=int(cfg.get("STAGES", 1)))
+                              align_bc=bool(cfg.get("ALIGN_BC", 0)))
     if n_saved and cfg["BLOCK_T"] % save_t and save_t % cfg["BLOCK_T"]:  # neither chunk length fits the other's
         cfg["BLOCK_T"] = save_t
     dummy = y

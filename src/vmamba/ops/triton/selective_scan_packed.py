@@ -27,7 +27,6 @@ from .selective_scan import (
     _aligned,
     _combine,
     _exp2,
-    _multiprocessors,
     _next_pow2,
     _softplus_and_slope,
     cdiv,
@@ -35,7 +34,7 @@ from .selective_scan import (
     fast_math,
 )
 
-__all__ = ["packed_fwd", "packed_fwd_applies", "rows_per_tile", "tma_applies"]
+__all__ = ["packed_fwd", "packed_fwd_applies", "rows_per_tile"]
 
 
 @triton.jit
@@ -69,34 +68,15 @@ def _group_row_at(base, sk, sl, k, k_next, t0, j, nxt, L: tl.constexpr, ALIGN: t
 @triton.jit
 def _packed_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, KC,
                        su_b, sdt_b, sy_b, sA_d, sB_b, sB_k, sB_l, sC_b, sC_k, sC_l, sD, sbias,
-                       u_desc, dt_desc, n_blocks, n_batch,
                        L: tl.constexpr, CG: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, V: tl.constexpr,
                        BC_ALIGN: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       SOFTPLUS: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr = False,
-                       STAGES: tl.constexpr = 1):
+                       SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
     """y of rows q·R ... q·R + R - 1 of one batch element (grid: row blocks, batch), as a (BLOCK / V, V)
-    tile (see the module docstring). TMA: a one-dimensional grid whose programs walk the (block, batch)
-    pairs, u and delta read through tensor descriptors that the pipeliner keeps STAGES blocks ahead."""
-    if TMA:
-        for it in tl.range(tl.program_id(0), n_blocks * n_batch, tl.num_programs(0), num_stages=STAGES):
-            _packed_block(it % n_blocks, (it // n_blocks).to(tl.int64), u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr,
-                          bias_ptr, y_ptr, KC, su_b, sdt_b, sy_b, sA_d, sB_b, sB_k, sB_l, sC_b, sC_k, sC_l, sD,
-                          sbias, u_desc, dt_desc, L, CG, R, BLOCK, V, BC_ALIGN, HAS_D, HAS_BIAS, SOFTPLUS, FAST, TMA)
-    else:
-        _packed_block(tl.program_id(0), tl.program_id(1).to(tl.int64), u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr,
-                      bias_ptr, y_ptr, KC, su_b, sdt_b, sy_b, sA_d, sB_b, sB_k, sB_l, sC_b, sC_k, sC_l, sD, sbias,
-                      u_desc, dt_desc, L, CG, R, BLOCK, V, BC_ALIGN, HAS_D, HAS_BIAS, SOFTPLUS, FAST, TMA)
-
-
-@triton.jit
-def _packed_block(q, b, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, KC,
-                  su_b, sdt_b, sy_b, sA_d, sB_b, sB_k, sB_l, sC_b, sC_k, sC_l, sD, sbias, u_desc, dt_desc,
-                  L: tl.constexpr, CG: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, V: tl.constexpr,
-                  BC_ALIGN: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  SOFTPLUS: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr):
-    """Row block q of batch element b: each thread holds V consecutive elements (V <= L), which span at
+    tile (see the module docstring): each thread holds V consecutive elements (V <= L), which span at
     most two rows, so what depends on the row (A, bias, D, the group's B and C) is found per thread for
     both and selected per element."""
+    q = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
     first = q * (R * L)  # the block's first element within the batch element
     # the tile covers the block's elements in whole vectors: where they do not start and end on vector
     # boundaries, also the tails of the rows around it (read and scanned, not stored)
@@ -113,13 +93,8 @@ def _packed_block(q, b, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_p
     nxt = j >= L - t0  # in the row after the thread's first
     offs = e0 + j
     inside = (offs < stop) & (offs < KC * L)  # whole vectors
-    if TMA:  # rows of V elements: the tile's are whole ones (start is a vector boundary); past KC·L, zeros
-        at = [b.to(tl.int32), start // V, 0]
-        u = tl.where(inside, tl.reshape(u_desc.load(at), (BLOCK // V, V)).to(tl.float32), 0.0)
-        raw = tl.where(inside, tl.reshape(dt_desc.load(at), (BLOCK // V, V)).to(tl.float32), 0.0)
-    else:
-        u = tl.load(u_ptr + b * su_b + offs, mask=inside, other=0.0).to(tl.float32)
-        raw = tl.load(dt_ptr + b * sdt_b + offs, mask=inside, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + b * su_b + offs, mask=inside, other=0.0).to(tl.float32)
+    raw = tl.load(dt_ptr + b * sdt_b + offs, mask=inside, other=0.0).to(tl.float32)
     owned = inside
     if R * L % V != 0:
         # a program stores whole vectors: not the first where the block starts inside one (the previous
@@ -190,13 +165,11 @@ def rows_per_tile(length: int, vector: int, tile: int) -> int:
 
 
 def packed_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, rows: int, vector: int,
-               out: torch.Tensor | None = None, align_bc: bool = False, tma: int = 0, stages: int = 1) -> torch.Tensor:
+               out: torch.Tensor | None = None, align_bc: bool = False) -> torch.Tensor:
     """Forward over packed rows, ``rows`` a program held as ``vector`` consecutive elements a thread
     (:func:`packed_fwd_applies`); y (batch, KC, L) float32, written to ``out`` (contiguous) if given.
     Rows of u and delta are made contiguous where they are not. ``align_bc``: declare the alignment of
-    L and of B's and C's rows (:func:`_bc_alignment`) and read B and C in aligned pieces. ``tma`` (programs a
-    multiprocessor): where :func:`tma_applies`, programs walk the blocks and read u and delta through tensor
-    descriptors, ``stages`` blocks in flight."""
+    L and of B's and C's rows (:func:`_bc_alignment`) and read B and C in aligned pieces."""
     u, delta = _rows_contiguous(u), _rows_contiguous(delta)
     batch, channels, length = u.shape
     cg = channels // B.shape[1]
@@ -204,31 +177,14 @@ def packed_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, rows: int, vect
     Dt = D if D is not None else y
     bt = delta_bias if delta_bias is not None else y
     block = _block(length, rows, vector)
-    n_blocks = cdiv(channels, rows)
-    grid, u_desc, dt_desc = (n_blocks, batch), None, None
-    if tma and tma_applies(u, delta, vector):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        u_desc, dt_desc = (TensorDescriptor(t, [batch, channels * length // vector, vector], [t.stride(0), vector, 1],
-                                            [1, block // vector, vector]) for t in (u, delta))
-        grid = (min(n_blocks * batch, tma * _multiprocessors(u.device)),)
-    _packed_fwd_kernel[grid](
+    _packed_fwd_kernel[(cdiv(channels, rows), batch)](
         u, delta, A, B, C, Dt, bt, y, channels, u.stride(0), delta.stride(0), y.stride(0), A.stride(0),
         B.stride(0), B.stride(1), B.stride(3), C.stride(0), C.stride(1), C.stride(3), Dt.stride(0), bt.stride(0),
-        u_desc, dt_desc, n_blocks, batch,
         L=length, CG=cg, R=rows, BLOCK=block, V=vector, BC_ALIGN=_bc_alignment(length, B, C) if align_bc else 1,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), FAST=fast_math(u), TMA=u_desc is not None, STAGES=stages,
-        num_warps=max(1, min(16, block // vector // 32)),
+        SOFTPLUS=bool(delta_softplus), FAST=fast_math(u), num_warps=max(1, min(16, block // vector // 32)),
     )
     return y
-
-
-def tma_applies(u: torch.Tensor, delta: torch.Tensor, vector: int) -> bool:
-    """Whether u and delta can be read as rows of ``vector`` elements through tensor descriptors: rows end
-    to end in memory, each batch element's a whole number of vectors, 16-byte aligned."""
-    return all(t.shape[1] * t.shape[2] % vector == 0 and t.stride(0) % vector == 0 and t.data_ptr() % 16 == 0
-               and t.element_size() * vector % 16 == 0 for t in (u, delta))
 
 
 def packed_fwd_applies(state: int, length: int, rows: int, vector: int) -> bool:
