@@ -241,3 +241,31 @@ def test_cpu_training_step_reads_no_uninitialised_memory():
     clean, poisoned = gradients(False), gradients(True)
     differing = [name for name in clean if not torch.equal(clean[name], poisoned[name])]
     assert not differing, differing
+
+
+@pytest.mark.parametrize("drop_prob, scale_by_keep", [(0.3, True), (0.3, False), (1.0, True)])
+def test_block_residual_drop_path_matches_timm_drop_path(drop_prob, scale_by_keep):
+    """The block's fused x + drop_path(branch) (one addcmul) draws the same masks as timm's DropPath and gives
+    the same outputs and gradients; in eval mode it is a plain sum."""
+    from timm.layers import DropPath
+
+    from vmamba.layers import NormKind, SS2DConfig, VSSBlock
+
+    torch.manual_seed(0)
+    block = VSSBlock(8, SS2DConfig(), NormKind.LAYERNORM2D, 2.0, "gelu", 0.0, drop_prob)
+    block.drop_path.scale_by_keep = scale_by_keep
+    timm_drop = DropPath(drop_prob, scale_by_keep)
+    x0, y0 = torch.randn(16, 8, 5, 5), torch.randn(16, 8, 5, 5)
+    results = []
+    for residual in (block._residual, lambda x, y: x + timm_drop(y)):
+        x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+        torch.manual_seed(1)
+        out = residual(x, y)
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).view_as(out) / out.numel())
+        results.append((out, x.grad, y.grad))
+    for ours, theirs in zip(*results):
+        assert torch.allclose(ours, theirs, atol=1e-6)
+    kept = results[0][0].ne(x0).flatten(1).any(1)  # samples whose branch was added
+    assert 0 < drop_prob < 1 and 0 < int(kept.sum()) < 16 or drop_prob == 1 and not kept.any()
+    block.eval()
+    assert torch.equal(block._residual(x0, y0), x0 + y0)

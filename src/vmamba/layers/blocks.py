@@ -52,10 +52,22 @@ class VSSBlock(nn.Module):
             self.mlp = Mlp(dim, int(dim * mlp_ratio), mlp_act, mlp_dropout, channel_first, gated_mlp)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.op(self.norm(x)))
+        x = self._residual(x, self.op(self.norm(x)))
         if self.has_mlp:
-            x = x + self.drop_path(self.mlp(self.norm2(x)))
+            x = self._residual(x, self.mlp(self.norm2(x)))
         return x
+
+    def _residual(self, x: Tensor, branch: Tensor) -> Tensor:
+        """x + drop_path(branch). In training the per-sample scale multiplies inside one ``addcmul``: a
+        separate multiply would read and write the whole branch once more (timm's DropPath, same masks)."""
+        drop = self.drop_path
+        if not (isinstance(drop, DropPath) and drop.training and drop.drop_prob > 0):
+            return x + branch
+        keep = 1.0 - drop.drop_prob
+        scale = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep)
+        if drop.scale_by_keep and keep > 0:
+            scale.div_(keep)
+        return torch.addcmul(x, branch, scale)
 
 
 class StemKind(str, enum.Enum):
