@@ -3,9 +3,9 @@
 On CUDA tensors whose rows are contiguous (last-dim stride 1, leading dims mergeable into one row
 dimension without a copy; this includes the NHWC view of a channels-last NCHW map) the norm runs
 through the ``vmamba::layer_norm_fwd`` / ``vmamba::layer_norm_bwd`` custom ops: Triton kernels that
-process many rows per program, with fake implementations and an autograd formula, so
-``torch.compile(fullgraph=True)`` traces them as single ops (eager calls skip the custom-op dispatch:
-:mod:`vmamba.ops._eager`). Any other input (CPU, float64, strided rows, no Triton) takes
+process many rows per program, with fake implementations and an autograd formula (eager calls skip
+the custom-op dispatch: :mod:`vmamba.ops._eager`). Under ``torch.compile`` the norm is left to
+Inductor, which fuses it with the ops around it. Any other input (CPU, float64, strided rows, no Triton) takes
 ``F.layer_norm``, bit-identical to ``nn.LayerNorm``.
 
 :func:`layer_norm_sum` normalises the sum of K stacked inputs, summed in float32 inside the kernel.
@@ -133,6 +133,11 @@ def _mergeable(sizes: Sequence[int], strides: Sequence[int]) -> bool:
 def _use_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None, leading: int) -> bool:
     """Whether the kernels apply to x, whose dims from ``leading`` to -2 are the rows."""
     if not _TRITON_LAYER_NORM.enabled or not (_FORCE_TRITON or (_TRITON and x.is_cuda)):
+        return False
+    if compiling() and not _FORCE_TRITON:
+        # Inductor generates the norm itself and fuses it with its neighbours (the route sum, casts,
+        # residual adds); the custom op would stay an opaque call that pays its Python launch on every
+        # step, and compiled VMamba is bound by the host (BENCHMARKS.md, session 24).
         return False
     c = x.shape[-1]
     if x.dim() <= leading or x.numel() == 0 or not 0 < c <= MAX_TRITON_CHANNELS or x.stride(-1) != 1:
