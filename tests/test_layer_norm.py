@@ -253,7 +253,34 @@ def test_custom_ops_opcheck(on_device):
     torch.library.opcheck(torch.ops.vmamba.layer_norm_bwd.default, (dy, xsum, w.detach(), mean, rstd, True))
 
 
-def test_compile_fullgraph_through_the_custom_ops(forced_triton):
+def _compiled_norms(c: int):
+    norm = LayerNorm(c)
+
+    def f(xs):
+        return norm(layer_norm_sum(xs, norm.weight, norm.bias)).square().sum()
+
+    torch._dynamo.reset()
+    return norm, torch.compile(f, backend="aot_eager", fullgraph=True)
+
+
+def test_compile_leaves_the_norm_to_inductor_by_default(forced_triton):
+    """Under torch.compile the norms trace as aten ops (Inductor fuses them), not as the Triton custom ops."""
+    assert not ln.TRITON_WHEN_COMPILING
+    c = 37
+    norm, compiled = _compiled_norms(c)
+    xs = torch.randn(3, 2, 5, c, requires_grad=True)
+    loss = compiled(xs)
+    grad = torch.autograd.grad(loss, xs)[0]
+    assert forced_triton.calls == 0
+    ref_xs = xs.detach().clone().requires_grad_()
+    ref = F.layer_norm(F.layer_norm(ref_xs.sum(0), (c,), norm.weight, norm.bias), (c,), norm.weight, norm.bias)
+    torch.testing.assert_close(loss, ref.square().sum())
+    torch.testing.assert_close(grad, torch.autograd.grad(ref.square().sum(), ref_xs)[0])
+    torch._dynamo.reset()
+
+
+def test_compile_fullgraph_through_the_custom_ops(forced_triton, monkeypatch):
+    monkeypatch.setattr(ln, "TRITON_WHEN_COMPILING", True)
     c = 37
     norm = LayerNorm(c)
     xs = torch.randn(3, 2, 5, c, requires_grad=True)

@@ -29,6 +29,11 @@ _TRITON = triton_available()
 # Tests set this to run the Triton ops on CPU tensors under TRITON_INTERPRET=1.
 _FORCE_TRITON = False
 _TRITON_LAYER_NORM = Toggle()
+# Under torch.compile Inductor generates the norm itself and fuses it with its neighbours (the route
+# sum, casts, residual adds); the custom op would stay an opaque call paying its Python launch on
+# every step. Compiled VMamba-T is bound by the host: its training step took 57-66 ms this way
+# against 75-87 ms through the custom ops (H200, BENCHMARKS.md, session 24).
+TRITON_WHEN_COMPILING = False
 # Wider rows would not fit a single register tile.
 MAX_TRITON_CHANNELS = 16384
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -134,10 +139,7 @@ def _use_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None, leading: 
     """Whether the kernels apply to x, whose dims from ``leading`` to -2 are the rows."""
     if not _TRITON_LAYER_NORM.enabled or not (_FORCE_TRITON or (_TRITON and x.is_cuda)):
         return False
-    if compiling() and not _FORCE_TRITON:
-        # Inductor generates the norm itself and fuses it with its neighbours (the route sum, casts,
-        # residual adds); the custom op would stay an opaque call that pays its Python launch on every
-        # step, and compiled VMamba is bound by the host (BENCHMARKS.md, session 24).
+    if compiling() and not TRITON_WHEN_COMPILING:
         return False
     c = x.shape[-1]
     if x.dim() <= leading or x.numel() == 0 or not 0 < c <= MAX_TRITON_CHANNELS or x.stride(-1) != 1:
