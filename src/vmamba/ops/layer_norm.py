@@ -3,9 +3,10 @@
 On CUDA tensors whose rows are contiguous (last-dim stride 1, leading dims mergeable into one row
 dimension without a copy; this includes the NHWC view of a channels-last NCHW map) the norm runs
 through the ``vmamba::layer_norm_fwd`` / ``vmamba::layer_norm_bwd`` custom ops: Triton kernels that
-process many rows per program, with fake implementations and an autograd formula (eager calls skip
-the custom-op dispatch: :mod:`vmamba.ops._eager`). Under ``torch.compile`` the norm is left to
-Inductor, which fuses it with the ops around it. Any other input (CPU, float64, strided rows, no Triton) takes
+process many rows per program, with fake implementations and an autograd formula, so
+``torch.compile(fullgraph=True)`` traces them as single ops (eager calls skip the custom-op dispatch:
+:mod:`vmamba.ops._eager`). With :data:`TRITON_WHEN_COMPILING` False, compiled code takes
+``F.layer_norm`` instead and Inductor generates the norm. Any other input (CPU, float64, strided rows, no Triton) takes
 ``F.layer_norm``, bit-identical to ``nn.LayerNorm``.
 
 :func:`layer_norm_sum` normalises the sum of K stacked inputs, summed in float32 inside the kernel.
@@ -29,11 +30,13 @@ _TRITON = triton_available()
 # Tests set this to run the Triton ops on CPU tensors under TRITON_INTERPRET=1.
 _FORCE_TRITON = False
 _TRITON_LAYER_NORM = Toggle()
-# Under torch.compile Inductor generates the norm itself and fuses it with its neighbours (the route
-# sum, casts, residual adds); the custom op would stay an opaque call paying its Python launch on
-# every step. Compiled VMamba-T is bound by the host: its training step took 57-66 ms this way
-# against 75-87 ms through the custom ops (H200, BENCHMARKS.md, session 24).
-TRITON_WHEN_COMPILING = False
+# Under torch.compile the norms stay our custom ops (True) or are left to Inductor (False), which
+# generates them and fuses them with their neighbours. H200, VMamba-T training step (BENCHMARKS.md,
+# session 24): False cut the default-mode compiled step, bound by that machine's host, from 75-87 to
+# 57-66 ms, but raised the step under mode="reduce-overhead" (CUDA graphs, no host cost) from 39.5 to
+# 51.2 ms. The GPU time is what a fast host sees, so the custom ops stay the default. Set it before
+# compiling.
+TRITON_WHEN_COMPILING = True
 # Wider rows would not fit a single register tile.
 MAX_TRITON_CHANNELS = 16384
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
