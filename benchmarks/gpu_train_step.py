@@ -16,6 +16,8 @@ With --host-profile, two eager steps of each model also run under cProfile and t
 most host time are printed (how the custom-op wrapper's cost was found; BENCHMARKS.md, session 4).
 With --compile-mode the model is wrapped in torch.compile with that mode first; eager_ms and host_ms
 then time the compiled step (compilation happens in the warm-up) and no graph is captured.
+--inductor-layer-norm sets vmamba.ops.layer_norm.TRITON_WHEN_COMPILING = False first: compiled code
+then leaves the LayerNorms to Inductor instead of our custom ops (BENCHMARKS.md, session 24).
 """
 
 from __future__ import annotations
@@ -138,7 +140,13 @@ def main():
     parser.add_argument("--compile-mode", default="", help="torch.compile mode; empty: eager")
     parser.add_argument("--host-profile", action="store_true", help="print a cProfile of two eager steps")
     parser.add_argument("--out", default="gpu_train_step.json")
+    parser.add_argument("--inductor-layer-norm", action="store_true",
+                        help="under torch.compile, leave the LayerNorms to Inductor (TRITON_WHEN_COMPILING = False)")
     args = parser.parse_args()
+    if args.inductor_layer_norm:
+        import vmamba.ops.layer_norm
+
+        vmamba.ops.layer_norm.TRITON_WHEN_COMPILING = False
     torch.backends.cudnn.benchmark = True
     run_models(lambda name: bench(name, args.batch, args.iters, args.compile_mode, args.host_profile),
                args.models.split(","), args.out, args.batch)
