@@ -159,6 +159,16 @@ def test_layer_norm_sum_gradient_on_cpu(dtype):
     assert all(torch.equal(g, xs.grad[0]) for g in xs.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_sum_gradient_is_one_tensor_viewed_k_times(dtype):
+    """The routes' gradient is not written out K times (the fused core's backward reads a stride-0 view),
+    in 2-byte dtypes too, where the sum runs in float32."""
+    xs = torch.randn(4, 3, 6, 16, dtype=dtype, requires_grad=True)
+    out = layer_norm_sum(xs, None, None, EPS)
+    (grad,) = torch.autograd.grad(out, xs, torch.randn_like(out))
+    assert grad.dtype == dtype and grad.stride(0) == 0
+
+
 class _KernelSpy:
     """Counts how often the interface reaches the Triton kernels."""
 

@@ -194,6 +194,21 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     return out if out_dtype is None else out.to(out_dtype)
 
 
+class _RouteSum(torch.autograd.Function):
+    """xs (K, ...) summed over K, in float32 for 2-byte inputs. Its gradient is one tensor in xs.dtype
+    viewed K times (stride 0), as the Triton path's is: autograd's own (sum in float32, then the cast)
+    would cast the expanded gradient, which writes all K copies out."""
+
+    @staticmethod
+    def forward(ctx, xs: Tensor) -> Tensor:
+        ctx.input_dtype, ctx.routes = xs.dtype, xs.shape[0]
+        return xs.sum(0, dtype=torch.float32) if xs.dtype in (torch.float16, torch.bfloat16) else xs.sum(0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.to(ctx.input_dtype).unsqueeze(0).expand(ctx.routes, *grad.shape)
+
+
 def layer_norm_sum(xs: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5,
                    out_dtype: torch.dtype | None = None) -> Tensor:
     """LayerNorm over the last dimension of the sum of K stacked inputs xs (K, ..., C).
@@ -206,7 +221,7 @@ def layer_norm_sum(xs: Tensor, weight: Tensor | None, bias: Tensor | None, eps: 
         raise ValueError(f"layer_norm_sum: xs must be (K, ..., C), got shape {tuple(xs.shape)}")
     if _use_triton(xs, weight, bias, 1):
         return _triton_norm(xs, weight, bias, eps, out_dtype)
-    summed = xs.sum(0, dtype=torch.float32) if xs.dtype in (torch.float16, torch.bfloat16) else xs.sum(0)
+    summed = _RouteSum.apply(xs)
     weight = weight.to(summed.dtype) if weight is not None else None
     bias = bias.to(summed.dtype) if bias is not None else None
     out = F.layer_norm(summed, (xs.shape[-1],), weight, bias, eps)
