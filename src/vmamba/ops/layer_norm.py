@@ -6,8 +6,8 @@ through the ``vmamba::layer_norm_fwd`` / ``vmamba::layer_norm_bwd`` custom ops: 
 process many rows per program, with fake implementations and an autograd formula, so
 ``torch.compile(fullgraph=True)`` traces them as single ops (eager calls skip the custom-op dispatch:
 :mod:`vmamba.ops._eager`). With :data:`TRITON_WHEN_COMPILING` False, compiled code takes
-``F.layer_norm`` instead and Inductor generates the norm. Any other input (CPU, float64, strided rows, no Triton) takes
-``F.layer_norm``, bit-identical to ``nn.LayerNorm``.
+``F.layer_norm`` instead and Inductor generates the norm. Any other input (CPU, float64, strided
+rows, no Triton) takes ``F.layer_norm``, bit-identical to ``nn.LayerNorm``.
 
 :func:`layer_norm_sum` normalises the sum of K stacked inputs, summed in float32 inside the kernel.
 """
