@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable
 
@@ -41,3 +42,18 @@ def run_models(bench: Callable[[str], dict], names: list[str], out: str, batch: 
         json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "batch": batch, "rows": rows},
                   fh, indent=1)
     return rows
+
+
+def add_inductor_layer_norm_option(parser: argparse.ArgumentParser) -> None:
+    """``--inductor-layer-norm``: under torch.compile, leave the LayerNorms to Inductor instead of our
+    custom ops (BENCHMARKS.md, session 24). Apply it with :func:`apply_inductor_layer_norm_option`."""
+    parser.add_argument("--inductor-layer-norm", action="store_true",
+                        help="under torch.compile, leave the LayerNorms to Inductor (TRITON_WHEN_COMPILING = False)")
+
+
+def apply_inductor_layer_norm_option(args: argparse.Namespace) -> None:
+    """Sets ``vmamba.ops.layer_norm.TRITON_WHEN_COMPILING = False`` if ``--inductor-layer-norm`` was given."""
+    if args.inductor_layer_norm:
+        import vmamba.ops.layer_norm
+
+        vmamba.ops.layer_norm.TRITON_WHEN_COMPILING = False

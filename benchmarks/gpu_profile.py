@@ -18,6 +18,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import add_inductor_layer_norm_option, apply_inductor_layer_norm_option
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -67,14 +68,11 @@ def main():
     parser.add_argument("--compile-mode", default="", help="torch.compile mode; empty: eager")
     parser.add_argument("--by-op-shape", action="store_true",
                         help="rows are PyTorch ops with their input shapes (GPU time of the kernels they launched)")
-    parser.add_argument("--inductor-layer-norm", action="store_true",
-                        help="under torch.compile, leave the LayerNorms to Inductor (TRITON_WHEN_COMPILING = False)")
+    add_inductor_layer_norm_option(parser)
     args = parser.parse_args()
     import vmamba
-    import vmamba.ops.layer_norm
 
-    if args.inductor_layer_norm:
-        vmamba.ops.layer_norm.TRITON_WHEN_COMPILING = False
+    apply_inductor_layer_norm_option(args)
 
     torch.backends.cudnn.benchmark = True
     if args.model in vmamba.list_models():

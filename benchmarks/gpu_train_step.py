@@ -30,7 +30,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from cuda_timing import run_models, timed
+from cuda_timing import add_inductor_layer_norm_option, apply_inductor_layer_norm_option, run_models, timed
 from gpu_models import build
 
 
@@ -140,13 +140,9 @@ def main():
     parser.add_argument("--compile-mode", default="", help="torch.compile mode; empty: eager")
     parser.add_argument("--host-profile", action="store_true", help="print a cProfile of two eager steps")
     parser.add_argument("--out", default="gpu_train_step.json")
-    parser.add_argument("--inductor-layer-norm", action="store_true",
-                        help="under torch.compile, leave the LayerNorms to Inductor (TRITON_WHEN_COMPILING = False)")
+    add_inductor_layer_norm_option(parser)
     args = parser.parse_args()
-    if args.inductor_layer_norm:
-        import vmamba.ops.layer_norm
-
-        vmamba.ops.layer_norm.TRITON_WHEN_COMPILING = False
+    apply_inductor_layer_norm_option(args)
     torch.backends.cudnn.benchmark = True
     run_models(lambda name: bench(name, args.batch, args.iters, args.compile_mode, args.host_profile),
                args.models.split(","), args.out, args.batch)
