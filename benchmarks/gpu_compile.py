@@ -1,8 +1,12 @@
 """torch.compile(fullgraph=True) against eager for a VMamba model: bf16 inference throughput (CUDA).
 
     PYTHONPATH=src python benchmarks/gpu_compile.py [--model vmamba_tiny_s1l8] [--batch 128] [--mode reduce-overhead]
+        [--inductor-layer-norm] [--iters 10]
 
 ``--mode reduce-overhead`` replays CUDA graphs, which removes the per-kernel launch cost on the host.
+Besides images/s, each row has the host time to issue one forward (``*_host_ms``, perf_counter before
+the final synchronize): when it is close to the forward's time, the host sets the pace.
+``--inductor-layer-norm`` leaves the LayerNorms of the compiled model to Inductor.
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ import json
 import time
 
 import torch
-from cuda_timing import timed
+from cuda_timing import add_inductor_layer_norm_option, apply_inductor_layer_norm_option, timed
+from gpu_train_step import host_time
 
 
-def throughput(fn, x, warmup=3, iters=10):
-    """Images per second of bf16-autocast inference."""
+def throughput(fn, x, iters=10):
+    """(images per second, host ms to issue one forward) of bf16-autocast inference."""
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        return x.shape[0] * 1000 / timed(lambda: fn(x), warmup, iters)
+        images_s = x.shape[0] * 1000 / timed(lambda: fn(x), 3, iters)
+        return images_s, host_time(lambda: fn(x), iters)
 
 
 def main():
@@ -26,19 +32,26 @@ def main():
     parser.add_argument("--model", default="vmamba_tiny_s1l8")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--mode", default=None, help="torch.compile mode (default: PyTorch's default)")
+    parser.add_argument("--iters", type=int, default=10)
+    add_inductor_layer_norm_option(parser)
     args = parser.parse_args()
+    apply_inductor_layer_norm_option(args)
     import vmamba
 
     torch.backends.cudnn.benchmark = True
     model = vmamba.create_model(args.model).cuda().eval().to(memory_format=torch.channels_last)
     x = torch.randn(args.batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
-    eager = throughput(model, x)
+    eager, eager_host = throughput(model, x, args.iters)
     compiled = torch.compile(model, fullgraph=True, mode=args.mode)
     t0 = time.time()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         diff = (compiled(x).float() - model(x).float()).abs().max().item()
-    row = {"model": args.model, "batch": args.batch, "mode": args.mode, "compile_s": time.time() - t0,
-           "max_abs_diff": diff, "eager_img_s": eager, "compiled_img_s": throughput(compiled, x)}
+    compile_s = time.time() - t0
+    compiled_img_s, compiled_host = throughput(compiled, x, args.iters)
+    row = {"model": args.model, "batch": args.batch, "mode": args.mode,
+           "inductor_layer_norm": args.inductor_layer_norm, "compile_s": compile_s, "max_abs_diff": diff,
+           "eager_img_s": eager, "eager_host_ms": eager_host, "compiled_img_s": compiled_img_s,
+           "compiled_host_ms": compiled_host}
     row["compiled_vs_eager"] = row["compiled_img_s"] / eager
     print(json.dumps(row), flush=True)
 
