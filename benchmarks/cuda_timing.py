@@ -44,16 +44,17 @@ def run_models(bench: Callable[[str], dict], names: list[str], out: str, batch: 
     return rows
 
 
-def add_inductor_layer_norm_option(parser: argparse.ArgumentParser) -> None:
-    """``--inductor-layer-norm``: under torch.compile, leave the LayerNorms to Inductor instead of our
-    custom ops (BENCHMARKS.md, session 24). Apply it with :func:`apply_inductor_layer_norm_option`."""
-    parser.add_argument("--inductor-layer-norm", action="store_true",
-                        help="under torch.compile, leave the LayerNorms to Inductor (TRITON_WHEN_COMPILING = False)")
+def add_compiled_norm_option(parser: argparse.ArgumentParser) -> None:
+    """``--compiled-norm auto|triton|inductor``: which LayerNorm code torch.compile'd models run
+    (vmamba.ops.layer_norm.COMPILED_NORM; BENCHMARKS.md, sessions 24-25). Apply it with
+    :func:`apply_compiled_norm_option`."""
+    parser.add_argument("--compiled-norm", choices=("auto", "triton", "inductor"), default="auto",
+                        help="under torch.compile: our Triton LayerNorm ops, Inductor's, or auto (Inductor's "
+                             "without gradients, ours with)")
 
 
-def apply_inductor_layer_norm_option(args: argparse.Namespace) -> None:
-    """Sets ``vmamba.ops.layer_norm.TRITON_WHEN_COMPILING = False`` if ``--inductor-layer-norm`` was given."""
-    if args.inductor_layer_norm:
-        import vmamba.ops.layer_norm
+def apply_compiled_norm_option(args: argparse.Namespace) -> None:
+    """Sets ``vmamba.ops.layer_norm.COMPILED_NORM`` from ``--compiled-norm``."""
+    import vmamba.ops.layer_norm as layer_norm
 
-        vmamba.ops.layer_norm.TRITON_WHEN_COMPILING = False
+    layer_norm.COMPILED_NORM = layer_norm.CompiledNorm(args.compiled_norm)

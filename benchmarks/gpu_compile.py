@@ -1,12 +1,12 @@
 """torch.compile(fullgraph=True) against eager for a VMamba model: bf16 inference throughput (CUDA).
 
     PYTHONPATH=src python benchmarks/gpu_compile.py [--model vmamba_tiny_s1l8] [--batch 128] [--mode reduce-overhead]
-        [--inductor-layer-norm] [--iters 10]
+        [--compiled-norm auto|triton|inductor] [--iters 10]
 
 ``--mode reduce-overhead`` replays CUDA graphs, which removes the per-kernel launch cost on the host.
 Besides images/s, each row has the host time to issue one forward (``*_host_ms``, perf_counter before
 the final synchronize): when it is close to the forward's time, the host sets the pace.
-``--inductor-layer-norm`` leaves the LayerNorms of the compiled model to Inductor.
+``--compiled-norm`` picks the compiled model's LayerNorm code (vmamba.ops.layer_norm.COMPILED_NORM).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import time
 
 import torch
-from cuda_timing import add_inductor_layer_norm_option, apply_inductor_layer_norm_option, timed
+from cuda_timing import add_compiled_norm_option, apply_compiled_norm_option, timed
 from gpu_train_step import host_time
 
 
@@ -33,9 +33,9 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--mode", default=None, help="torch.compile mode (default: PyTorch's default)")
     parser.add_argument("--iters", type=int, default=10)
-    add_inductor_layer_norm_option(parser)
+    add_compiled_norm_option(parser)
     args = parser.parse_args()
-    apply_inductor_layer_norm_option(args)
+    apply_compiled_norm_option(args)
     import vmamba
 
     torch.backends.cudnn.benchmark = True
@@ -49,7 +49,7 @@ def main():
     compile_s = time.time() - t0
     compiled_img_s, compiled_host = throughput(compiled, x, args.iters)
     row = {"model": args.model, "batch": args.batch, "mode": args.mode,
-           "inductor_layer_norm": args.inductor_layer_norm, "compile_s": compile_s, "max_abs_diff": diff,
+           "compiled_norm": args.compiled_norm, "compile_s": compile_s, "max_abs_diff": diff,
            "eager_img_s": eager, "eager_host_ms": eager_host, "compiled_img_s": compiled_img_s,
            "compiled_host_ms": compiled_host}
     row["compiled_vs_eager"] = row["compiled_img_s"] / eager

@@ -6,8 +6,8 @@ bf16 inference pass spend time.
 
 With --compile-mode the model runs under torch.compile (compiled in the warm-up steps): the table
 then shows Inductor's kernels, and the summed kernel time against the step's wall time says whether
-the compiled step is bound by the GPU or by the host. --inductor-layer-norm leaves the LayerNorms to
-Inductor there (vmamba.ops.layer_norm.TRITON_WHEN_COMPILING = False). Each report ends with the kernel
+the compiled step is bound by the GPU or by the host. --compiled-norm picks the LayerNorm code there
+(vmamba.ops.layer_norm.COMPILED_NORM: auto, triton or inductor). Each report ends with the kernel
 time per step summed by kind (:func:`kernel_kinds`: SS2D core, GEMMs, LayerNorm, ...).
 """
 
@@ -18,7 +18,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from cuda_timing import add_inductor_layer_norm_option, apply_inductor_layer_norm_option
+from cuda_timing import add_compiled_norm_option, apply_compiled_norm_option
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -68,11 +68,11 @@ def main():
     parser.add_argument("--compile-mode", default="", help="torch.compile mode; empty: eager")
     parser.add_argument("--by-op-shape", action="store_true",
                         help="rows are PyTorch ops with their input shapes (GPU time of the kernels they launched)")
-    add_inductor_layer_norm_option(parser)
+    add_compiled_norm_option(parser)
     args = parser.parse_args()
     import vmamba
 
-    apply_inductor_layer_norm_option(args)
+    apply_compiled_norm_option(args)
 
     torch.backends.cudnn.benchmark = True
     if args.model in vmamba.list_models():

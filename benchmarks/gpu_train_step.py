@@ -16,8 +16,8 @@ With --host-profile, two eager steps of each model also run under cProfile and t
 most host time are printed (how the custom-op wrapper's cost was found; BENCHMARKS.md, session 4).
 With --compile-mode the model is wrapped in torch.compile with that mode first; eager_ms and host_ms
 then time the compiled step (compilation happens in the warm-up) and no graph is captured.
---inductor-layer-norm sets vmamba.ops.layer_norm.TRITON_WHEN_COMPILING = False first: compiled code
-then leaves the LayerNorms to Inductor instead of our custom ops (BENCHMARKS.md, session 24).
+--compiled-norm (auto, triton, inductor) sets vmamba.ops.layer_norm.COMPILED_NORM first: which
+LayerNorm code compiled models run, our custom ops or Inductor's (BENCHMARKS.md, sessions 24-25).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from cuda_timing import add_inductor_layer_norm_option, apply_inductor_layer_norm_option, run_models, timed
+from cuda_timing import add_compiled_norm_option, apply_compiled_norm_option, run_models, timed
 from gpu_models import build
 
 
@@ -140,9 +140,9 @@ def main():
     parser.add_argument("--compile-mode", default="", help="torch.compile mode; empty: eager")
     parser.add_argument("--host-profile", action="store_true", help="print a cProfile of two eager steps")
     parser.add_argument("--out", default="gpu_train_step.json")
-    add_inductor_layer_norm_option(parser)
+    add_compiled_norm_option(parser)
     args = parser.parse_args()
-    apply_inductor_layer_norm_option(args)
+    apply_compiled_norm_option(args)
     torch.backends.cudnn.benchmark = True
     run_models(lambda name: bench(name, args.batch, args.iters, args.compile_mode, args.host_profile),
                args.models.split(","), args.out, args.batch)

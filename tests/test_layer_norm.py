@@ -263,9 +263,9 @@ def test_custom_ops_opcheck(on_device):
     torch.library.opcheck(torch.ops.vmamba.layer_norm_bwd.default, (dy, xsum, w.detach(), mean, rstd, True))
 
 
-def _compiled_norms_match_f_layer_norm() -> None:
-    """A LayerNorm of a route sum, then a LayerNorm, compiled fullgraph: loss and input gradient match
-    F.layer_norm's."""
+def _compiled_norms_match_f_layer_norm(grad: bool = True) -> None:
+    """A LayerNorm of a route sum, then a LayerNorm, compiled fullgraph: the loss (and with ``grad`` the
+    input gradient; else it runs under no_grad) match F.layer_norm's."""
     c = 37
     norm = LayerNorm(c)
     xs = torch.randn(3, 2, 5, c, requires_grad=True)
@@ -274,25 +274,39 @@ def _compiled_norms_match_f_layer_norm() -> None:
         return norm(layer_norm_sum(xs, norm.weight, norm.bias)).square().sum()
 
     torch._dynamo.reset()
-    loss = torch.compile(f, backend="aot_eager", fullgraph=True)(xs)
-    grad = torch.autograd.grad(loss, xs)[0]
+    with torch.set_grad_enabled(grad):
+        loss = torch.compile(f, backend="aot_eager", fullgraph=True)(xs)
     ref_xs = xs.detach().clone().requires_grad_()
     ref = F.layer_norm(F.layer_norm(ref_xs.sum(0), (c,), norm.weight, norm.bias), (c,), norm.weight, norm.bias)
-    torch.testing.assert_close(loss, ref.square().sum())
-    torch.testing.assert_close(grad, torch.autograd.grad(ref.square().sum(), ref_xs)[0])
+    torch.testing.assert_close(loss.detach(), ref.square().sum().detach())
+    if grad:
+        torch.testing.assert_close(torch.autograd.grad(loss, xs)[0],
+                                   torch.autograd.grad(ref.square().sum(), ref_xs)[0])
     torch._dynamo.reset()
 
 
-def test_compile_fullgraph_through_the_custom_ops(forced_triton):
-    assert ln.TRITON_WHEN_COMPILING  # the default
+def test_compiled_training_runs_the_custom_ops(forced_triton):
+    assert ln.COMPILED_NORM is ln.CompiledNorm.AUTO  # the default
     _compiled_norms_match_f_layer_norm()
     assert forced_triton.calls == 4  # two forward ops, two backward ops
 
 
-def test_compile_can_leave_the_norm_to_inductor(forced_triton, monkeypatch):
-    """With TRITON_WHEN_COMPILING False the norms trace as aten ops (Inductor generates them), not as the
-    Triton custom ops."""
-    monkeypatch.setattr(ln, "TRITON_WHEN_COMPILING", False)
+def test_compiled_inference_leaves_the_norm_to_inductor(forced_triton):
+    """AUTO without a gradient: the norms trace as aten ops (Inductor generates and fuses them)."""
+    _compiled_norms_match_f_layer_norm(grad=False)
+    assert forced_triton.calls == 0
+
+
+@pytest.mark.parametrize("policy", [ln.CompiledNorm.TRITON, "triton"])
+def test_compiled_norm_triton_also_in_inference(forced_triton, monkeypatch, policy):
+    monkeypatch.setattr(ln, "COMPILED_NORM", policy)
+    _compiled_norms_match_f_layer_norm(grad=False)
+    assert forced_triton.calls == 2
+
+
+@pytest.mark.parametrize("policy", [ln.CompiledNorm.INDUCTOR, "inductor"])
+def test_compiled_norm_inductor_also_in_training(forced_triton, monkeypatch, policy):
+    monkeypatch.setattr(ln, "COMPILED_NORM", policy)
     _compiled_norms_match_f_layer_norm()
     assert forced_triton.calls == 0
 

@@ -5,9 +5,9 @@ dimension without a copy; this includes the NHWC view of a channels-last NCHW ma
 through the ``vmamba::layer_norm_fwd`` / ``vmamba::layer_norm_bwd`` custom ops: Triton kernels that
 process many rows per program, with fake implementations and an autograd formula, so
 ``torch.compile(fullgraph=True)`` traces them as single ops (eager calls skip the custom-op dispatch:
-:mod:`vmamba.ops._eager`). With :data:`TRITON_WHEN_COMPILING` False, compiled code takes
-``F.layer_norm`` instead and Inductor generates the norm. Any other input (CPU, float64, strided
-rows, no Triton) takes ``F.layer_norm``, bit-identical to ``nn.LayerNorm``.
+:mod:`vmamba.ops._eager`). Under torch.compile, :data:`COMPILED_NORM` decides between those ops and
+``F.layer_norm``, which Inductor generates and fuses with its neighbours. Any other input (CPU,
+float64, strided rows, no Triton) takes ``F.layer_norm``, bit-identical to ``nn.LayerNorm``.
 
 :func:`layer_norm_sum` normalises the sum of K stacked inputs, summed in float32 inside the kernel.
 """
@@ -15,6 +15,7 @@ rows, no Triton) takes ``F.layer_norm``, bit-identical to ``nn.LayerNorm``.
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections.abc import Sequence
 
 import torch
@@ -30,18 +31,27 @@ _TRITON = triton_available()
 # Tests set this to run the Triton ops on CPU tensors under TRITON_INTERPRET=1.
 _FORCE_TRITON = False
 _TRITON_LAYER_NORM = Toggle()
-# Under torch.compile the norms stay our custom ops (True) or are left to Inductor (False), which
-# generates them and fuses them with their neighbours. H200, VMamba-T training step (BENCHMARKS.md,
-# session 24): False cut the default-mode compiled step, bound by that machine's host, from 75-87 to
-# 57-66 ms, but raised the step under mode="reduce-overhead" (CUDA graphs, no host cost) from 39.5 to
-# 51.2 ms. The GPU time is what a fast host sees, so the custom ops stay the default. Set it before
-# compiling.
-TRITON_WHEN_COMPILING = True
+
+
+class CompiledNorm(str, enum.Enum):
+    """Which LayerNorm code a ``torch.compile``d model runs (:data:`COMPILED_NORM`)."""
+
+    AUTO = "auto"  # Inductor's where no gradient is needed (inference), the Triton custom ops otherwise
+    TRITON = "triton"  # always the Triton custom ops (opaque to Inductor)
+    INDUCTOR = "inductor"  # always F.layer_norm, which Inductor generates and fuses with its neighbours
+
+
+# H200, VMamba-T, batch 128, bf16 (BENCHMARKS.md, sessions 24-25). Training with CUDA graphs
+# (mode="reduce-overhead"): 39.6 ms a step with our ops, 49.7 with Inductor's, whose LayerNorm backward
+# kernels are slower. Inference, default mode: with our ops the compiled forward is bound by the host
+# (0.77x eager; each custom-op call costs far more host time than a generated kernel), with Inductor's
+# 1.36x eager, for 3 % more GPU time. Hence AUTO. Set it before compiling.
+COMPILED_NORM = CompiledNorm.AUTO
 # Wider rows would not fit a single register tile.
 MAX_TRITON_CHANNELS = 16384
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-__all__ = ["layer_norm", "layer_norm_sum", "use_triton_layer_norm"]
+__all__ = ["COMPILED_NORM", "CompiledNorm", "layer_norm", "layer_norm_sum", "use_triton_layer_norm"]
 
 
 def use_triton_layer_norm(enabled: bool) -> contextlib.AbstractContextManager[None]:
@@ -138,11 +148,18 @@ def _mergeable(sizes: Sequence[int], strides: Sequence[int]) -> bool:
     return True
 
 
+def _triton_when_compiling(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """The policy of :data:`COMPILED_NORM` (a member or its string value) for these inputs."""
+    if COMPILED_NORM == CompiledNorm.AUTO:
+        return _needs_grad(x, weight, bias)
+    return COMPILED_NORM == CompiledNorm.TRITON
+
+
 def _use_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None, leading: int) -> bool:
     """Whether the kernels apply to x, whose dims from ``leading`` to -2 are the rows."""
     if not _TRITON_LAYER_NORM.enabled or not (_FORCE_TRITON or (_TRITON and x.is_cuda)):
         return False
-    if compiling() and not TRITON_WHEN_COMPILING:
+    if compiling() and not _triton_when_compiling(x, weight, bias):
         return False
     c = x.shape[-1]
     if x.dim() <= leading or x.numel() == 0 or not 0 < c <= MAX_TRITON_CHANNELS or x.stride(-1) != 1:
@@ -164,9 +181,12 @@ def _output_dtype(x: Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
     return x.dtype
 
 
+def _needs_grad(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+
+
 def _needs_sum(xs: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
-    grads = any(t is not None and t.requires_grad for t in (xs, weight, bias))
-    return xs.shape[0] > 1 and torch.is_grad_enabled() and grads
+    return xs.shape[0] > 1 and _needs_grad(xs, weight, bias)
 
 
 def _triton_norm(xs: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
