@@ -230,17 +230,19 @@ def capture_scan_input(module: SS2D) -> Iterator[dict[str, Tensor]]:
     """Within the context, ``store["x"]`` receives the map (b, di, H, W) fed to ``module``'s 2D scan,
     whether it runs as the composition (``_scan_2d``) or as the fused CUDA core."""
     store: dict[str, Tensor] = {}
-    names = ("_scan_2d", "_scan_routes_fused")
+    # the composition takes (b, di, H, W), the fused core the pixel-order view (b, H, W, di)
+    to_channel_first = {"_scan_2d": False, "_scan_routes_fused": True}
+    names = tuple(to_channel_first)
 
-    def capturing(original):
+    def capturing(original, permute: bool):
         def wrapper(x: Tensor) -> Tensor:
-            store["x"] = x.detach()
+            store["x"] = (x.permute(0, 3, 1, 2) if permute else x).detach()
             return original(x)
 
         return wrapper
 
     for name in names:  # instance attributes shadow the methods; removed on exit
-        setattr(module, name, capturing(getattr(module, name)))
+        setattr(module, name, capturing(getattr(module, name), to_channel_first[name]))
     try:
         yield store
     finally:

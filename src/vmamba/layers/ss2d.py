@@ -271,10 +271,9 @@ class SS2D(nn.Module):
                 and resolve_backend(None, x.device) is ScanBackend.TRITON)
 
     def _scan_routes_fused(self, x: Tensor) -> Tensor:
-        """(B, di, H, W) → the K route outputs in pixel order, (K, B, H, W, di), via the fused core."""
+        """(B, H, W, di) → the K route outputs in pixel order, (K, B, H, W, di), via the fused core."""
         A, D, bias = self._scan_parameters(0, self.routes)
-        return ss2d_core(x.permute(0, 2, 3, 1), self.x_proj_weight, self.dt_projs_weight, A, D, bias,
-                         self.config.scan_mode)
+        return ss2d_core(x, self.x_proj_weight, self.dt_projs_weight, A, D, bias, self.config.scan_mode)
 
     def _merge_and_norm(self, ys: Tensor) -> Tensor:
         """Sum of the routes (K, B, H, W, di), out-activation and out-norm, in the model's layout."""
@@ -303,8 +302,7 @@ class SS2D(nn.Module):
         if self._uses_fused_core(x):
             # The activation over the (B, H, W, C) view, the core's pixel order: torch.compile then
             # writes it in that order, not as a transposing copy (H200: 0.49 ms for stage 1's map).
-            x = self.act(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-            y = self._merge_and_norm(self._scan_routes_fused(x))
+            y = self._merge_and_norm(self._scan_routes_fused(self.act(x.permute(0, 2, 3, 1))))
         else:
             x = self.act(x)
             y = self._scan_2d(x)
